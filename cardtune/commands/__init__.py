@@ -1,0 +1,7 @@
+"""Sub-commands of ``cardtune``; each module registers its own with :func:`cardtune.cli.command`.
+
+Modules here import only the standard library, pydantic and yaml at import time: heavy
+imports (torch, transformers) happen inside the handlers.
+"""
+
+from cardtune.commands import cards  # noqa: F401

@@ -1,0 +1,72 @@
+"""The one in-memory form of a training sample, whatever file format it came from.
+
+Messages use the content-parts form that ``apply_chat_template`` reads::
+
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+
+Media parts carry no payload: the n-th image part of a sample refers to ``sample.images[n]``
+(and likewise videos), so positions are kept while pixels load lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass
+class Sample:
+    id: str
+    messages: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+    source: str = ""
+    """Where the sample came from (``file:line`` or ``file[index]``), for error messages."""
+
+    @property
+    def assistant_texts(self) -> list[str]:
+        return [message_text(m) for m in self.messages if m["role"] == "assistant"]
+
+    def count_parts(self, kind: str) -> int:
+        return sum(1 for m in self.messages for p in m["content"] if p["type"] == kind)
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of a message with media parts left out."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def as_parts(content: str | list[dict[str, Any]], placeholders: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Content as a list of parts; ``placeholders`` (e.g. ``{"<image>": "image"}``) become media parts.
+
+    Text around a placeholder keeps its order, so ``"<image>\\nWhat?"`` gives an image part
+    then the text ``"What?"`` (one newline that only separated the placeholder is dropped).
+    """
+    if not isinstance(content, str):
+        return content
+    placeholders = placeholders or {}
+    parts: list[dict[str, Any]] = []
+    rest = content
+    while rest:
+        hits = [(rest.find(tag), tag) for tag in placeholders if tag in rest]
+        if not hits:
+            parts.append(text_part(rest))
+            break
+        pos, tag = min(hits)
+        if rest[:pos]:
+            parts.append(text_part(rest[:pos]))
+        parts.append({"type": placeholders[tag]})
+        rest = rest[pos + len(tag) :]
+        if rest.startswith("\n"):
+            rest = rest[1:]
+    return [p for p in parts if p["type"] != "text" or p["text"]]

@@ -1,0 +1,139 @@
+"""The generic loader: tokenizer, processor and model of any family, driven by its card."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cardtune.loaders import register_loader
+from cardtune.registry.schema import FamilyCard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Processing:
+    """What turns a conversation into tensors for one model.
+
+    ``processor`` is the Hugging Face processor when it can be built here; a family whose
+    processor needs a missing optional library (Qwen2-VL's video processor needs torchvision)
+    gets ``processor=None`` and its ``image_processor``, and its collator expands image tokens.
+    """
+
+    tokenizer: Any
+    processor: Any | None = None
+    image_processor: Any | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def renderer(self) -> Any:
+        """The object whose ``apply_chat_template`` renders conversations."""
+        return self.processor if self.processor is not None else self.tokenizer
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _folder_chat_template(folder: Path) -> str | None:
+    """The processor-level template a model folder ships (chat_template.jinja or .json)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return _read_json(folder / "chat_template.json").get("chat_template")
+
+
+@register_loader("generic")
+class GenericLoader:
+    """Loads from a local folder or a hub path; ``card`` decides templates and fix-ups."""
+
+    def __init__(self, card: FamilyCard, path: str | Path, revision: str | None = None) -> None:
+        self.card = card
+        self.path = str(path)
+        self.revision = revision
+
+    def _kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": self.card.trust_remote_code}
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    # -- tokenizer --------------------------------------------------------------------------
+    def load_tokenizer(self) -> Any:
+        import transformers
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path, **self._kwargs())
+        except (ValueError, OSError) as auto_error:
+            # transformers 5 resolves the tokenizer from config.json's model_type first; for
+            # llava-interleave that is the tokenizers backend, which needs tokenizer.json even
+            # though the folder ships vocab.json + merges.txt for the declared class.
+            declared = _read_json(Path(self.path) / "tokenizer_config.json").get("tokenizer_class")
+            cls = getattr(transformers, declared or "", None) if declared else None
+            if cls is None:
+                raise auto_error
+            tokenizer = cls.from_pretrained(self.path, **self._kwargs())
+            log.info("AutoTokenizer failed for %s; loaded the declared %s", self.path, declared)
+        self._apply_chat_template(tokenizer)
+        # Training pads on the right whatever the folder says (llava-hf ships "left" for
+        # generation); the attention mask then marks exactly the real tokens.
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def _apply_chat_template(self, target: Any) -> None:
+        if self.card.chat.template == "jinja":
+            target.chat_template = self.card.chat.jinja
+
+    # -- processor --------------------------------------------------------------------------
+    def load_processing(self) -> Processing:
+        tokenizer = self.load_tokenizer()
+        if not self.card.is_multimodal or not self.card.load_image:
+            return Processing(tokenizer=tokenizer)
+        from transformers import AutoProcessor
+
+        notes: list[str] = []
+        try:
+            processor = AutoProcessor.from_pretrained(self.path, **self._kwargs())
+            processor.tokenizer = tokenizer
+            self._apply_chat_template(processor)
+            return Processing(tokenizer, processor, getattr(processor, "image_processor", None))
+        except (ImportError, ValueError, OSError, TypeError) as exc:
+            notes.append(f"AutoProcessor failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
+        image_processor = self._load_image_processor()
+        processor = self._assemble_processor(tokenizer, image_processor, notes)
+        if processor is None:
+            template = self.card.chat.jinja or _folder_chat_template(Path(self.path))
+            if template:
+                tokenizer.chat_template = template
+        return Processing(tokenizer, processor, image_processor, tuple(notes))
+
+    def _load_image_processor(self) -> Any:
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.path, **self._kwargs())
+        except ImportError:
+            # The fast (torchvision) image processor is unavailable: use the PIL one.
+            return AutoImageProcessor.from_pretrained(self.path, backend="pil", **self._kwargs())
+
+    def _assemble_processor(self, tokenizer: Any, image_processor: Any, notes: list[str]) -> Any | None:
+        import transformers
+
+        folder = Path(self.path)
+        name = self.card.processor_class or _read_json(folder / "processor_config.json").get("processor_class")
+        cls = getattr(transformers, name or "", None)
+        if cls is None:
+            notes.append("no processor class to assemble; the family collator expands media tokens")
+            return None
+        kwargs = {k: v for k, v in _read_json(folder / "processor_config.json").items() if k != "processor_class"}
+        template = self.card.chat.jinja or _folder_chat_template(folder) or tokenizer.chat_template
+        try:
+            processor = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs)
+        except (ImportError, TypeError, ValueError, AttributeError) as exc:
+            notes.append(f"{name} could not be assembled ({type(exc).__name__}); the family collator expands media tokens")
+            return None
+        notes.append(f"assembled {name} from its image processor and tokenizer")
+        return processor

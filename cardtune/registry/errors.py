@@ -1,0 +1,16 @@
+"""Errors a user can act on: each names the file, field or id at fault."""
+
+
+class CardError(ValueError):
+    """A model card is wrong: the message names the file, the line and the field."""
+
+
+class UnknownModelError(KeyError):
+    """A model id that no card registers; the message lists the closest ids."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CapabilityError(RuntimeError):
+    """A card marks the requested capability unsupported for this family."""

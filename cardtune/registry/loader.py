@@ -1,0 +1,110 @@
+"""Reading model cards from YAML, with errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from cardtune.registry.errors import CardError
+from cardtune.registry.schema import FamilyCard
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+BUILTIN_CARD_DIR = PACKAGE_ROOT / "configs" / "models"
+CARDS_ENV = "CARDTUNE_CARDS"
+
+
+def card_dirs(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """User card folders first (``--cards``, then ``$CARDTUNE_CARDS``), the built-in folder last."""
+    dirs = [Path(d) for d in extra]
+    dirs += [Path(p) for p in os.environ.get(CARDS_ENV, "").split(os.pathsep) if p]
+    for d in dirs:
+        if not d.is_dir():
+            raise CardError(f"{d}: card folder does not exist")
+    return [*dirs, BUILTIN_CARD_DIR]
+
+
+def _line_of(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
+    """1-based line of the deepest node along ``path`` that exists in the YAML tree."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                key_node = None
+                break
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    else:
+        return line
+    # An unknown key: point at the key itself when it is present in the file.
+    if isinstance(node, yaml.MappingNode):
+        key_node = next((k for k, _ in node.value if k.value == key), None)
+        if key_node is not None:
+            return key_node.start_mark.line + 1
+    return line
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(card)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"expected one of {expected}, got {error['input']!r}"
+    msg = error["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{msg[0].lower()}{msg[1:]}, got {error['input']!r}"
+    return msg
+
+
+def parse_card(text: str, source: str) -> FamilyCard:
+    """Validate one card's YAML text; ``source`` names it in errors."""
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise CardError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise CardError(f"{source}:1: a card is a mapping with 'family', 'model_class' and 'models'")
+    try:
+        return FamilyCard.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [p for p in err["loc"] if p not in ("function-after[_one_or_many(), nullable[list[str]]]",)]
+            line = _line_of(root, loc)
+            lines.append(f"{source}:{line}: {_dotted(loc)}: {_describe(err)}")
+        raise CardError("\n".join(lines)) from None
+
+
+def load_card_file(path: Path) -> FamilyCard:
+    return parse_card(path.read_text(encoding="utf-8"), str(path))
+
+
+def iter_card_files(dirs: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for d in dirs:
+        files += sorted(p for p in d.glob("*.yaml") if p.is_file())
+        files += sorted(p for p in d.glob("*.yml") if p.is_file())
+    return files

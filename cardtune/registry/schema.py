@@ -1,0 +1,164 @@
+"""The model card schema: what one YAML file under ``configs/models/`` may say.
+
+Every model a user writes is a pydantic model with ``extra="forbid"``, so a misspelt key is an
+error at load time instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["text", "image", "multi_image", "video"]
+CapabilityState = Literal["supported", "experimental", "unsupported"]
+SystemPolicy = Literal["auto", "native", "fold", "reject"]
+ContentForm = Literal["auto", "string", "parts"]
+
+_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelEntry(_Strict):
+    """One model id of a family: where its weights live on the hub."""
+
+    model_id: str
+    hf_path: str
+    revision: str | None = None
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id_shape(cls, value: str) -> str:
+        if not _MODEL_ID.match(value):
+            raise ValueError("a model id is lowercase letters, digits, '.', '_' or '-', e.g. 'llava-1.5-7b'")
+        return value
+
+
+class ModuleKeywords(_Strict):
+    """Module-name keywords per component: the freeze-lists.
+
+    A keyword matches a parameter when it equals a dotted run of the parameter's name
+    (``visual.merger`` matches ``model.visual.merger.mlp.0.weight``).
+    """
+
+    vision_encoder: list[str] = Field(default_factory=list)
+    vision_projector: list[str] = Field(default_factory=list)
+    llm: list[str] = Field(default_factory=list)
+    others: list[str] = Field(default_factory=list)
+
+
+class SpecialTokens(_Strict):
+    """Special-token fix-ups applied to the tokenizer by the loader.
+
+    Each value is a token string. A token the vocabulary lacks is added (and the embeddings
+    resized); an existing one is assigned to the role.
+    """
+
+    pad: str | None = None
+    unk: str | None = None
+    bos: str | None = None
+    eos: str | None = None
+    allow_shared: bool = False
+
+
+class ChatSpec(_Strict):
+    """How conversations are rendered and where assistant turns begin and end."""
+
+    template: Literal["own", "jinja"] = "own"
+    jinja: str | None = None
+    end_of_turn: list[str] | None = None
+    assistant_header: str | None = None
+    system: SystemPolicy = "auto"
+    content: ContentForm = "auto"
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+
+    @field_validator("end_of_turn", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _jinja_given_when_asked(self) -> ChatSpec:
+        if self.template == "jinja" and not self.jinja:
+            raise ValueError("template: jinja needs the template text in 'jinja'")
+        if self.template != "jinja" and self.jinja:
+            raise ValueError("'jinja' is only read when template: jinja")
+        return self
+
+
+class Capabilities(_Strict):
+    lora: CapabilityState = "supported"
+    qlora: CapabilityState = "supported"
+    flash_attention: CapabilityState = "supported"
+    packing: CapabilityState = "experimental"
+    video: CapabilityState = "unsupported"
+
+
+class MediaSpec(_Strict):
+    """Media placeholders as they appear in the text the processor reads."""
+
+    image_token: str | None = None
+    video_token: str | None = None
+    num_frames: int = Field(default=8, ge=1)
+
+
+class FamilyCard(_Strict):
+    """One model family: everything cardtune needs to load, render, mask and train it."""
+
+    family: str
+    description: str = ""
+    status: Literal["supported", "experimental"] = "supported"
+    status_note: str = ""
+    model_class: str
+    loader: str = "generic"
+    collator: str = "default"
+    processor_class: str | None = None
+    trust_remote_code: bool = False
+    modalities: list[Modality] = Field(default_factory=lambda: ["text"])
+    load_image: bool = True
+    modules: ModuleKeywords = Field(default_factory=ModuleKeywords)
+    chat: ChatSpec = Field(default_factory=ChatSpec)
+    media: MediaSpec = Field(default_factory=MediaSpec)
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @field_validator("family")
+    @classmethod
+    def _family_shape(cls, value: str) -> str:
+        if not _MODEL_ID.match(value):
+            raise ValueError("a family id is lowercase letters, digits, '.', '_' or '-', e.g. 'llava-1.5'")
+        return value
+
+    @property
+    def is_multimodal(self) -> bool:
+        return any(m != "text" for m in self.modalities)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FamilyCard:
+        if "text" not in self.modalities:
+            raise ValueError("modalities must include 'text'")
+        if self.is_multimodal:
+            missing = [k for k in ("vision_encoder", "vision_projector", "llm") if not getattr(self.modules, k)]
+            if missing:
+                raise ValueError(f"a multimodal family needs module keywords for {', '.join(missing)}")
+        elif not self.modules.llm:
+            raise ValueError("modules.llm must name the language model's modules")
+        if self.capabilities.video != "unsupported" and "video" not in self.modalities:
+            raise ValueError("capabilities.video is not 'unsupported' but 'video' is not in modalities")
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.model_id in seen:
+                raise ValueError(f"model id '{entry.model_id}' is listed twice")
+            seen.add(entry.model_id)
+        return self
+
+    @property
+    def multimodal_keywords(self) -> list[str]:
+        """The flat freeze-list of the seeds: vision encoder and projector keywords."""
+        return [*self.modules.vision_encoder, *self.modules.vision_projector]
