@@ -102,7 +102,12 @@ class GenericLoader:
             return Processing(tokenizer, processor, getattr(processor, "image_processor", None))
         except (ImportError, ValueError, OSError, TypeError) as exc:
             notes.append(f"AutoProcessor failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
-        image_processor = self._load_image_processor()
+        try:
+            image_processor = self._load_image_processor()
+        except (ImportError, ValueError, OSError) as exc:
+            # e.g. phi3-v: a remote-code image processor whose code is not in the folder.
+            notes.append(f"no image processor ({type(exc).__name__}); text-only encoding until one is available")
+            return Processing(tokenizer, None, None, tuple(notes))
         processor = self._assemble_processor(tokenizer, image_processor, notes)
         if processor is None:
             template = self.card.chat.jinja or _folder_chat_template(Path(self.path))

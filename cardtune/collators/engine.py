@@ -1,0 +1,224 @@
+"""The one masking engine: render with the model's template, tokenize, locate, label, verify.
+
+1. The conversation is normalised to what the template accepts (string or parts content; a
+   system prompt folded into the first user turn where the template would drop or refuse it;
+   the card's end-of-turn appended to every answer where the template writes none).
+2. It is rendered with the model's own ``apply_chat_template`` and tokenized by the family's
+   media handler (the processor for VLMs, so media tokens are expanded first).
+3. In the final ``input_ids``, each assistant turn is located by its header ids and closed by
+   its end-of-turn ids (both derived from the template, :mod:`cardtune.collators.roles`).
+   A span counts only if its tokens decode to that turn's answer: a role string typed inside a
+   user message opens no span, and an answer that itself contains the end-of-turn string is
+   followed to its real end.
+4. Labels are the input ids on those spans, -100 elsewhere. A sample whose spans do not match
+   its answers, or that has none left after truncation, raises :class:`SampleError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cardtune.conversation import Sample, message_text
+from cardtune.errors import SampleError
+from cardtune.loaders.generic import Processing
+from cardtune.registry.schema import FamilyCard
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Media:
+    """Loaded media of one sample, in the order of its placeholders."""
+
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Encoded:
+    sample_id: str
+    input_ids: list[int]
+    labels: list[int]
+    media_tensors: dict[str, Any] = field(default_factory=dict)
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
+    """Index of the first occurrence of ``pattern`` in ``ids`` at or after ``start``, or -1."""
+    n, first = len(pattern), pattern[0]
+    i = start
+    end = len(ids) - n
+    while i <= end:
+        try:
+            i = ids.index(first, i, end + 1)
+        except ValueError:
+            return -1
+        if n == 1 or tuple(ids[i : i + n]) == pattern:
+            return i
+        i += 1
+    return -1
+
+
+class ChatEncoder:
+    """Turns a :class:`Sample` into exact ``input_ids`` and ``labels`` for one model."""
+
+    def __init__(
+        self,
+        card: FamilyCard,
+        processing: Processing,
+        *,
+        max_length: int | None = None,
+        handler: Any | None = None,
+    ) -> None:
+        from cardtune.collators import COLLATORS
+        from cardtune.collators.roles import derive_role_tokens
+
+        self.card = card
+        self.processing = processing
+        self.tokenizer = processing.tokenizer
+        self.max_length = max_length
+        self.handler = handler or COLLATORS[card.collator](card, processing)
+        self.roles = derive_role_tokens(processing.renderer, self.tokenizer, card.chat)
+        self.media_token_ids = self.handler.media_token_ids()
+        self._answer_norm: dict[str, str] = {}
+
+    # -- 1. normalise ---------------------------------------------------------------------
+    def normalise(self, sample: Sample) -> list[dict[str, Any]]:
+        roles = self.roles
+        messages = [dict(m) for m in sample.messages]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError(sample.id, "messages", "no_assistant_turn", source=sample.source)
+        if messages and messages[0]["role"] == "system" and roles.system != "native":
+            if roles.system == "reject":
+                raise SampleError(
+                    sample.id, "messages[0]", "template_error",
+                    f"family {self.card.family} refuses system prompts (card: chat.system: reject)", sample.source,
+                )
+            system, messages = messages[0], messages[1:]
+            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first_user is not None:
+                m = messages[first_user]
+                sys_text = message_text(system)
+                content = m["content"]
+                if isinstance(content, str):
+                    content = f"{sys_text}\n\n{content}"
+                else:
+                    content = self._prepend_text(content, sys_text + "\n\n")
+                messages[first_user] = {**m, "content": content}
+        if roles.appended_end_of_turn:
+            messages = [
+                {**m, "content": self._append_text(m["content"], roles.appended_end_of_turn)}
+                if m["role"] == "assistant" else m
+                for m in messages
+            ]
+        return self.handler.format_messages(messages, roles.content)
+
+    @staticmethod
+    def _prepend_text(parts: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+        for i, p in enumerate(parts):
+            if p["type"] == "text":
+                return [*parts[:i], {"type": "text", "text": text + p["text"]}, *parts[i + 1 :]]
+        return [*parts, {"type": "text", "text": text.rstrip()}]
+
+    @staticmethod
+    def _append_text(content: Any, text: str) -> Any:
+        if isinstance(content, str):
+            return content + text
+        for i in range(len(content) - 1, -1, -1):
+            if content[i]["type"] == "text":
+                return [*content[:i], {"type": "text", "text": content[i]["text"] + text}, *content[i + 1 :]]
+        return [*content, {"type": "text", "text": text}]
+
+    # -- 2. render and tokenize -----------------------------------------------------------
+    def render(self, sample: Sample) -> str:
+        messages = self.normalise(sample)
+        try:
+            return self.processing.renderer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - templates raise their own exception types
+            raise SampleError(sample.id, "messages", "template_error", str(exc), sample.source) from None
+
+    def tokenize(self, text: str, sample: Sample, media: Media | None) -> tuple[list[int], dict[str, Any]]:
+        ids, tensors = self.handler.tokenize(text, sample, media)
+        roles = self.roles
+        if roles.tokenizer_adds_bos and not roles.template_writes_bos and (not ids or ids[0] != roles.bos_id):
+            ids = [roles.bos_id, *ids]
+        return ids, tensors
+
+    # -- 3. locate and label --------------------------------------------------------------
+    def _normalised_answer(self, answer: str) -> str:
+        cached = self._answer_norm.get(answer)
+        if cached is None:
+            tok = self.tokenizer
+            ids = tok(answer, add_special_tokens=False)["input_ids"]
+            cached = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+            self._answer_norm[answer] = cached
+        return cached
+
+    def _matches(self, span: list[int], answer: str) -> bool:
+        decoded = self.tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+        return decoded == answer.strip() or decoded == self._normalised_answer(answer)
+
+    def assistant_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
+        """[start, end) of each answer plus its end-of-turn tokens, in order."""
+        header, eot = self.roles.assistant_header, self.roles.end_of_turn
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for turn, answer in enumerate(answers):
+            while True:
+                h = _find(ids, header, pos)
+                if h < 0:
+                    raise SampleError(
+                        sample.id, f"assistant turn {turn}", "label_contract",
+                        f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
+                        f"{answer[:60]!r}", sample.source,
+                    )
+                start = h + len(header)
+                e = _find(ids, eot, start)
+                while e >= 0 and not self._matches(ids[start:e], answer):
+                    e = _find(ids, eot, e + 1)
+                if e >= 0:
+                    spans.append((start, e + len(eot)))
+                    pos = e + len(eot)
+                    break
+                pos = h + 1  # a header typed inside a user or system message: not a turn
+        return spans
+
+    def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
+        text = self.render(sample)
+        ids, tensors = self.tokenize(text, sample, media)
+        answers = [message_text(m) for m in sample.messages if m["role"] == "assistant"]
+        spans = self.assistant_spans(ids, answers, sample)
+        labels = [IGNORE_INDEX] * len(ids)
+        for s, e in spans:
+            labels[s:e] = ids[s:e]
+        for i, tok in enumerate(ids):
+            if tok in self.media_token_ids:
+                labels[i] = IGNORE_INDEX
+        truncated = 0
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, labels, truncated = self._truncate(ids, labels, sample)
+        if all(x == IGNORE_INDEX for x in labels):
+            raise SampleError(sample.id, "messages", "empty_labels",
+                              "no answer token left to train" + (" after truncation" if truncated else ""), sample.source)
+        return Encoded(sample.id, ids, labels, tensors, truncated)
+
+    def _truncate(self, ids: list[int], labels: list[int], sample: Sample) -> tuple[list[int], list[int], int]:
+        """Cut text after the last media token only; a cut through media drops the sample."""
+        keep = self.max_length
+        assert keep is not None
+        last_media = max((i for i, t in enumerate(ids) if t in self.media_token_ids), default=-1)
+        if last_media >= keep:
+            raise SampleError(
+                sample.id, "messages", "too_long",
+                f"{len(ids)} tokens > max length {keep}, and the cut would fall inside media tokens "
+                f"(last media token at {last_media})", sample.source,
+            )
+        return ids[:keep], labels[:keep], len(ids) - keep

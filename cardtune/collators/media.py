@@ -1,0 +1,172 @@
+"""Media handling per family, and batching: what truly differs between families.
+
+A handler formats message content for the template, tokenizes the rendered text together
+with the sample's media (media tokens expanded), and pads a batch. The masking itself is
+the engine's (:mod:`cardtune.collators.engine`), shared by all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cardtune.collators import register_collator
+from cardtune.conversation import Sample
+from cardtune.errors import SampleError
+from cardtune.loaders.generic import Processing
+from cardtune.registry.schema import FamilyCard
+
+IGNORE_INDEX = -100
+
+
+@register_collator("default")
+class DefaultCollator:
+    """Processor-driven families (llava, llava-next, onevision, mllama...) and text-only ones."""
+
+    def __init__(self, card: FamilyCard, processing: Processing, pad_to_multiple_of: int | None = None) -> None:
+        self.card = card
+        self.processing = processing
+        self.tokenizer = processing.tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    # -- content -------------------------------------------------------------------------
+    def media_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        tok = self.tokenizer
+        for text in (self.card.media.image_token, self.card.media.video_token,
+                     getattr(tok, "image_token", None), getattr(tok, "video_token", None)):
+            if text and "{" not in text:
+                tid = tok.convert_tokens_to_ids(text)
+                if isinstance(tid, int) and tid != tok.unk_token_id:
+                    ids.add(tid)
+        return ids
+
+    def format_messages(self, messages: list[dict[str, Any]], form: str) -> list[dict[str, Any]]:
+        """Content as the template reads it: a list of parts, or one string with placeholders."""
+        counters = {"image": 0, "video": 0}
+        out = []
+        for m in messages:
+            content = m["content"]
+            if form == "parts":
+                if isinstance(content, str):
+                    content = [{"type": "text", "text": content}]
+            elif not isinstance(content, str):
+                pieces = []
+                for part in content:
+                    if part["type"] == "text":
+                        pieces.append(part["text"])
+                    else:
+                        counters[part["type"]] += 1
+                        pieces.append(self._placeholder(part["type"], counters[part["type"]]) + "\n")
+                content = "".join(pieces)
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    def _placeholder(self, kind: str, n: int) -> str:
+        token = self.card.media.image_token if kind == "image" else self.card.media.video_token
+        if not token:
+            raise ValueError(f"card {self.card.family}: media.{kind}_token is needed to write {kind}s into string content")
+        return token.replace("{n}", str(n))
+
+    # -- tokenize ------------------------------------------------------------------------
+    def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
+        images = list(media.images) if media is not None else []
+        videos = list(media.videos) if media is not None else []
+        if not images and not videos:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
+        return self._tokenize_media(text, sample, images, videos)
+
+    def _tokenize_media(self, text: str, sample: Sample, images: list, videos: list) -> tuple[list[int], dict[str, Any]]:
+        processor = self.processing.processor
+        if processor is None:
+            raise SampleError(sample.id, "image" if images else "video", "unsupported_media",
+                              f"no processor for family {self.card.family} on this machine", sample.source)
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+        out = processor(**kwargs)
+        ids = out["input_ids"][0].tolist()
+        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return ids, tensors
+
+    # -- batch ---------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def __call__(self, features: list[Any]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f.input_ids) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f.input_ids)
+            input_ids[row, :n] = torch.tensor(f.input_ids, dtype=torch.long)
+            labels[row, :n] = torch.tensor(f.labels, dtype=torch.long)
+            attention[row, :n] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        batch.update(_concat_media([f.media_tensors for f in features]))
+        return batch
+
+
+def _concat_media(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate media tensors along the first axis; text-only samples contribute none."""
+    import torch
+
+    keys = sorted({k for d in per_sample for k in d})
+    out: dict[str, Any] = {}
+    for key in keys:
+        tensors = [d[key] for d in per_sample if key in d]
+        shapes = {tuple(t.shape[1:]) for t in tensors}
+        if len(shapes) > 1:  # e.g. llava-next patch counts differ between images: pad with zeros
+            target = [max(s[i] for s in shapes) for i in range(len(next(iter(shapes))))]
+            tensors = [_pad_to(t, target) for t in tensors]
+        out[key] = torch.cat(tensors, dim=0)
+    return out
+
+
+def _pad_to(t: Any, target: list[int]) -> Any:
+    import torch.nn.functional as F
+
+    pad: list[int] = []
+    for have, want in zip(reversed(t.shape[1:]), reversed(target)):
+        pad += [0, want - have]
+    return F.pad(t, pad)
+
+
+@register_collator("qwen2-vl")
+class Qwen2VLCollator(DefaultCollator):
+    """Qwen2-VL / Qwen2.5-VL: without torchvision the processor cannot be built (its video
+    processor needs it), so images go through the PIL image processor and each
+    ``<|image_pad|>`` is expanded to grid_t*grid_h*grid_w / merge_size**2 tokens here."""
+
+    def _tokenize_media(self, text: str, sample: Sample, images: list, videos: list) -> tuple[list[int], dict[str, Any]]:
+        if self.processing.processor is not None:
+            return super()._tokenize_media(text, sample, images, videos)
+        if videos:
+            raise SampleError(sample.id, "video", "unsupported_media",
+                              "Qwen2-VL video needs torchvision (its video processor), which is not installed", sample.source)
+        ip = self.processing.image_processor
+        out = ip(images=images, return_tensors="pt")
+        grids = out["image_grid_thw"]
+        merge = getattr(ip, "merge_size", 2) ** 2
+        token = self.card.media.image_token or "<|image_pad|>"
+        pieces = text.split(token)
+        if len(pieces) - 1 != len(grids):
+            raise SampleError(sample.id, "image", "placeholder_mismatch",
+                              f"{len(pieces) - 1} image placeholders for {len(grids)} images", sample.source)
+        expanded = pieces[0]
+        for grid, piece in zip(grids, pieces[1:]):
+            expanded += token * (int(grid.prod()) // merge) + piece
+        ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        return ids, {"pixel_values": out["pixel_values"], "image_grid_thw": grids}
