@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cardtune.loaders import register_loader
+from cardtune.registry.errors import CardError
 from cardtune.registry.schema import FamilyCard
 
 log = logging.getLogger(__name__)
@@ -142,3 +143,55 @@ class GenericLoader:
             return None
         notes.append(f"assembled {name} from its image processor and tokenizer")
         return processor
+
+    # -- model ------------------------------------------------------------------------------
+    def load_model(
+        self,
+        *,
+        dtype: Any = None,
+        attn_implementation: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        quantization_config: Any = None,
+        device_map: Any = None,
+    ) -> Any:
+        """The card's ``model_class`` loaded from ``self.path``.
+
+        ``config_overrides`` (the card's, then the model entry's) are set on the config before
+        the weights load; a dotted key reaches into a sub-config (``text_config.rope_theta``).
+        A class that transformers lacks is only looked up through the folder's ``auto_map``
+        when the card trusts remote code.
+        """
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.path, **self._kwargs())
+        for key, value in {**self.card.config_overrides, **(config_overrides or {})}.items():
+            _set_config_value(config, key, value)
+        cls = getattr(transformers, self.card.model_class, None)
+        if cls is None:
+            if not self.card.trust_remote_code:
+                raise CardError(
+                    f"card {self.card.family}: model_class {self.card.model_class} is not a transformers class "
+                    "and the card does not set trust_remote_code: true"
+                )
+            cls = transformers.AutoModelForCausalLM  # the folder's auto_map names the remote class
+        kwargs: dict[str, Any] = {"config": config, **self._kwargs()}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        return cls.from_pretrained(self.path, **kwargs)
+
+
+def _set_config_value(config: Any, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    target = config
+    for name in parents:
+        target = getattr(target, name, None)
+        if target is None:
+            raise CardError(f"config_overrides: {key}: the config has no sub-config {name!r}")
+    setattr(target, leaf, value)
