@@ -147,10 +147,14 @@ class ChatEncoder:
 
     def tokenize(self, text: str, sample: Sample, media: Media | None) -> tuple[list[int], dict[str, Any]]:
         ids, tensors = self.handler.tokenize(text, sample, media)
+        return self._with_bos(ids), tensors
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        """bos exactly once: added only where the tokenizer would add it and the template did not."""
         roles = self.roles
         if roles.tokenizer_adds_bos and not roles.template_writes_bos and (not ids or ids[0] != roles.bos_id):
-            ids = [roles.bos_id, *ids]
-        return ids, tensors
+            return [roles.bos_id, *ids]  # type: ignore[list-item]
+        return ids
 
     # -- 3. locate and label --------------------------------------------------------------
     def _normalised_answer(self, answer: str) -> str:
@@ -194,14 +198,48 @@ class ChatEncoder:
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
         text = self.render(sample)
         ids, tensors = self.tokenize(text, sample, media)
+        return self.label(sample, ids, tensors)
+
+    def encode_batch(self, samples: list[Sample]) -> list[Encoded | SampleError]:
+        """Text-only samples in one tokenizer call (the collator's hot path); a failed sample
+        gives its :class:`SampleError` in place, so one bad sample does not sink the batch."""
+        results: list[Encoded | SampleError | None] = [None] * len(samples)
+        texts: dict[int, str] = {}
+        normalised: dict[int, list[dict[str, Any]]] = {}
+        for i, sample in enumerate(samples):
+            try:
+                normalised[i] = self.normalise(sample)
+            except SampleError as exc:
+                results[i] = exc
+        try:  # one template call for the batch; on failure, per sample to name the culprit
+            rendered = self.processing.renderer.apply_chat_template(list(normalised.values()), tokenize=False)
+            texts = dict(zip(normalised, rendered))
+        except Exception:  # noqa: BLE001
+            for i in normalised:
+                try:
+                    texts[i] = self.render(samples[i])
+                except SampleError as exc:
+                    results[i] = exc
+        if texts:
+            batch = self.handler.tokenize_batch(list(texts.values()))
+            for (i, _), ids in zip(texts.items(), batch):
+                try:
+                    results[i] = self.label(samples[i], self._with_bos(ids), {})
+                except SampleError as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def label(self, sample: Sample, ids: list[int], tensors: dict[str, Any]) -> Encoded:
+        """Labels for already-tokenized ``ids``: locate, verify, mask media, truncate."""
         answers = [message_text(m) for m in sample.messages if m["role"] == "assistant"]
         spans = self.assistant_spans(ids, answers, sample)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in spans:
             labels[s:e] = ids[s:e]
-        for i, tok in enumerate(ids):
-            if tok in self.media_token_ids:
-                labels[i] = IGNORE_INDEX
+        if self.media_token_ids:
+            for i, tok in enumerate(ids):
+                if tok in self.media_token_ids:
+                    labels[i] = IGNORE_INDEX
         truncated = 0
         if self.max_length is not None and len(ids) > self.max_length:
             ids, labels, truncated = self._truncate(ids, labels, sample)

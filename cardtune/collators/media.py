@@ -75,6 +75,10 @@ class DefaultCollator:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
         return self._tokenize_media(text, sample, images, videos)
 
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Text-only renders in one call: the tokenizer's batch path runs in parallel."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def _tokenize_media(self, text: str, sample: Sample, images: list, videos: list) -> tuple[list[int], dict[str, Any]]:
         processor = self.processing.processor
         if processor is None:
