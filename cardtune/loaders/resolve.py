@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,14 +79,19 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
                  "model class AutoModelForCausalLM (config.json names no architecture)")
     remote = "auto_map" in config or any(folder.glob("*.py"))
     multimodal = "vision_config" in config or "visual" in config
+    extra: dict[str, Any] = {}
     if multimodal:
-        modules = _QWEN_VL_MODULES if config.get("model_type", "").startswith("qwen2") else _VLM_MODULES["vision_config"]
+        qwen_vl = config.get("model_type", "").startswith("qwen2")
+        modules = _QWEN_VL_MODULES if qwen_vl else _VLM_MODULES["vision_config"]
         modalities = ["text", "image", "multi_image"]
-        notes.append(f"vision-language model ({config.get('model_type')}): modules {modules}")
+        tok_config = _read(folder / "tokenizer_config.json")
+        image_token = "<|image_pad|>" if qwen_vl else tok_config.get("image_token") or "<image>"
+        extra = {"media": {"image_token": image_token}, "collator": "qwen2-vl" if qwen_vl else "default"}
+        notes.append(f"vision-language model ({config.get('model_type')}): modules {modules}, image token {image_token!r}")
     else:
         modules = {"llm": ["model", "lm_head"]}
         modalities = ["text"]
-    name = folder.resolve().name.lower().replace(" ", "-")
+    name = re.sub(r"[^a-z0-9._-]+", "-", folder.resolve().name.lower()).strip("-._")
     card = FamilyCard.model_validate(
         {
             "family": f"local-{name}" if name[:1].isalnum() else "local-model",
@@ -96,6 +102,7 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
             "trust_remote_code": False,
             "modalities": modalities,
             "modules": modules,
+            **extra,
             "models": [{"model_id": name if name[:1].isalnum() else "local-model", "hf_path": str(folder)}],
         }
     )

@@ -1,0 +1,141 @@
+"""``cardtune labels`` and ``cardtune inspect``: the exact labels a model would train on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from cardtune.cli import Handler, command
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_id", "--model-id", dest="model_id", help="a registered model id")
+    p.add_argument(
+        "--model-path", "--model_path", dest="model_path",
+        help="a local Hugging Face model folder; alone, its card is derived from the folder; "
+        "with --model_id, the registered card is applied to it",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="JSON/JSONL file (LLaVA-style or OpenAI messages), or a mix")
+    p.add_argument("--image-folder", "--image_folder", dest="image_folder")
+    p.add_argument("--video-folder", "--video_folder", dest="video_folder")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int)
+
+
+def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(resolved model, ChatEncoder); says on stderr what was derived for an unregistered folder."""
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+
+    resolved = resolve_model(args.model_id, args.model_path, args.cards)
+    processing = load_processing(resolved)
+    encoder = ChatEncoder(resolved.card, processing, max_length=getattr(args, "max_length", None))
+    if resolved.derived or processing.notes:
+        for note in [*resolved.notes, *processing.notes, *(encoder.roles.notes if resolved.derived else [])]:
+            print(f"cardtune: derived: {note}" if resolved.derived else f"cardtune: {note}", file=sys.stderr)
+    return resolved, encoder
+
+
+def encoded_samples(args: argparse.Namespace, resolved: Any, encoder: Any, limit: int | None = None) -> Iterator[Any]:
+    """(sample, Encoded or SampleError) for each sample of ``--data``, media loaded lazily."""
+    from cardtune.data.formats import load_samples
+    from cardtune.data.media import MediaConfig, load_media
+    from cardtune.errors import SampleError
+
+    cfg = MediaConfig.from_card(resolved.card, image_folder=args.image_folder, video_folder=args.video_folder)
+    samples = load_samples(args.data)
+    for n, sample in enumerate(samples):
+        if limit is not None and n >= limit:
+            return
+        try:
+            yield sample, encoder.encode(sample, load_media(sample, cfg))
+        except SampleError as exc:
+            yield sample, exc
+
+
+@command("labels", "print input_ids and labels of each sample as JSON lines (exit 1 if any sample fails)")
+def _configure_labels(p: argparse.ArgumentParser) -> Handler:
+    add_model_args(p)
+    add_data_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from cardtune.errors import SampleError
+
+        resolved, encoder = open_encoder(args)
+        failed: Counter[str] = Counter()
+        total = 0
+        for sample, result in encoded_samples(args, resolved, encoder):
+            total += 1
+            if isinstance(result, SampleError):
+                failed[result.reason] += 1
+                print(f"cardtune labels: {result}", file=sys.stderr)
+                continue
+            sys.stdout.write(json.dumps({"id": sample.id, "input_ids": result.input_ids, "labels": result.labels}) + "\n")
+        if failed:
+            counts = ", ".join(f"{k}: {v}" for k, v in failed.most_common())
+            print(f"cardtune labels: {sum(failed.values())} of {total} samples failed ({counts})", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+@command("inspect", "show each token coloured: trained highlighted, masked dim, media collapsed")
+def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("-n", type=int, default=5, help="how many samples to show (default 5)")
+
+    def run(args: argparse.Namespace) -> int:
+        from rich.console import Console
+
+        from cardtune.errors import SampleError
+
+        console = Console(highlight=False, soft_wrap=True)
+        resolved, encoder = open_encoder(args)
+        bad = 0
+        for sample, result in encoded_samples(args, resolved, encoder, limit=args.n):
+            console.rule(f"sample {sample.id}")
+            if isinstance(result, SampleError):
+                bad += 1
+                console.print(f"[bold red]FAILED[/] {result}")
+                continue
+            console.print(render_tokens(result, encoder))
+            turns = sum(1 for m in sample.messages if m["role"] == "assistant")
+            console.print(
+                f"[bold]{sample.id}[/]: {len(result.input_ids)} tokens, {result.num_trained} trained "
+                f"in {turns} assistant turn(s), {sum(1 for t in result.input_ids if t in encoder.media_token_ids)} media"
+                + (f", {result.num_truncated} truncated" if result.num_truncated else "")
+            )
+        return 1 if bad else 0
+
+    return run
+
+
+def render_tokens(encoded: Any, encoder: Any) -> Any:
+    """A rich Text of the sample: trained tokens on green, masked dim, media runs collapsed."""
+    from rich.text import Text
+
+    tok = encoder.tokenizer
+    ids, labels = encoded.input_ids, encoded.labels
+    out = Text()
+    i = 0
+    while i < len(ids):
+        if ids[i] in encoder.media_token_ids:
+            j = i
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            out.append(f"{tok.convert_ids_to_tokens(ids[i])}×{j - i}", style="bold magenta")
+            i = j
+            continue
+        piece = tok.decode([ids[i]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = piece.replace("\n", "↵\n")
+        out.append(piece, style="black on green" if labels[i] != -100 else "dim")
+        i += 1
+    return out
