@@ -1,0 +1,438 @@
+"""Data files to :class:`~cardtune.conversation.Sample`: LLaVA JSON/JSONL, OpenAI ``messages``,
+any ``datasets.load_dataset`` source, and weighted mixes of several of them.
+
+Records that cannot become a sample at all (invalid JSON, no conversation field, a turn that is
+not an object) are kept as :class:`SampleError` (``bad_format``) in :attr:`SampleSet.errors`, so a
+validation pass reports them with everything else instead of stopping at the first.
+Problems a sample can carry (an unknown role, a non-string or empty turn) are kept in the sample
+as they are, for :func:`cardtune.data.validate.validate` to name.
+
+Samples are stored pickled in one flat buffer: DataLoader workers forked from the training
+process share it without copying (a list of Python objects is copied page by page as reference
+counts change), and memory per sample is a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cardtune.conversation import ROLES, Sample, as_parts, text_part
+from cardtune.errors import SampleError
+
+PLACEHOLDERS = {"<image>": "image", "<video>": "video"}
+Format = Literal["auto", "llava", "openai"]
+
+
+# -- configuration a user writes ----------------------------------------------------------------
+class DataSource(BaseModel):
+    """One data file, folder or hub dataset, as written in ``--data`` or a mix YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    weight: float | None = Field(default=None, gt=0)
+    format: Format = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Canonical field -> column name, e.g. ``{conversations: dialog, image: img_path}``."""
+    split: str = "train"
+    user_key: str = "human"
+    assistant_key: str = "gpt"
+    system_key: str = "system"
+
+
+class DataMix(BaseModel):
+    """Several sources mixed with weights: each weight is that source's share of the mix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] = Field(min_length=1)
+    seed: int = 0
+    num_samples: int | None = Field(default=None, gt=0)
+    """Size of the mix; default: the sources' total size."""
+
+    @field_validator("sources")
+    @classmethod
+    def _weights_all_or_none(cls, sources: list[DataSource]) -> list[DataSource]:
+        given = [s.weight is not None for s in sources]
+        if any(given) and not all(given):
+            raise ValueError("give a weight to every source or to none")
+        return sources
+
+
+def parse_data_arg(data: str | os.PathLike | DataMix | Sequence[Any], **source_defaults: Any) -> DataMix:
+    """``--data``: ``a.json``, ``a.json:0.7,b.jsonl:0.3``, a ``.yaml`` mix, or a list of sources.
+
+    ``source_defaults`` (``user_key``, ``columns``...) apply to sources that do not set them.
+    """
+    if isinstance(data, DataMix):
+        return data
+    if isinstance(data, (list, tuple)):
+        return DataMix(sources=[_source(item, source_defaults) for item in data])
+    text = str(data)
+    if text.endswith((".yaml", ".yml")) and Path(text).is_file():
+        import yaml
+
+        loaded = yaml.safe_load(Path(text).read_text(encoding="utf-8"))
+        base = Path(text).parent
+        if isinstance(loaded, list):
+            loaded = {"sources": loaded}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{text}: a data mix is a list of sources or a mapping with 'sources'")
+        loaded["sources"] = [_relative_to(_source(s, source_defaults), base) for s in loaded.get("sources", [])]
+        return DataMix.model_validate(loaded)
+    sources = []
+    for item in text.split(","):
+        path, weight = item.strip(), None
+        head, sep, tail = path.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass
+        sources.append(_source({"path": path, "weight": weight}, source_defaults))
+    return DataMix(sources=sources)
+
+
+def _source(item: Any, defaults: dict[str, Any]) -> DataSource:
+    if isinstance(item, DataSource):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        item = {"path": str(item)}
+    return DataSource.model_validate({**defaults, **item})
+
+
+def _relative_to(source: DataSource, base: Path) -> DataSource:
+    """Paths in a mix YAML are relative to the YAML file (hub names stay as they are)."""
+    candidate = base / source.path
+    if not Path(source.path).is_absolute() and candidate.exists():
+        return source.model_copy(update={"path": str(candidate)})
+    return source
+
+
+# -- the sample store ---------------------------------------------------------------------------
+class SampleSet(Sequence[Sample]):
+    """Samples (pickled in one buffer) plus the records that could not become samples."""
+
+    def __init__(
+        self,
+        buffer: np.ndarray,
+        offsets: np.ndarray,
+        errors: list[SampleError] | None = None,
+        order: np.ndarray | None = None,
+    ) -> None:
+        self._buffer = buffer
+        self._offsets = offsets
+        self._order = order
+        self.errors: list[SampleError] = list(errors or [])
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[Sample], errors: Iterable[SampleError] = ()) -> SampleSet:
+        chunks: list[bytes] = []
+        offsets = [0]
+        for sample in samples:
+            blob = pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
+            chunks.append(blob)
+            offsets.append(offsets[-1] + len(blob))
+        buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        return cls(buffer, np.asarray(offsets, dtype=np.int64), list(errors))
+
+    def __len__(self) -> int:
+        return len(self._order) if self._order is not None else len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        if isinstance(index, slice):
+            raise TypeError("SampleSet does not slice; use take(indices)")
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = int(self._order[index]) if self._order is not None else index
+        return pickle.loads(self._buffer[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def storage_index(self, index: int) -> int:
+        """Which stored record position ``index`` is (repeats of an upsampled record share one)."""
+        return int(self._order[index]) if self._order is not None else index
+
+    def take(self, indices: Sequence[int]) -> SampleSet:
+        """The samples at ``indices`` (repeats allowed), sharing this set's buffer."""
+        base = self._order if self._order is not None else np.arange(len(self._offsets) - 1)
+        return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)])
+
+
+def concat(sets: Sequence[SampleSet]) -> SampleSet:
+    chunks, offsets, errors, orders, shift, count = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 0
+    for s in sets:
+        chunks.append(s._buffer)
+        offsets.append(s._offsets[1:] + shift)
+        orders.append((s._order if s._order is not None else np.arange(len(s._offsets) - 1)) + count)
+        shift += int(s._offsets[-1])
+        count += len(s._offsets) - 1
+        errors += s.errors
+    buffer = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+    order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
+    return SampleSet(buffer, np.concatenate(offsets), errors, order)
+
+
+# -- records to samples -------------------------------------------------------------------------
+def _strip_message(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Surrounding whitespace of a message's text removed; parts that become empty dropped."""
+    text_at = [i for i, p in enumerate(parts) if p.get("type") == "text" and isinstance(p.get("text"), str)]
+    if not text_at:
+        return parts
+    parts = [dict(p) for p in parts]
+    parts[text_at[0]]["text"] = parts[text_at[0]]["text"].lstrip()
+    parts[text_at[-1]]["text"] = parts[text_at[-1]]["text"].rstrip()
+    return [p for p in parts if not (p.get("type") == "text" and p.get("text") == "")]
+
+
+def _content_from_text(value: Any) -> list[dict[str, Any]]:
+    # A non-string value is kept as it is, for validation to report as ``non_string_turn``.
+    if not isinstance(value, str):
+        return [text_part(value)]
+    return _strip_message(as_parts(value.strip(), PLACEHOLDERS))
+
+
+def _as_list(value: Any, sample_id: str, field: str, source: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, (str, dict)) or hasattr(value, "size"):  # a path, an HF image dict, a PIL image
+        return [value]
+    raise SampleError(sample_id, field, "bad_format", f"expected a path or a list of paths, got {type(value).__name__}", source)
+
+
+def _media_fields(record: dict[str, Any], sample_id: str, source: str) -> tuple[list[Any], list[Any]]:
+    images = _as_list(record.get("image", record.get("images")), sample_id, "image", source)
+    videos = _as_list(record.get("video", record.get("videos")), sample_id, "video", source)
+    return images, videos
+
+
+def llava_record(record: dict[str, Any], sample_id: str, source: str, opts: DataSource) -> Sample:
+    """``{"id", "image"/"video", "conversations": [{"from", "value"}], "system_prompt"?}``."""
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise SampleError(sample_id, "conversations", "bad_format", "'conversations' is not a list", source)
+    roles = {opts.user_key: "user", opts.assistant_key: "assistant", opts.system_key: "system"}
+    messages: list[dict[str, Any]] = []
+    system_prompt = record.get("system_prompt")
+    if isinstance(system_prompt, str) and system_prompt.strip():
+        messages.append({"role": "system", "content": _content_from_text(system_prompt)})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SampleError(sample_id, f"conversations[{i}]", "bad_format", "a turn needs 'from' and 'value'", source)
+        speaker = turn["from"]
+        role = roles.get(speaker, speaker if speaker in ROLES else str(speaker))
+        messages.append({"role": role, "content": _content_from_text(turn["value"])})
+    images, videos = _media_fields(record, sample_id, source)
+    return Sample(sample_id, messages, images, videos, source)
+
+
+def _part_payload(part: dict[str, Any]) -> Any:
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return part.get(kind) or part.get("path") or part.get("url")
+
+
+def openai_record(record: dict[str, Any], sample_id: str, source: str, opts: DataSource) -> Sample:
+    """``{"id"?, "messages": [{"role", "content": str | parts}], "images"?, "videos"?}``.
+
+    Media parts may carry their file (``{"type": "image", "image": path}``, ``image_url``) or
+    not; those that do not (and ``<image>``/``<video>`` typed in text) take the record's
+    top-level ``images`` / ``videos`` in order of appearance.
+    """
+    raw = record["messages"]
+    if not isinstance(raw, list):
+        raise SampleError(sample_id, "messages", "bad_format", "'messages' is not a list", source)
+    top_images, top_videos = _media_fields(record, sample_id, source)
+    queues = {"image": iter(top_images), "video": iter(top_videos)}
+    media: dict[str, list[Any]] = {"image": [], "video": []}
+
+    def place(kind: str, payload: Any) -> dict[str, Any]:
+        payload = next(queues[kind], None) if payload is None else payload
+        if payload is not None:
+            media[kind].append(payload)
+        return {"type": kind}
+
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or "role" not in message:
+            raise SampleError(sample_id, f"messages[{i}]", "bad_format", "a message needs 'role' and 'content'", source)
+        content = message.get("content")
+        if isinstance(content, list):
+            parts: list[dict[str, Any]] = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    text = part.get("text")
+                    parts += as_parts(text, PLACEHOLDERS) if isinstance(text, str) else [text_part(text)]
+                elif kind in ("image", "image_url", "video"):
+                    parts.append({"type": "video" if kind == "video" else "image", "payload": _part_payload(part)})
+                else:
+                    raise SampleError(
+                        sample_id, f"messages[{i}].content[{j}]", "bad_format",
+                        f"unknown content part {kind!r} (known: text, image, image_url, video)", source,
+                    )
+            parts = _strip_message(parts)
+        else:
+            parts = _content_from_text(content)
+        parts = [place(p["type"], p.get("payload")) if p["type"] != "text" else p for p in parts]
+        messages.append({"role": message["role"], "content": parts})
+    # top-level media that no part took: kept, so the count mismatch is reported
+    images = media["image"] + list(queues["image"])
+    videos = media["video"] + list(queues["video"])
+    return Sample(sample_id, messages, images, videos, source)
+
+
+def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> Sample:
+    """One record of any known format; raises :class:`SampleError` (``bad_format``) otherwise."""
+    if not isinstance(record, dict):
+        raise SampleError(str(index), "record", "bad_format", f"a record is a JSON object, got {type(record).__name__}", source)
+    if opts.columns:
+        record = {**record, **{canon: record[col] for canon, col in opts.columns.items() if col in record}}
+    raw_id = record.get("id")
+    sample_id = str(raw_id) if raw_id is not None and raw_id != "" else str(index)
+    fmt = opts.format
+    if fmt == "auto":
+        fmt = "llava" if "conversations" in record else "openai" if "messages" in record else "auto"
+    if fmt == "llava" and "conversations" in record:
+        return llava_record(record, sample_id, source, opts)
+    if fmt == "openai" and "messages" in record:
+        return openai_record(record, sample_id, source, opts)
+    wanted = {"auto": "'conversations' or 'messages'", "llava": "'conversations'", "openai": "'messages'"}[opts.format]
+    raise SampleError(sample_id, "record", "bad_format", f"no {wanted} field (keys: {', '.join(map(str, record))})", source)
+
+
+# -- files to records ---------------------------------------------------------------------------
+def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
+    """(index, where, record) for every record; a record that is not JSON is a ``SampleError``."""
+    path = Path(source.path)
+    name = source.path
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            index = 0
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record: Any = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    record = SampleError(str(index), "record", "bad_format", f"invalid JSON: {exc.msg}", f"{name}:{lineno}")
+                yield index, f"{name}:{lineno}", record
+                index += 1
+        return
+    if path.is_file() and path.suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{name}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{name}: a JSON data file is a list of samples (or JSONL, one per line)")
+        for index, record in enumerate(data):
+            yield index, f"{name}[{index}]", record
+        return
+    yield from _hf_records(source)
+
+
+def _hf_records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
+    """Any ``datasets.load_dataset`` source: a parquet/json/csv file or folder, or a hub name."""
+    from datasets import load_dataset
+
+    path = Path(source.path)
+    builders = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+    if path.is_file():
+        if path.suffix not in builders:
+            raise ValueError(f"{source.path}: unknown data file type (known: .json, .jsonl, .parquet, .csv, .arrow)")
+        dataset = load_dataset(builders[path.suffix], data_files=str(path), split=source.split)
+    else:
+        if not path.exists() and not _looks_like_hub_name(source.path):
+            raise FileNotFoundError(f"{source.path}: no such data file or folder")
+        dataset = load_dataset(source.path, split=source.split)
+    for index, row in enumerate(dataset):
+        yield index, f"{source.path}[{index}]", row
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def read_source(source: DataSource) -> SampleSet:
+    """Every record of one source as a sample, or as a ``bad_format`` error."""
+    errors: list[SampleError] = []
+
+    def samples() -> Iterator[Sample]:
+        for index, where, record in _records(source):
+            if isinstance(record, SampleError):
+                errors.append(record)
+                continue
+            try:
+                yield record_to_sample(record, index, where, source)
+            except SampleError as exc:
+                errors.append(exc)
+
+    result = SampleSet.from_samples(samples())
+    result.errors = errors
+    return result
+
+
+def mix(sets: Sequence[SampleSet], weights: Sequence[float] | None, seed: int = 0, num_samples: int | None = None) -> SampleSet:
+    """Sources concatenated, or resampled to the weights' shares of ``num_samples`` (default the
+    total). A source asked for more than it holds repeats whole passes first; the choice and the
+    final order depend only on ``seed``."""
+    if weights is None and num_samples is None:
+        return concat(sets)
+    sizes = [len(s) for s in sets]
+    total = num_samples or sum(sizes)
+    weights = list(weights) if weights is not None else [float(n) for n in sizes]
+    norm = sum(weights)
+    rng = random.Random(seed)
+    offsets = np.cumsum([0, *sizes])
+    chosen: list[int] = []
+    for k, (size, weight) in enumerate(zip(sizes, weights)):
+        want = round(total * weight / norm)
+        if size == 0:
+            if want:
+                raise ValueError(f"data source {k} is empty but has weight {weight}")
+            continue
+        passes, rest = divmod(want, size)
+        picks = list(range(size)) * passes + sorted(rng.sample(range(size), rest))
+        chosen += [int(offsets[k]) + i for i in picks]
+    rng.shuffle(chosen)
+    return concat(sets).take(chosen)
+
+
+def load_samples(
+    data: str | os.PathLike | DataMix | Sequence[Any],
+    *,
+    seed: int | None = None,
+    **source_defaults: Any,
+) -> SampleSet:
+    """Read ``--data`` (one source, ``a.json:0.7,b.jsonl:0.3``, a mix YAML or a list) into samples.
+
+    ``source_defaults`` set ``format``, ``columns``, ``user_key``, ``assistant_key``,
+    ``system_key`` or ``split`` for sources that do not set their own.
+    """
+    spec = parse_data_arg(data, **source_defaults)
+    sets = [read_source(s) for s in spec.sources]
+    weights = [s.weight for s in spec.sources] if spec.sources[0].weight is not None else None
+    return mix(sets, weights, spec.seed if seed is None else seed, spec.num_samples)

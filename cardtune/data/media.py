@@ -1,0 +1,254 @@
+"""Media for one sample: paths confined to their folder, images decoded with Pillow (RGB, EXIF
+orientation applied), videos sampled uniformly to ``num_frames`` with PyAV or read from a folder
+of frames. Families with ``load_image: false`` get the resolved paths instead of pixels.
+
+Every problem is a :class:`SampleError` naming the sample, the field (``images[1]``) and the
+reason (``missing_media``, ``unreadable_media``, ``corrupt_image``, ``path_escape``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cardtune.conversation import Sample
+from cardtune.errors import SampleError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Where media live and how they load; ``from_card`` fills the family's part."""
+
+    image_folder: str | None = None
+    video_folder: str | None = None
+    allow_absolute_paths: bool = False
+    load_image: bool = True
+    num_frames: int = 8
+
+    @classmethod
+    def from_card(cls, card: Any | None, **kwargs: Any) -> MediaConfig:
+        if card is not None:
+            kwargs.setdefault("load_image", card.load_image)
+            kwargs.setdefault("num_frames", card.media.num_frames)
+        return cls(**kwargs)
+
+    def folder(self, kind: str) -> str | None:
+        return self.video_folder if kind == "video" else self.image_folder
+
+
+class MediaProblem(Exception):
+    """A media reference that cannot be used; becomes a SampleError once the sample is known."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# -- paths --------------------------------------------------------------------------------------
+def resolve_path(ref: str | os.PathLike, folder: str | None, allow_absolute: bool = False) -> Path:
+    """``ref`` under ``folder`` (the current directory when none): ``../`` escapes and absolute
+    paths outside the folder are refused unless ``allow_absolute``. The check is lexical, so a
+    symlink inside the folder that points elsewhere (shared storage) is allowed."""
+    root = os.path.abspath(folder or os.getcwd())
+    text = os.fspath(ref)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if os.path.isabs(text):
+        path = os.path.normpath(text)
+        if allow_absolute:
+            return Path(path)
+    else:
+        path = os.path.normpath(os.path.join(root, text))
+    if os.path.commonpath([root, path]) != root:
+        where = "an absolute path" if os.path.isabs(text) else "a relative path"
+        raise MediaProblem(
+            "path_escape",
+            f"{text!r} is {where} outside {root}"
+            + ("" if allow_absolute or not os.path.isabs(text) else " (allow_absolute_paths / --allow-absolute-paths permits it)"),
+        )
+    return Path(path)
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise MediaProblem("missing_media", f"{path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise MediaProblem("unreadable_media", f"{path} is not readable (permissions)")
+    return path
+
+
+def _is_remote(text: str) -> bool:
+    return text.startswith(("http://", "https://", "s3://", "gs://"))
+
+
+def _ref_text(ref: Any) -> str | None:
+    if isinstance(ref, dict):  # a Hugging Face ``Image`` feature with decode=False
+        return ref.get("path") if not ref.get("bytes") else None
+    return os.fspath(ref) if isinstance(ref, (str, os.PathLike)) else None
+
+
+def media_path(ref: Any, kind: str, cfg: MediaConfig) -> Path:
+    text = _ref_text(ref)
+    if text is None:
+        raise MediaProblem("unreadable_media", f"a {type(ref).__name__} is not a {kind} path")
+    if _is_remote(text):
+        raise MediaProblem("unreadable_media", f"{text!r}: remote URLs are not fetched; download the files first")
+    return _existing(resolve_path(text, cfg.folder(kind), cfg.allow_absolute_paths))
+
+
+# -- images -------------------------------------------------------------------------------------
+def open_image(ref: Any, cfg: MediaConfig) -> Any:
+    """A decoded RGB PIL image with its EXIF orientation applied."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(ref, Image.Image):
+        image = ref
+    else:
+        if isinstance(ref, dict) and ref.get("bytes"):
+            source: Any = io.BytesIO(ref["bytes"])
+        elif isinstance(ref, bytes):
+            source = io.BytesIO(ref)
+        elif isinstance(ref, str) and ref.startswith("data:"):
+            try:
+                source = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
+            except (IndexError, ValueError) as exc:
+                raise MediaProblem("corrupt_image", f"bad data URL: {exc}") from None
+        else:
+            source = media_path(ref, "image", cfg)
+            if source.is_dir():
+                raise MediaProblem("unreadable_media", f"{source} is a folder, not an image")
+        try:
+            image = Image.open(source)
+            image.load()  # decode now: a truncated file fails here, not mid-epoch
+        except UnidentifiedImageError:
+            raise MediaProblem("corrupt_image", f"{_name(source)} is not an image Pillow can identify") from None
+        except PermissionError as exc:
+            raise MediaProblem("unreadable_media", f"{_name(source)}: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise MediaProblem("corrupt_image", f"{_name(source)} cannot be decoded: {exc}") from None
+    image = ImageOps.exif_transpose(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, Path) else "embedded image"
+
+
+def image_size(ref: Any, cfg: MediaConfig) -> tuple[int, int]:
+    """(width, height) as displayed, from the file header only (no pixel decoding)."""
+    from PIL import Image
+
+    if isinstance(ref, Image.Image):
+        return ref.size
+    path = media_path(ref, "image", cfg)
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# -- videos -------------------------------------------------------------------------------------
+def uniform_indices(total: int, num_frames: int) -> list[int]:
+    """The centre frame of each of ``num_frames`` equal segments (frames repeat if too few)."""
+    return [min(total - 1, int((k + 0.5) * total / num_frames)) for k in range(num_frames)]
+
+
+def load_video(ref: Any, cfg: MediaConfig) -> list[Any]:
+    """``num_frames`` RGB frames of a video file, a folder of frame images, or a list of frames."""
+    if isinstance(ref, (list, tuple)):
+        frames = list(ref)
+        return [open_image(frames[i], cfg) for i in uniform_indices(len(frames), cfg.num_frames)] if frames else []
+    path = media_path(ref, "video", cfg)
+    if path.is_dir():
+        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not frames:
+            raise MediaProblem("unreadable_media", f"{path} holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
+        frame_cfg = MediaConfig(allow_absolute_paths=True)
+        return [open_image(frames[i], frame_cfg) for i in uniform_indices(len(frames), cfg.num_frames)]
+    return _decode_video(path, cfg.num_frames)
+
+
+def _decode_video(path: Path, num_frames: int) -> list[Any]:
+    try:
+        import av
+    except ImportError:
+        raise MediaProblem(
+            "unreadable_media", f"{path}: reading video files needs PyAV (pip install 'cardtune[video]'), or give a folder of frames"
+        ) from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaProblem("unreadable_media", f"{path} has no video stream")
+            total = container.streams.video[0].frames
+        if total <= 0:  # no frame count in the header: count by decoding once
+            total = _count_frames(path)
+        frames = _pick_frames(path, uniform_indices(total, num_frames))
+        if len(frames) < num_frames:  # the header overstated the count
+            total = _count_frames(path)
+            frames = _pick_frames(path, uniform_indices(total, num_frames)) if total else []
+    except MediaProblem:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PyAV/FFmpeg errors have many types
+        raise MediaProblem("unreadable_media", f"{path} cannot be decoded as a video: {exc}") from None
+    if not frames:
+        raise MediaProblem("unreadable_media", f"{path}: no frame could be decoded")
+    return frames
+
+
+def _count_frames(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _pick_frames(path: Path, indices: list[int]) -> list[Any]:
+    import av
+
+    wanted: dict[int, int] = {}
+    for i in indices:
+        wanted[i] = wanted.get(i, 0) + 1
+    frames: list[Any] = []
+    last = max(indices)
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                image = frame.to_image().convert("RGB")
+                frames += [image] * wanted[i]
+            if i >= last:
+                break
+    return frames
+
+
+# -- one sample ---------------------------------------------------------------------------------
+def load_one(ref: Any, kind: str, cfg: MediaConfig) -> Any:
+    """One image or video of a sample as the family takes it: pixels, or (``load_image: false``)
+    the resolved path, checked to exist."""
+    if not cfg.load_image:
+        if isinstance(ref, (list, tuple)):
+            return [str(media_path(r, "image", cfg)) for r in ref]
+        return str(media_path(ref, kind, cfg))
+    return load_video(ref, cfg) if kind == "video" else open_image(ref, cfg)
+
+
+def load_media(sample: Sample, cfg: MediaConfig) -> Any | None:
+    """The sample's media in placeholder order, or None for a text-only sample."""
+    from cardtune.collators.engine import Media
+
+    if not sample.images and not sample.videos:
+        return None
+    loaded: dict[str, list[Any]] = {"image": [], "video": []}
+    for kind, refs in (("image", sample.images), ("video", sample.videos)):
+        for i, ref in enumerate(refs):
+            try:
+                loaded[kind].append(load_one(ref, kind, cfg))
+            except MediaProblem as exc:
+                raise SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source) from None
+    return Media(images=loaded["image"], videos=loaded["video"])

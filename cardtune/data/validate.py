@@ -1,0 +1,309 @@
+"""One pass over a dataset that reports every problem, per sample id and field, before step 1.
+
+``validate`` checks structure (roles, turns, placeholders), media (found, inside its folder,
+decodable) and, given a :class:`~cardtune.collators.engine.ChatEncoder`, what training would
+see (length after media expansion, labels, template). ``apply_policy`` is what training does
+with the report: ``error`` stops with it, ``skip`` drops exactly the reported samples, prints
+the counts and writes their ids to ``skipped_samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cardtune.conversation import ROLES, Sample
+from cardtune.data.media import MediaConfig, MediaProblem, load_one
+from cardtune.errors import REASONS, SampleError
+
+Policy = Literal["error", "skip"]
+SKIPPED_FILE = "skipped_samples.jsonl"
+
+
+@dataclass
+class Problem:
+    """A reported error; ``index`` is the sample's position, None for a record that never became one."""
+
+    index: int | None
+    error: SampleError
+
+
+@dataclass
+class Report:
+    num_samples: int
+    problems: list[Problem] = field(default_factory=list)
+    num_truncated: int = 0
+    """Samples kept with text cut after their last media token (``max_length``)."""
+    num_records: int = 0
+    """Samples plus records that could not be read as samples."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(p.error.reason for p in self.problems).most_common())
+
+    @property
+    def bad_indices(self) -> set[int]:
+        return {p.index for p in self.problems if p.index is not None}
+
+    @property
+    def num_bad(self) -> int:
+        """Records that would be dropped: bad samples plus unreadable records."""
+        return len(self.bad_indices) + sum(1 for p in self.problems if p.index is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.num_records,
+            "samples": self.num_samples,
+            "bad": self.num_bad,
+            "truncated": self.num_truncated,
+            "counts": self.counts,
+            "errors": [{"index": p.index, **p.error.to_dict()} for p in self.problems],
+        }
+
+    def summary(self) -> str:
+        if self.ok:
+            line = f"ok: {self.num_records} records, no problems"
+        else:
+            by_reason = ", ".join(f"{reason} {n}" for reason, n in self.counts.items())
+            line = f"{self.num_bad} of {self.num_records} records have problems ({by_reason})"
+        if self.num_truncated:
+            line += f"; {self.num_truncated} samples truncated after their last media token"
+        return line
+
+    def format_table(self, limit: int | None = None) -> str:
+        rows = [("id", "source", "field", "reason", "detail")]
+        shown = self.problems if limit is None else self.problems[:limit]
+        rows += [(e.sample_id, e.source, e.field, e.reason, e.detail or REASONS[e.reason]) for e in (p.error for p in shown)]
+        widths = [min(max(len(r[i]) for r in rows), 40) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        if limit is not None and len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more")
+        if self.problems:
+            lines.append("")
+            lines += [f"{n:>7}  {reason}: {REASONS[reason]}" for reason, n in self.counts.items()]
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+class DataValidationError(ValueError):
+    """Training stopped before step 1 (policy ``error``); carries the report."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        super().__init__(
+            f"the data has problems; nothing was trained (use --data-policy skip to drop them):\n"
+            f"{report.format_table(limit=50)}"
+        )
+
+
+# -- structure ----------------------------------------------------------------------------------
+def _texts(content: Any) -> list[Any]:
+    if isinstance(content, str):
+        return [content]
+    return [p.get("text") for p in content if p.get("type") == "text"]
+
+
+def _media_parts(content: Any) -> int:
+    return 0 if isinstance(content, str) else sum(1 for p in content if p.get("type") in ("image", "video"))
+
+
+def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError]:
+    """Roles, turns, answers and placeholder counts; with a card, the media kinds it takes."""
+    errs: list[SampleError] = []
+
+    def err(field: str, reason: str, detail: str = "") -> None:
+        errs.append(SampleError(sample.id, field, reason, detail, sample.source))
+
+    messages = sample.messages
+    expected, alternation_reported = "user", False
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            err(f"messages[{i}].role", "unknown_role", f"role {role!r} (known: {', '.join(ROLES)})")
+        texts = _texts(m.get("content") or [])
+        bad = [t for t in texts if not isinstance(t, str)]
+        if bad:
+            err(f"messages[{i}].content", "non_string_turn", f"{role} turn text is {type(bad[0]).__name__}: {bad[0]!r:.60}")
+        elif not "".join(texts).strip():
+            if role == "assistant":
+                err(f"messages[{i}].content", "empty_answer")
+            elif not _media_parts(m.get("content") or []):
+                err(f"messages[{i}].content", "empty_turn", f"{role} turn has no text and no media")
+        if role not in ROLES or alternation_reported:
+            continue
+        if role == "system":
+            if i != 0:
+                err(f"messages[{i}].role", "roles_not_alternating", "a system turn is only allowed first")
+                alternation_reported = True
+            continue
+        if role != expected:
+            previous = next((messages[j].get("role") for j in range(i - 1, -1, -1) if messages[j].get("role") in ROLES), None)
+            err(f"messages[{i}].role", "roles_not_alternating",
+                f"{role} turn follows {previous or 'the start'}; expected {expected}")
+            alternation_reported = True
+        expected = "assistant" if role == "user" else "user"
+    if not any(m.get("role") == "assistant" for m in messages):
+        err("messages", "no_assistant_turn")
+    for kind, given in (("image", sample.images), ("video", sample.videos)):
+        placeholders = sum(1 for m in messages if not isinstance(m.get("content"), str)
+                           for p in m.get("content") or [] if p.get("type") == kind)
+        if placeholders != len(given):
+            err(f"{kind}s", "placeholder_mismatch", f"{placeholders} {kind} placeholders for {len(given)} {kind}s")
+    if card is not None:
+        errs += _check_modalities(sample, card)
+    return errs
+
+
+def _check_modalities(sample: Sample, card: Any) -> list[SampleError]:
+    def err(field: str, detail: str) -> SampleError:
+        return SampleError(sample.id, field, "unsupported_media", detail, sample.source)
+
+    modalities, out = card.modalities, []
+    if sample.images and "image" not in modalities:
+        out.append(err("images", f"family {card.family} takes no images"))
+    elif len(sample.images) > 1 and "multi_image" not in modalities:
+        out.append(err("images", f"family {card.family} takes one image per sample, got {len(sample.images)}"))
+    if sample.videos and ("video" not in modalities or card.capabilities.video == "unsupported"):
+        out.append(err("videos", f"family {card.family} takes no video"))
+    return out
+
+
+# -- media --------------------------------------------------------------------------------------
+def check_media(sample: Sample, cfg: MediaConfig) -> tuple[list[SampleError], Any | None]:
+    """Every media reference resolved and decoded; returns the problems and, if none, the media."""
+    from cardtune.collators.engine import Media
+
+    errs: list[SampleError] = []
+    loaded: dict[str, list[Any]] = {"image": [], "video": []}
+    for kind, refs in (("image", sample.images), ("video", sample.videos)):
+        for i, ref in enumerate(refs):
+            try:
+                loaded[kind].append(load_one(ref, kind, cfg))
+            except MediaProblem as exc:
+                errs.append(SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source))
+    if errs or not (sample.images or sample.videos):
+        return errs, None
+    return errs, Media(images=loaded["image"], videos=loaded["video"])
+
+
+def _decode_check_cfg(cfg: MediaConfig) -> MediaConfig:
+    """Families that take paths still get their files decoded once here, to catch corrupt ones."""
+    return MediaConfig(cfg.image_folder, cfg.video_folder, cfg.allow_absolute_paths, True, cfg.num_frames)
+
+
+# -- the pass -----------------------------------------------------------------------------------
+def validate(
+    samples: Sequence[Sample],
+    encoder: Any | None = None,
+    *,
+    card: Any | None = None,
+    image_folder: str | None = None,
+    video_folder: str | None = None,
+    allow_absolute_paths: bool = False,
+    num_frames: int | None = None,
+    media: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Check every sample; all problems of a sample are reported, not only the first.
+
+    ``samples`` may be a :class:`~cardtune.data.formats.SampleSet`: its unreadable records are
+    reported first. With ``encoder``, samples that pass the structural and media checks are
+    encoded (media expanded, ``encoder.max_length`` applied) to find over-length samples, empty
+    labels, template errors and label-contract failures. ``media=False`` skips opening files.
+    """
+    card = card if card is not None else getattr(encoder, "card", None)
+    extra: dict[str, Any] = {} if num_frames is None else {"num_frames": num_frames}
+    cfg = MediaConfig.from_card(card, image_folder=image_folder, video_folder=video_folder,
+                                allow_absolute_paths=allow_absolute_paths, **extra)
+    read_errors = list(getattr(samples, "errors", []))
+    report = Report(num_samples=len(samples), problems=[Problem(None, e) for e in read_errors])
+    report.num_records = len(samples) + len(read_errors)
+    storage_index = getattr(samples, "storage_index", None)
+    seen: dict[Any, tuple[list[SampleError], bool]] = {}  # upsampled repeats are checked once
+    for index, sample in enumerate(samples):
+        key = storage_index(index) if storage_index else None
+        if key is not None and key in seen:
+            errs, truncated = seen[key]
+        else:
+            errs, truncated = _check_sample(sample, encoder, card, cfg, media)
+            if key is not None:
+                seen[key] = (errs, truncated)
+        report.problems += [Problem(index, e) for e in errs]
+        report.num_truncated += truncated
+        if progress is not None:
+            progress(index + 1, len(samples))
+    return report
+
+
+def _check_sample(sample: Sample, encoder: Any | None, card: Any | None, cfg: MediaConfig, media: bool) -> tuple[list[SampleError], bool]:
+    errs = check_structure(sample, card)
+    loaded = None
+    if media:
+        media_errs, loaded = check_media(sample, cfg if cfg.load_image else _decode_check_cfg(cfg))
+        errs += media_errs
+        if loaded is not None and not cfg.load_image:
+            _, loaded = check_media(sample, cfg)  # the paths the family takes
+    if errs or encoder is None or (not media and (sample.images or sample.videos)):
+        return errs, False
+    try:
+        encoded = encoder.encode(sample, loaded)
+    except SampleError as exc:
+        return [exc], False
+    except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
+        return [SampleError(sample.id, "messages", "template_error",
+                            f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False
+    return [], bool(encoded.num_truncated)
+
+
+# -- training's policy --------------------------------------------------------------------------
+def apply_policy(
+    report: Report,
+    samples: Sequence[Sample],
+    policy: Policy = "error",
+    output_dir: str | Path | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[Sample] | Sequence[Sample]:
+    """``error``: raise :class:`DataValidationError` if the report has any problem. ``skip``: the
+    samples without problems, in order; prints the counts and writes one line per dropped record
+    (id, source, its errors) to ``output_dir/skipped_samples.jsonl``."""
+    if policy not in ("error", "skip"):
+        raise ValueError(f"unknown data policy {policy!r} (error or skip)")
+    if report.num_samples != len(samples):
+        raise ValueError(f"the report covers {report.num_samples} samples, not these {len(samples)}")
+    log = log or (lambda line: print(line, file=sys.stderr))
+    if report.ok:
+        return samples
+    if policy == "error":
+        raise DataValidationError(report)
+    bad = report.bad_indices
+    kept_indices = [i for i in range(len(samples)) if i not in bad]
+    kept = samples.take(kept_indices) if hasattr(samples, "take") else [samples[i] for i in kept_indices]
+    if hasattr(kept, "errors"):
+        kept.errors = []
+    by_record: dict[tuple[Any, str, str], list[SampleError]] = {}
+    for p in report.problems:
+        by_record.setdefault((p.index, p.error.sample_id, p.error.source), []).append(p.error)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / SKIPPED_FILE).open("w", encoding="utf-8") as f:
+            for (index, sample_id, source), errors in by_record.items():
+                f.write(json.dumps({
+                    "id": sample_id, "source": source, "index": index,
+                    "errors": [{k: v for k, v in e.to_dict().items() if k not in ("id", "source")} for e in errors],
+                }) + "\n")
+    where = f"; ids in {Path(output_dir) / SKIPPED_FILE}" if output_dir is not None else ""
+    log(f"data: skipped {len(by_record)} of {report.num_records} records, kept {len(kept_indices)} "
+        f"({', '.join(f'{r} {n}' for r, n in report.counts.items())}){where}")
+    return kept
