@@ -134,8 +134,16 @@ def render_tokens(encoded: Any, encoder: Any) -> Any:
             out.append(f"{tok.convert_ids_to_tokens(ids[i])}×{j - i}", style="bold magenta")
             i = j
             continue
-        piece = tok.decode([ids[i]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        piece = piece.replace("\n", "↵\n")
+        piece = _piece(tok, ids[i - 1] if i else None, ids[i]).replace("\n", "↵\n")
         out.append(piece, style="black on green" if labels[i] != -100 else "dim")
         i += 1
     return out
+
+
+def _piece(tok: Any, prev: int | None, cur: int) -> str:
+    """The text token ``cur`` adds after ``prev``: decoding a token alone drops its leading
+    space in sentencepiece vocabularies, decoding the pair keeps it."""
+    kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    if prev is None:
+        return tok.decode([cur], **kw)
+    return tok.decode([prev, cur], **kw)[len(tok.decode([prev], **kw)) :]
