@@ -7,41 +7,33 @@ import json
 import sys
 
 from cardtune.cli import Handler, command
+from cardtune.commands.labels import add_data_args, add_model_args, open_encoder
 
 
 @command("validate-data", "check a dataset against a model before training; non-zero exit on any problem")
 def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--model_id", "--model-id", dest="model_id", help="a registered model id")
-    p.add_argument("--model-path", "--model_path", dest="model_path", metavar="DIR",
-                   help="a local Hugging Face model folder (with --model_id: a local copy of that model)")
-    p.add_argument("--data", "--data_path", dest="data", required=True,
-                   help="a data file, 'a.json:0.7,b.jsonl:0.3', a mix YAML, a folder or a hub dataset")
-    p.add_argument("--image-folder", "--image_folder", dest="image_folder", metavar="DIR")
-    p.add_argument("--video-folder", "--video_folder", dest="video_folder", metavar="DIR")
+    add_model_args(p)
+    add_data_args(p)
     p.add_argument("--allow-absolute-paths", action="store_true", help="accept absolute media paths outside the folders")
-    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, metavar="N",
-                   help="tokens per sample after media expansion (longer ones are truncated after their last "
-                        "media token, or reported)")
     p.add_argument("--user-key", default="human", help="LLaVA 'from' value of user turns (default: human)")
     p.add_argument("--assistant-key", default="gpt", help="LLaVA 'from' value of assistant turns (default: gpt)")
-    p.add_argument("--no-encode", action="store_true", help="structure and media only: do not load the tokenizer")
+    p.add_argument("--no-encode", action="store_true",
+                   help="structure and media only: no tokenizer, so no length or label checks")
     p.add_argument("--limit", type=int, default=200, help="rows of the table to print (default 200; --json prints all)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     def run(args: argparse.Namespace) -> int:
         from cardtune.data.formats import load_samples
         from cardtune.data.validate import validate
-        from cardtune.loaders.resolve import load_processing, resolve_model
+        from cardtune.loaders.resolve import resolve_model
 
         if not args.model_id and not args.model_path:
             print("cardtune validate-data: give --model_id or --model-path", file=sys.stderr)
             return 2
-        resolved = resolve_model(args.model_id, args.model_path, cards=args.cards)
-        encoder = None
-        if not args.no_encode:
-            from cardtune.collators.engine import ChatEncoder
-
-            encoder = ChatEncoder(resolved.card, load_processing(resolved), max_length=args.max_length)
+        if args.no_encode:
+            resolved, encoder = resolve_model(args.model_id, args.model_path, args.cards), None
+        else:
+            resolved, encoder = open_encoder(args)
         try:
             samples = load_samples(args.data, user_key=args.user_key, assistant_key=args.assistant_key)
         except (OSError, ValueError) as exc:
@@ -52,7 +44,7 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
             allow_absolute_paths=args.allow_absolute_paths,
         )
         if args.json:
-            json.dump({"model_id": resolved.model_id, **report.to_dict()}, sys.stdout, indent=2)
+            json.dump({"model_id": resolved.model_id, "data": args.data, **report.to_dict()}, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             print(f"{resolved.model_id} ({resolved.card.family}): {args.data}")
