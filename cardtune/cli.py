@@ -72,4 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as ``python -m cardtune.cli``: sub-commands register on the imported module, not __main__.
+    from cardtune.cli import main as _main
+
+    raise SystemExit(_main())

@@ -1,22 +1,46 @@
 """The seeds' module: ``MODEL_REGISTRY``, ``MODEL_FAMILIES`` and ``MULTIMODAL_KEYWORDS``, from the cards.
 
 Built from the built-in cards plus the folders in ``$CARDTUNE_CARDS`` at import time; the CLI's
-``--cards`` folders go through :func:`cardtune.registry.get_registry` instead.
+``--cards`` folders go through :func:`cardtune.registry.get_registry` instead. The tables are
+live views of the registry: a model added later with :func:`register_model` appears in all.
 """
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from cardtune.registry import get_registry, register_model
 
 _registry = get_registry()
 
+
+class _View(Mapping[str, Any]):
+    """A read-only mapping computed from the registry on each access."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build = build
+
+    def __getitem__(self, key: str) -> Any:
+        return self._build()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
+
+    def __repr__(self) -> str:
+        return repr(self._build())
+
+
 MODEL_REGISTRY = _registry.models
 """model id -> :class:`cardtune.registry.ModelSpec` (family card, hf path, revision)."""
 
-MODEL_FAMILIES = {model_id: spec.family_id for model_id, spec in _registry.models.items()}
+MODEL_FAMILIES = _View(lambda: {m: spec.family_id for m, spec in _registry.models.items()})
 """model id -> family id, as in the seeds."""
 
-MODEL_HF_PATH = {model_id: spec.hf_path for model_id, spec in _registry.models.items()}
+MODEL_HF_PATH = _View(lambda: {m: spec.hf_path for m, spec in _registry.models.items()})
 
-MULTIMODAL_KEYWORDS = _registry.multimodal_keywords()
+MULTIMODAL_KEYWORDS = _View(_registry.multimodal_keywords)
 """family id -> vision encoder + projector keywords (frozen by default, excluded from LLM LoRA)."""
 
 __all__ = ["MODEL_FAMILIES", "MODEL_HF_PATH", "MODEL_REGISTRY", "MULTIMODAL_KEYWORDS", "register_model"]

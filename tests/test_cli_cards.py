@@ -136,11 +136,6 @@ def test_list_table(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     assert "qwen2-instruct" in out and "text,image,multi_image,video" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cards.py: at rich's default 80 columns (a pipe, CI) the no_wrap id and hf-path columns "
-    "take all the width and every other column (family, modalities, capabilities) is squeezed to nothing",
-)
 def test_list_table_at_80_columns_shows_every_column(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     rc, out, _ = cli(capsys, "list")
@@ -339,11 +334,6 @@ def test_check_broken_card_in_a_subprocess(tmp_path: Path) -> None:
     assert result.stderr == f"FAIL {path}:7: chat.endof_turn: unknown key\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py: run as __main__, `cardtune.commands` registers its sub-commands on the imported "
-    "`cardtune.cli` module, not on __main__, so `python -m cardtune.cli list` says: invalid choice: 'list'",
-)
 def test_python_dash_m_cardtune_cli(tmp_path: Path) -> None:
     path = write_card(tmp_path, "bad.yaml", BROKEN["unknown_nested_key"][0])
     result = run([sys.executable, "-m", "cardtune.cli", "check", "--cards", str(tmp_path)])
@@ -406,11 +396,6 @@ def test_missing_cards_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (rc, out, err) == (2, "", f"cardtune list: {tmp_path / 'nope'}: card folder does not exist\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supported_models.MODEL_FAMILIES and MODEL_HF_PATH are snapshots taken at import: a model "
-    "registered later with register_model() is in MODEL_REGISTRY but missing from them",
-)
 def test_register_model_updates_the_seed_tables() -> None:
     code = (
         "from cardtune import supported_models as sm\n"

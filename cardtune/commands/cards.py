@@ -51,7 +51,7 @@ def _configure_list(p: argparse.ArgumentParser) -> Handler:
 
         table = Table(title=f"{len(rows)} models in {len({r['family'] for r in rows})} families")
         for col in ("model id", "family", "hf path", "modalities", "lora", "qlora", "flash-attn", "packing", "video"):
-            table.add_column(col, no_wrap=col in ("model id", "hf path"))
+            table.add_column(col, overflow="fold")
         for r in rows:
             caps = r["capabilities"]
             model_id = r["model_id"] + (" (experimental)" if r["status"] == "experimental" else "")

@@ -29,27 +29,20 @@ def card_dirs(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
 
 
 def _line_of(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
-    """1-based line of the deepest node along ``path`` that exists in the YAML tree."""
+    """1-based line of the deepest element along ``path`` present in the YAML tree: the line of
+    a mapping key (where a field is written), or of a sequence item."""
     line = node.start_mark.line + 1 if node is not None else None
     for key in path:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == key), None)
-            if match is None:
-                key_node = None
+            pair = next(((k, v) for k, v in node.value if k.value == key), None)
+            if pair is None:
                 break
-            node = match
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
+            line = node.start_mark.line + 1
         else:
             break
-        line = node.start_mark.line + 1
-    else:
-        return line
-    # An unknown key: point at the key itself when it is present in the file.
-    if isinstance(node, yaml.MappingNode):
-        key_node = next((k for k, _ in node.value if k.value == key), None)
-        if key_node is not None:
-            return key_node.start_mark.line + 1
     return line
 
 
