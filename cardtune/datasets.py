@@ -33,7 +33,14 @@ from cardtune.data.batching import (
 )
 from cardtune.data.formats import DataMix, DataSource, SampleSet, load_samples, parse_data_arg
 from cardtune.data.media import MediaConfig, image_size, load_media, load_video, open_image, resolve_path
-from cardtune.data.validate import DataValidationError, Problem, Report, apply_policy, check_structure, validate
+from cardtune.data.validate import (
+    DataValidationError,
+    Problem,
+    Report,
+    apply_policy,
+    check_structure,
+    validate,
+)
 
 __all__ = [
     "ConversationDataset",

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cardtune.collators.engine import Media
+from cardtune.data.media import MediaProblem
 from cardtune.datasets import (
     ConversationDataset,
     LoadedSample,
@@ -217,14 +218,14 @@ def test_paths_are_confined(tmp_path: Path) -> None:
     assert resolve_path("sub/../red.png", str(folder)) == folder / "red.png"
     assert resolve_path(str(folder / "red.png"), str(folder)) == folder / "red.png"  # absolute, inside
     for escape in ("../outside.png", "sub/../../outside.png", str(tmp_path / "outside.png")):
-        with pytest.raises(Exception) as info:
+        with pytest.raises(MediaProblem) as info:
             resolve_path(escape, str(folder))
         assert info.value.reason == "path_escape"
     # the prefix trick: imgs_evil is not inside imgs
-    with pytest.raises(Exception):
+    with pytest.raises(MediaProblem):
         resolve_path(str(tmp_path / "imgs_evil" / "x.png"), str(folder))
     assert resolve_path(str(tmp_path / "outside.png"), str(folder), allow_absolute=True) == tmp_path / "outside.png"
-    with pytest.raises(Exception):  # a relative escape stays refused even when absolute paths are allowed
+    with pytest.raises(MediaProblem):  # a relative escape stays refused even when absolute paths are allowed
         resolve_path("../outside.png", str(folder), allow_absolute=True)
 
 
@@ -339,3 +340,36 @@ def test_sample_set_round_trip_and_take() -> None:
     assert picked.storage_index(2) == 4
     with pytest.raises(IndexError):
         store[5]
+
+
+def test_multi_image_positions_in_rendered_tokens(tmp_path: Path) -> None:
+    """Qwen2.5-VL renders images where they stand: each image's token run (its length set by
+    its size) sits between the texts around its placeholder, in order."""
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+    from tests.conftest import require_fixture
+
+    resolved = resolve_model("qwen2.5-vl-3b-instruct", require_fixture("qwen2.5-vl-3b-instruct"))
+    encoder = ChatEncoder(resolved.card, load_processing(resolved))
+    Image.new("RGB", (112, 112), (0, 0, 255)).save(tmp_path / "big.png")  # 16 tokens
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(tmp_path / "small.png")  # 4 tokens
+    path = write_jsonl(tmp_path / "m.jsonl", [{"id": "m", "images": ["small.png", "big.png", "small.png"], "messages": [
+        {"role": "user", "content": "Alpha <image> Bravo <image> Charlie <image> Delta"},
+        {"role": "assistant", "content": "Echo"}]}])
+    (sample,) = load_samples(str(path))
+    encoded = encoder.encode(sample, load_media(sample, MediaConfig(image_folder=str(tmp_path))))
+    ids = encoded.input_ids
+    runs, k = [], 0
+    while k < len(ids):  # (start, length) of each run of media tokens
+        if ids[k] in encoder.media_token_ids:
+            start = k
+            while k < len(ids) and ids[k] in encoder.media_token_ids:
+                k += 1
+            runs.append((start, k - start))
+        k += 1
+    assert [n for _, n in runs] == [4, 16, 4]
+    text = encoder.tokenizer.decode
+    assert "Alpha" in text(ids[: runs[0][0]]) and "Bravo" not in text(ids[: runs[0][0]])
+    assert "Bravo" in text(ids[runs[0][0] : runs[1][0]])
+    assert "Charlie" in text(ids[runs[1][0] : runs[2][0]])
+    assert "Delta" in text(ids[runs[2][0] :]) and encoded.num_trained > 0

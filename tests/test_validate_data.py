@@ -14,7 +14,6 @@ from cardtune.cli import main
 from cardtune.datasets import (
     ConversationDataset,
     DataValidationError,
-    MediaConfig,
     apply_policy,
     load_samples,
     validate,

@@ -54,7 +54,7 @@ def estimate_lengths(
     def flush() -> None:
         texts = ["\n".join(t for m in s.messages if isinstance(t := message_text_safe(m), str)) for s in batch]
         counts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for s, ids in zip(batch, counts):
+        for s, ids in zip(batch, counts, strict=True):
             n = len(ids) + tokens_per_turn * len(s.messages) + tokens_per_video * len(s.videos)
             n += sum(_image_tokens(ref, tokens_per_image, media) for ref in s.images)
             lengths.append(n)
@@ -401,7 +401,8 @@ def collate_packed(
 
     ``padding_free`` (FlashAttention-2, or any kernel through transformers' packed-sequence
     detection): all rows flattened into one ``[1, total]`` sequence, no attention mask,
-    ``position_ids`` restarting per sample, plus ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+    ``position_ids`` restarting per sample, plus ``cu_seq_lens_q/k``, ``max_length_q/k`` and
+    ``use_cache=False`` (a cache turns transformers' packed-sequence detection off).
     ``block_mask`` (SDPA/eager on CPU): rows padded to the longest, a 4-D block-diagonal mask.
     """
     import torch
@@ -419,6 +420,9 @@ def collate_packed(
             labels=torch.tensor([[t for r in rows for t in r.labels]], dtype=torch.long),
             position_ids=torch.tensor([[t for r in rows for t in r.position_ids]], dtype=torch.long),
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens),
+            # transformers detects packed sequences from position_ids only without a KV cache:
+            # with the default use_cache=True, SDPA/eager would attend across samples.
+            use_cache=False,
         )
         return batch
     if attention != "block_mask":

@@ -408,7 +408,7 @@ def mix(sets: Sequence[SampleSet], weights: Sequence[float] | None, seed: int = 
     rng = random.Random(seed)
     offsets = np.cumsum([0, *sizes])
     chosen: list[int] = []
-    for k, (size, weight) in enumerate(zip(sizes, weights)):
+    for k, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
         want = round(total * weight / norm)
         if size == 0:
             if want:

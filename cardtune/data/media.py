@@ -150,8 +150,22 @@ def image_size(ref: Any, cfg: MediaConfig) -> tuple[int, int]:
     path = media_path(ref, "image", cfg)
     with Image.open(path) as image:
         width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+        orientation = _header_orientation(image)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _header_orientation(image: Any) -> int:
+    """The EXIF orientation found in the header; ``getexif()`` would decode a PNG's pixels."""
+    from PIL import Image
+
+    if hasattr(image, "tag_v2"):  # TIFF
+        return int(image.tag_v2.get(0x0112, 1))
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return int(exif.get(0x0112, 1))
 
 
 # -- videos -------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class Report:
         shown = self.problems if limit is None else self.problems[:limit]
         rows += [(e.sample_id, e.source, e.field, e.reason, e.detail or REASONS[e.reason]) for e in (p.error for p in shown)]
         widths = [min(max(len(r[i]) for r in rows), 40) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
         if limit is not None and len(self.problems) > limit:
             lines.append(f"... and {len(self.problems) - limit} more")
         if self.problems:
