@@ -97,6 +97,11 @@ def test_llava_custom_role_keys_and_jsonl_sources(tmp_path: Path) -> None:
     assert (bad.reason, bad.field, bad.source, bad.sample_id) == ("bad_format", "record", f"{path}:3", "1")
 
 
+def test_json_file_holding_json_lines(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "lines.json", [{"id": "a", "conversations": [turn("human", "q"), turn("gpt", "a")]}] * 2)
+    assert [s.source for s in load_samples(str(path))] == [f"{path}:1", f"{path}:2"]
+
+
 def test_multi_image_placeholders_keep_their_positions(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps([{
         "id": "m", "image": ["red.png", "green.png", "blue.png"],

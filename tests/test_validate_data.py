@@ -121,6 +121,14 @@ def test_every_bad_input_reported_with_reason_field_and_id(dirty, llava_card) ->
     assert good[2].media.images[1].size == (20, 40)  # EXIF-rotated
 
 
+def test_workers_report_the_same(dirty, llava_card) -> None:
+    data, imgs = dirty
+    samples = load_samples(str(data))
+    serial = validate(samples, card=llava_card, image_folder=str(imgs))
+    parallel = validate(samples, card=llava_card, image_folder=str(imgs), num_workers=2)
+    assert parallel.to_dict() == serial.to_dict()
+
+
 def test_skip_drops_exactly_the_reported_samples(dirty, llava_card, tmp_path: Path) -> None:
     data, imgs = dirty
     samples = load_samples(str(data))

@@ -19,6 +19,7 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--assistant-key", default="gpt", help="LLaVA 'from' value of assistant turns (default: gpt)")
     p.add_argument("--no-encode", action="store_true",
                    help="structure and media only: no tokenizer, so no length or label checks")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="check in N processes (decoding images is the slow part)")
     p.add_argument("--limit", type=int, default=200, help="rows of the table to print (default 200; --json prints all)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -41,7 +42,7 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
             return 2
         report = validate(
             samples, encoder, card=resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
-            allow_absolute_paths=args.allow_absolute_paths,
+            allow_absolute_paths=args.allow_absolute_paths, num_workers=args.workers,
         )
         if args.json:
             json.dump({"model_id": resolved.model_id, "data": args.data, **report.to_dict()}, sys.stdout, indent=2)

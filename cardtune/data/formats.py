@@ -324,7 +324,7 @@ def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
     """(index, where, record) for every record; a record that is not JSON is a ``SampleError``."""
     path = Path(source.path)
     name = source.path
-    if path.is_file() and path.suffix == ".jsonl":
+    if path.is_file() and (path.suffix == ".jsonl" or (path.suffix == ".json" and _is_json_lines(path))):
         with path.open(encoding="utf-8") as f:
             index = 0
             for lineno, line in enumerate(f, start=1):
@@ -351,6 +351,15 @@ def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
             yield index, f"{name}[{index}]", record
         return
     yield from _hf_records(source)
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A ``.json`` file holding one object per line (a common naming) is read as JSONL."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("{")
+    return False
 
 
 def _hf_records(source: DataSource) -> Iterator[tuple[int, str, Any]]:

@@ -212,7 +212,7 @@ def validate(
     allow_absolute_paths: bool = False,
     num_frames: int | None = None,
     media: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    num_workers: int = 0,
 ) -> Report:
     """Check every sample; all problems of a sample are reported, not only the first.
 
@@ -220,6 +220,7 @@ def validate(
     reported first. With ``encoder``, samples that pass the structural and media checks are
     encoded (media expanded, ``encoder.max_length`` applied) to find over-length samples, empty
     labels, template errors and label-contract failures. ``media=False`` skips opening files.
+    ``num_workers`` > 0 checks in forked processes (decoding every image is the slow part).
     """
     card = card if card is not None else getattr(encoder, "card", None)
     extra: dict[str, Any] = {} if num_frames is None else {"num_frames": num_frames}
@@ -228,21 +229,50 @@ def validate(
     read_errors = list(getattr(samples, "errors", []))
     report = Report(num_samples=len(samples), problems=[Problem(None, e) for e in read_errors])
     report.num_records = len(samples) + len(read_errors)
+    # upsampled repeats of one record (a weighted mix) are checked once, reported each time
     storage_index = getattr(samples, "storage_index", None)
-    seen: dict[Any, tuple[list[SampleError], bool]] = {}  # upsampled repeats are checked once
-    for index, sample in enumerate(samples):
-        key = storage_index(index) if storage_index else None
-        if key is not None and key in seen:
-            errs, truncated = seen[key]
-        else:
-            errs, truncated = _check_sample(sample, encoder, card, cfg, media)
-            if key is not None:
-                seen[key] = (errs, truncated)
+    first_of: dict[int, int] = {}
+    owner = [first_of.setdefault(storage_index(i), i) if storage_index else i for i in range(len(samples))]
+    unique = sorted(set(owner))
+    args = (samples, encoder, card, cfg, media)
+    if num_workers > 0 and len(unique) > 1:
+        results = dict(zip(unique, _check_in_workers(args, unique, num_workers), strict=True))
+    else:
+        results = {i: _check_sample(samples[i], *args[1:]) for i in unique}
+    for index in range(len(samples)):
+        errs, truncated = results[owner[index]]
         report.problems += [Problem(index, e) for e in errs]
         report.num_truncated += truncated
-        if progress is not None:
-            progress(index + 1, len(samples))
     return report
+
+
+_WORK: tuple[Any, ...] | None = None  # what forked workers check, inherited rather than pickled
+
+
+def _check_chunk(indices: list[int]) -> list[tuple[list[dict[str, str]], bool]]:
+    assert _WORK is not None
+    samples, *rest = _WORK
+    out = []
+    for i in indices:
+        errs, truncated = _check_sample(samples[i], *rest)
+        out.append(([e.to_dict() for e in errs], truncated))  # SampleError does not pickle
+    return out
+
+
+def _check_in_workers(args: tuple[Any, ...], indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool]]:
+    import multiprocessing
+
+    global _WORK
+    _WORK = args
+    size = max(1, min(256, len(indices) // (num_workers * 4) or 1))
+    chunks = [indices[k : k + size] for k in range(0, len(indices), size)]
+    try:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            done = [r for chunk in pool.imap(_check_chunk, chunks) for r in chunk]
+    finally:
+        _WORK = None
+    return [([SampleError(d["id"], d["field"], d["reason"], d["detail"], d["source"]) for d in errs], t)
+            for errs, t in done]
 
 
 def _check_sample(sample: Sample, encoder: Any | None, card: Any | None, cfg: MediaConfig, media: bool) -> tuple[list[SampleError], bool]:
