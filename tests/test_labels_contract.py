@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from conftest import require_fixture
 
 IGNORE = -100
@@ -107,7 +106,7 @@ def expected(model_id: str, *answers: str) -> list[str]:
 def assert_exact(enc: Any, e: Any, model_id: str, *answers: str) -> None:
     got = supervised(enc, e)
     assert got == expected(model_id, *answers), f"{model_id}: supervised {got!r}"
-    assert all(lab in (IGNORE, i) for i, lab in zip(e.input_ids, e.labels))
+    assert all(lab in (IGNORE, i) for i, lab in zip(e.input_ids, e.labels, strict=True))
 
 
 THREE_TURNS = ("Capital of France?", "Paris.", "And of Italy?", "Rome.", "Which is larger?", "Paris is larger.")
@@ -143,7 +142,7 @@ def test_01_bos_present_absent_or_doubled(encoder, model_id):
     # llama-2-chat's template opens every [INST] with <s>: one per user turn, never two in a row
     want = 3 if rule == "template_each_turn" else 1
     assert e.input_ids.count(bos) == want
-    assert all(not (a == b == bos) for a, b in zip(e.input_ids, e.input_ids[1:]))
+    assert all(not (a == b == bos) for a, b in zip(e.input_ids, e.input_ids[1:], strict=False))
     if rule.startswith("template"):
         # the raw failure mode: tokenizing the template's text with special tokens doubles bos
         text = enc.render(s)
@@ -167,7 +166,7 @@ def test_02_end_of_turn_is_supervised(encoder, model_id):
     e = enc.encode(sample(f"{model_id}-eot", *THREE_TURNS))
     assert_exact(enc, e, model_id, *THREE_TURNS[1::2])
     eot_last = tok(EOT[model_id], add_special_tokens=False)["input_ids"][-1]
-    for s, t in spans(e.labels):
+    for _, t in spans(e.labels):
         assert e.labels[t - 1] == eot_last, f"span does not end with {EOT[model_id]!r}"
     if model_id == "phi3-v":  # eos is <|endoftext|>, a turn ends with <|end|>: the latter is trained
         assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id not in e.labels
@@ -285,7 +284,7 @@ def test_05_templates_with_or_without_generation_blocks(encoder, model_id):
         warnings.simplefilter("ignore")
         hf = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
                                      chat_template=template)
-    hf_masked = [tok.convert_ids_to_tokens(i) for i, m in zip(hf["input_ids"], hf["assistant_masks"]) if m]
+    hf_masked = [tok.convert_ids_to_tokens(i) for i, m in zip(hf["input_ids"], hf["assistant_masks"], strict=True) if m]
     if model_id == "llava-1.5-7b":
         # with {% generation %}: the mask leaks into the next "USER:" and never has </s>
         assert "▁US" in hf_masked and "</s>" not in hf_masked
@@ -326,7 +325,7 @@ def test_06_labels_aligned_after_media_expansion(encoder, model_id):
     e = enc.encode(s, media(image(56, 56), image(112, 84, (20, 40, 220))))
     assert len(e.labels) == len(e.input_ids)
     assert [n for _, n in runs(e.input_ids, token)] == list(EXPANSION[model_id])
-    assert all(lab == IGNORE for i, lab in zip(e.input_ids, e.labels) if i == token)
+    assert all(lab == IGNORE for i, lab in zip(e.input_ids, e.labels, strict=True) if i == token)
     assert_exact(enc, e, model_id, "A red square.", "A blue rectangle.")
     # each answer comes after its own image
     (a, _), (b, _) = runs(e.input_ids, token)

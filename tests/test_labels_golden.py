@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import require_fixture
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
@@ -279,7 +278,7 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
     # 2. each answer's place, from the sentinel render
     char_spans: list[tuple[int, int]] = []
     rebuilt, cursor = "", 0
-    for sentinel, answer in zip(sentinels, answers):
+    for sentinel, answer in zip(sentinels, answers, strict=True):
         at = marked.index(sentinel, cursor)
         assert marked.count(sentinel) == 1, f"{ref.model_id}/{case}: sentinel rendered twice"
         rebuilt += marked[cursor:at]
@@ -290,7 +289,7 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
         cursor = at + len(sentinel)
     rebuilt += marked[cursor:]
     assert rebuilt == rendered, f"{ref.model_id}/{case}: the template writes the answers differently than assumed"
-    for (s, e), answer in zip(char_spans, answers):
+    for (s, e), answer in zip(char_spans, answers, strict=True):
         assert rendered[s:e] == fam.lead + fam.form(answer) + fam.eot, (rendered[s:e], answer)
 
     # 3. media expansion, left to right, shifting the spans behind each placeholder
@@ -299,7 +298,7 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
         pieces = expanded.split(fam.image_token)
         assert len(pieces) - 1 == len(images), f"{len(pieces) - 1} placeholders for {len(images)} images"
         expanded = pieces[0]
-        for name, piece in zip(images, pieces[1:]):
+        for name, piece in zip(images, pieces[1:], strict=True):
             at = len(expanded)
             shift = fam.image_token * fam.image_tokens[name]
             char_spans = [(s + len(shift) - len(fam.image_token), e + len(shift) - len(fam.image_token))
@@ -312,7 +311,7 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     labels = [IGNORE] * len(ids)
     supervised: list[str] = []
-    for (cs, ce), answer in zip(char_spans, answers):
+    for (cs, ce), answer in zip(char_spans, answers, strict=True):
         inside = []
         for i, (s, e) in enumerate(offsets):
             if e <= s:
@@ -441,7 +440,7 @@ def _params(engine: bool) -> list[Any]:
 def _show(tok: Any, ids: list[int], labels: list[int]) -> str:
     """The supervised spans, decoded, for assertion messages."""
     spans, cur = [], []
-    for i, lab in zip(ids, labels):
+    for i, lab in zip(ids, labels, strict=True):
         if lab != IGNORE:
             cur.append(i)
         elif cur:
@@ -453,7 +452,7 @@ def _show(tok: Any, ids: list[int], labels: list[int]) -> str:
 
 
 def _first_difference(tok: Any, a: list[int], b: list[int]) -> str:
-    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     ctx = slice(max(0, n - 3), n + 4)
     return (f"first difference at {n} (len {len(a)} vs {len(b)}): "
             f"{[tok.convert_ids_to_tokens(x) if x >= 0 else x for x in a[ctx]]} vs "
@@ -523,7 +522,7 @@ def test_engine_media_tokens_unlabelled_and_counted(encoders, golden, model_id, 
     e = encode(encoders, model_id, case)
     _, images = conversation(case, fam)
     assert e.input_ids.count(image_id) == sum(fam.image_tokens[n] for n in images)
-    assert all(lab == IGNORE for i, lab in zip(e.input_ids, e.labels) if i == image_id)
+    assert all(lab == IGNORE for i, lab in zip(e.input_ids, e.labels, strict=True) if i == image_id)
     # one pixel tensor per image, never duplicated per turn
     pv = e.media_tensors["pixel_values"]
     if "image_grid_thw" in e.media_tensors:
