@@ -84,6 +84,39 @@ class Family:
     image_tokens: dict[str, int] = field(default_factory=dict)  # image name -> expanded count
     role_strings: str = ""
     """A user message quoting this family's own role strings, with a different answer."""
+    hand_format: Callable[[list[dict[str, Any]]], str] | None = None
+    """For cards that declare their template: the format written out here from its upstream
+    definition (FastChat, Qwen's ``make_context``, Phi-2's model card), never the card's."""
+
+
+def _vicuna_v1(messages: list[dict[str, Any]]) -> str:
+    """FastChat ``vicuna_v1.1``: system + " ", then "USER: q" + " ", "ASSISTANT: a" + "</s>"."""
+    system = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out = system + " "
+    for m in messages:
+        out += f"USER: {m['content']} " if m["role"] == "user" else f"ASSISTANT: {m['content']}</s>"
+    return out
+
+
+def _qwen_chatml(messages: list[dict[str, Any]]) -> str:
+    """Qwen-VL-Chat's ``make_context`` (chatml), the turns of a finished conversation."""
+    system = "You are a helpful assistant."
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for m in messages:
+        out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+    return out
+
+
+def _phi2_qa(messages: list[dict[str, Any]]) -> str:
+    """Phi-2's model card QA format, "Instruct: q\nOutput: a", each answer closed by eos."""
+    out = ""
+    for m in messages:
+        out += f"Instruct: {m['content']}\n" if m["role"] == "user" else f"Output: {m['content']}<|endoftext|>"
+    return out
 
 
 CHATML_ROLES = "Is this a valid turn?\n<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\nand <|im_start|>user too?"
@@ -128,6 +161,20 @@ FAMILIES: dict[str, Family] = {
         Family(
             "mistral-7b-instruct-v0.3", eot="</s>", renderer="tokenizer", bos="template", lead=" ", form=_strip,
             fold_system=True, role_strings="Is this valid?[/INST] {}</s>[INST] ok",
+        ),
+        # cards that declare their template (the folders ship none)
+        Family(
+            "vicuna-7b-v1.5", eot="</s>", renderer="declarative", bos="tokenizer", lead=" ",
+            hand_format=_vicuna_v1,
+            role_strings="Is 'USER: hi ASSISTANT: {}</s>' a valid transcript? ASSISTANT: maybe",
+        ),
+        Family(
+            "qwen-vl-chat", eot="<|im_end|>", renderer="declarative", bos=None, hand_format=_qwen_chatml,
+            role_strings=CHATML_ROLES,
+        ),
+        Family(  # no system role: a system prompt is folded into the first user turn
+            "phi-2", eot="<|endoftext|>", renderer="declarative", bos=None, lead=" ", fold_system=True,
+            hand_format=_phi2_qa, role_strings="Is this valid?\nOutput: {}<|endoftext|>Instruct: ok",
         ),
         Family(
             "deepseek-coder-6.7b-instruct", eot="\n<|EOT|>", renderer="tokenizer", bos="template",
@@ -222,6 +269,9 @@ def load_reference(model_id: str) -> Reference:
         except ImportError:  # no torchvision here: the PIL image processor
             return AutoImageProcessor.from_pretrained(folder, backend="pil")
 
+    if fam.renderer == "declarative":
+        tok = QwenTiktoken(folder / "qwen.tiktoken") if model_id == "qwen-vl-chat" else AutoTokenizer.from_pretrained(folder)
+        return Reference(model_id, tok, fam.hand_format)
     if fam.renderer == "processor":
         proc = AutoProcessor.from_pretrained(folder)
         return Reference(model_id, proc.tokenizer, lambda m: proc.apply_chat_template(m, tokenize=False),
@@ -246,6 +296,42 @@ def load_reference(model_id: str) -> Reference:
     return Reference(model_id, tok, render, None, image_processor() if fam.image_token else None)
 
 
+class QwenTiktoken:
+    """Qwen-VL-Chat's tokenizer straight from tiktoken and its public definition (the remote
+    code is not in the fixture): ranks of ``qwen.tiktoken``, Qwen's pattern, then the special
+    tokens from id 151643 in upstream order. Only what :func:`reference` needs."""
+
+    PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)),
+                "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+
+    def __init__(self, path: Path) -> None:
+        import base64
+
+        import tiktoken
+
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (line.split() for line in path.read_text().splitlines() if line)}
+        assert len(ranks) == 151643
+        self.enc = tiktoken.Encoding("qwen", pat_str=self.PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={t: 151643 + i for i, t in enumerate(self.SPECIALS)})
+
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
+        ids = self.enc.encode(text, allowed_special="all")
+        _, starts = self.enc.decode_with_offsets(ids)
+        ends = [*starts[1:], len(text)]
+        return {"input_ids": ids, "offset_mapping": list(zip(starts, ends, strict=True))}
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return self.enc.decode(ids)
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return repr(self.enc.decode_single_token_bytes(i))
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.enc.encode_single_token(token)
+
+
 def _prepare(messages: list[dict[str, Any]], fam: Family, answer_texts: list[str]) -> list[dict[str, Any]]:
     """The documented per-family preparation, with ``answer_texts`` as the assistant contents."""
     out = [dict(m) for m in messages]
@@ -261,7 +347,7 @@ def _prepare(messages: list[dict[str, Any]], fam: Family, answer_texts: list[str
         t = next(j for j, p in enumerate(parts) if p["type"] == "text")
         parts[t] = {"type": "text", "text": f"{system}\n\n{parts[t]['text']}"}
         out[0] = {**first, "content": parts}
-    if fam.content == "string":
+    if fam.content == "string" or fam.hand_format:
         out = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
                for m in out]
     return out
@@ -314,8 +400,10 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
     for (cs, ce), answer in zip(char_spans, answers, strict=True):
         inside = []
         for i, (s, e) in enumerate(offsets):
-            if e <= s:
-                continue  # bos and other zero-width tokens
+            if e <= s:  # zero width: bos, or (tiktoken) a piece of a character split over tokens
+                if cs <= s < ce:
+                    inside.append(i)
+                continue
             assert not (s < cs < e or s < ce < e), (
                 f"{ref.model_id}/{case}: token {tok.convert_ids_to_tokens(ids[i])!r} at {s}:{e} straddles "
                 f"the supervised span {cs}:{ce} {expanded[cs:ce]!r}"
@@ -326,8 +414,8 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
         for i in inside:
             labels[i] = ids[i]
         text = tok.decode([ids[i] for i in inside], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        # a sentencepiece decode drops the leading space of the first word
-        assert text == fam.form(answer) + fam.eot, (text, fam.form(answer) + fam.eot)
+        # a sentencepiece decode drops the leading space of the first word, a byte-level one keeps it
+        assert text.removeprefix(fam.lead) == fam.form(answer) + fam.eot, (text, fam.form(answer) + fam.eot)
         supervised.append(text)
     return {"rendered": rendered, "supervised": supervised, "input_ids": ids, "labels": labels}
 
@@ -423,14 +511,30 @@ _SPOOF_BUG = (
     "user's quoted copy and leaves the real answer unlabelled (spans are located by searching "
     "for header ids whose span decodes to the answer, not by turn structure)"
 )
-SPOOF_FAILS = set(FAMILIES)  # every family
+SPOOF_FAILS: set[str] = set()  # fixed: the engine counts headers typed inside messages
+
+
+def _not_ready(model_id: str) -> str | None:
+    """Why the engine cannot run this family yet (a declarative card still to come), or None."""
+    if FAMILIES[model_id].renderer != "declarative":
+        return None
+    from cardtune.loaders import LOADERS
+    from cardtune.registry import get_registry
+
+    card = get_registry().get(model_id).family
+    if card.chat.template != "declarative":
+        return f"card {card.family} declares no template yet"
+    if card.loader not in LOADERS:
+        return f"loader {card.loader!r} of card {card.family} is not registered yet"
+    return None
 
 
 def _params(engine: bool) -> list[Any]:
     out = []
     for model_id in FAMILIES:
+        not_ready = _not_ready(model_id) if engine else None
         for case in cases_of(model_id):
-            marks = []
+            marks = [pytest.mark.skip(reason=not_ready)] if not_ready else []
             if engine and case == "spoofed_turn_in_user" and model_id in SPOOF_FAILS:
                 marks.append(pytest.mark.xfail(strict=True, reason=_SPOOF_BUG))
             out.append(pytest.param(model_id, case, id=f"{model_id}/{case}", marks=marks))
@@ -439,6 +543,10 @@ def _params(engine: bool) -> list[Any]:
 
 def _show(tok: Any, ids: list[int], labels: list[int]) -> str:
     """The supervised spans, decoded, for assertion messages."""
+    return repr(_spans_text(tok, ids, labels))
+
+
+def _spans_text(tok: Any, ids: list[int], labels: list[int]) -> list[str]:
     spans, cur = [], []
     for i, lab in zip(ids, labels, strict=True):
         if lab != IGNORE:
@@ -448,7 +556,7 @@ def _show(tok: Any, ids: list[int], labels: list[int]) -> str:
             cur = []
     if cur:
         spans.append(cur)
-    return repr([tok.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in spans])
+    return [tok.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in spans]
 
 
 def _first_difference(tok: Any, a: list[int], b: list[int]) -> str:
@@ -475,7 +583,8 @@ def test_reference_reproduces_golden(references, golden, model_id, case):
     # the frozen labels decode to exactly answer + end-of-turn, one span per assistant turn
     fam = FAMILIES[model_id]
     answers = answers_of(conversation(case, fam)[0])
-    assert _show(ref.tokenizer, want["input_ids"], want["labels"]) == repr([fam.form(a) + fam.eot for a in answers])
+    shown = [t.removeprefix(fam.lead) for t in _spans_text(ref.tokenizer, want["input_ids"], want["labels"])]
+    assert shown == [fam.form(a) + fam.eot for a in answers]
 
 
 @pytest.mark.parametrize("model_id,case", _params(engine=True))

@@ -170,12 +170,46 @@ class ChatEncoder:
         decoded = self.tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
         return decoded == answer.strip() or decoded == self._normalised_answer(answer)
 
+    def _header_positions(self, ids: list[int]) -> list[int]:
+        header, out, i = self.roles.assistant_header, [], _find(ids, self.roles.assistant_header, 0)
+        while i >= 0:
+            out.append(i)
+            i = _find(ids, header, i + len(header))
+        return out
+
+    def _expected_headers(self, sample: Sample, n_found: int) -> list[int | None]:
+        """For each answer, the index among the header occurrences its real header should have,
+        counting the headers typed inside earlier messages' text (a user quoting a whole turn)."""
+        header = self.roles.assistant_header
+        expected: list[int | None] = []
+        typed = 0
+        for m in sample.messages:
+            if m["role"] == "assistant":
+                expected.append(typed + len(expected) if typed + len(expected) < n_found else None)
+            ids = self.tokenizer(message_text(m), add_special_tokens=False)["input_ids"]
+            i = _find(ids, header, 0)
+            while i >= 0:
+                typed += 1
+                i = _find(ids, header, i + len(header))
+        return expected
+
     def assistant_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
         """[start, end) of each answer plus its end-of-turn tokens, in order."""
         header, eot = self.roles.assistant_header, self.roles.end_of_turn
+        positions = self._header_positions(ids)
+        # More headers than answers: some were typed inside messages. Try first the occurrence
+        # the turn structure predicts, so a user quoting a whole turn (same answer) is not taken.
+        expected = self._expected_headers(sample, len(positions)) if len(positions) > len(answers) else []
         spans: list[tuple[int, int]] = []
         pos = 0
         for turn, answer in enumerate(answers):
+            guess = expected[turn] if turn < len(expected) else None
+            if guess is not None and positions[guess] >= pos:
+                span = self._span_from(ids, positions[guess] + len(header), eot, answer)
+                if span is not None:
+                    spans.append(span)
+                    pos = span[1]
+                    continue
             while True:
                 h = _find(ids, header, pos)
                 if h < 0:
@@ -184,16 +218,20 @@ class ChatEncoder:
                         f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
                         f"{answer[:60]!r}", sample.source,
                     )
-                start = h + len(header)
-                e = _find(ids, eot, start)
-                while e >= 0 and not self._matches(ids[start:e], answer):
-                    e = _find(ids, eot, e + 1)
-                if e >= 0:
-                    spans.append((start, e + len(eot)))
-                    pos = e + len(eot)
+                span = self._span_from(ids, h + len(header), eot, answer)
+                if span is not None:
+                    spans.append(span)
+                    pos = span[1]
                     break
                 pos = h + 1  # a header typed inside a user or system message: not a turn
         return spans
+
+    def _span_from(self, ids: list[int], start: int, eot: tuple[int, ...], answer: str) -> tuple[int, int] | None:
+        """The span from ``start`` to the first end-of-turn after which the text is the answer."""
+        e = _find(ids, eot, start)
+        while e >= 0 and not self._matches(ids[start:e], answer):
+            e = _find(ids, eot, e + 1)
+        return (start, e + len(eot)) if e >= 0 else None
 
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
         text = self.render(sample)
