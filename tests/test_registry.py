@@ -550,3 +550,15 @@ def test_register_model_duplicate_id(builtin: Registry) -> None:
         f"<python>: duplicate model id 'llava-1.5-7b' (already registered by {BUILTIN_CARD_DIR / 'llava-1.5.yaml'})"
     )
     assert registry.get("llava-1.5-7b").hf_path == "llava-hf/llava-1.5-7b-hf"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Registry.register_model does not apply the card schema's model-id rule "
+    "(lowercase letters, digits, '.', '_', '-'): 'My Model' is registered from Python",
+)
+def test_register_model_checks_the_id_shape() -> None:
+    registry = Registry()
+    registry.load_dirs([BUILTIN_CARD_DIR])
+    with pytest.raises(CardError, match="model id"):
+        registry.register_model("My Model", "llava-1.5", "me/x")
