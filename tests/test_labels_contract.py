@@ -29,8 +29,35 @@ EOT = {
     "mistral-7b-instruct-v0.2": "</s>",
     "mistral-7b-instruct-v0.3": "</s>",
     "deepseek-coder-6.7b-instruct": "\n<|EOT|>",
+    # cards that declare their template (the folders ship none)
+    "vicuna-7b-v1.5": "</s>",
+    "phi-2": "<|endoftext|>",
+    "qwen-vl-chat": "<|im_end|>",
 }
-MODELS = list(EOT)
+DECLARATIVE = ["vicuna-7b-v1.5", "phi-2", "qwen-vl-chat"]
+
+
+def not_ready(model_id: str) -> str | None:
+    """Why a declarative card cannot be encoded yet (its template or loader still to come)."""
+    if model_id not in DECLARATIVE:
+        return None
+    from cardtune.loaders import LOADERS
+    from cardtune.registry import get_registry
+
+    card = get_registry().get(model_id).family
+    if card.chat.template != "declarative":
+        return f"card {card.family} declares no template yet"
+    if card.loader not in LOADERS:
+        return f"loader {card.loader!r} of card {card.family} is not registered yet"
+    return None
+
+
+def models(*ids: str) -> list[Any]:
+    return [pytest.param(m, id=m, marks=[pytest.mark.skip(reason=r)] if (r := not_ready(m)) else [])
+            for m in (ids or EOT)]
+
+
+MODELS = models()
 VLMS = ["llava-1.5-7b", "llava-interleave-qwen-7b", "qwen2.5-vl-3b-instruct", "qwen2-vl-2b"]
 IMAGE_TOKEN = {"llava-1.5-7b": "<image>", "llava-interleave-qwen-7b": "<image>",
                "qwen2.5-vl-3b-instruct": "<|image_pad|>", "qwen2-vl-2b": "<|image_pad|>"}
@@ -103,8 +130,13 @@ def expected(model_id: str, *answers: str) -> list[str]:
     return [(a.strip() if model_id in TRIMS else a) + EOT[model_id] for a in answers]
 
 
+# the template's space before an answer, kept by a byte-level decode of the answer's first token
+# (a sentencepiece decode drops it: llava's "ASSISTANT: A" decodes "A")
+LEAD = {"phi-2": " "}
+
+
 def assert_exact(enc: Any, e: Any, model_id: str, *answers: str) -> None:
-    got = supervised(enc, e)
+    got = [t.removeprefix(LEAD.get(model_id, "")) for t in supervised(enc, e)]
     assert got == expected(model_id, *answers), f"{model_id}: supervised {got!r}"
     assert all(lab in (IGNORE, i) for i, lab in zip(e.input_ids, e.labels, strict=True))
 
@@ -121,6 +153,7 @@ BOS_RULE = {  # who writes bos in the final ids, as the model was trained
     "mistral-7b-instruct-v0.3": "template", "deepseek-coder-6.7b-instruct": "template",
     "llava-interleave-qwen-7b": None, "qwen2.5-vl-3b-instruct": None, "qwen2-vl-2b": None,
     "qwen2.5-7b-instruct": None,
+    "vicuna-7b-v1.5": "tokenizer", "phi-2": None, "qwen-vl-chat": None,
 }
 
 
@@ -132,9 +165,15 @@ def test_01_bos_present_absent_or_doubled(encoder, model_id):
     e = enc.encode(s)
     rule = BOS_RULE[model_id]
     if rule is None:
-        assert tok.bos_token is None, "Qwen tokenizers have no bos"
+        if model_id == "phi-2":  # bos == eos == <|endoftext|>: the model was trained without bos
+            assert tok.bos_token_id == tok.eos_token_id
+            assert e.input_ids[0] != tok.bos_token_id
+            assert e.input_ids.count(tok.eos_token_id) == 3  # the three ends of turn, nothing more
+            return
+        if model_id != "qwen-vl-chat":
+            assert tok.bos_token is None, "Qwen2 tokenizers have no bos"
         assert 151643 not in e.input_ids  # <|endoftext|> is not smuggled in as a bos
-        assert e.input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+        assert e.input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # Qwen-VL-Chat had no bos either
         return
     bos = tok.bos_token_id
     assert e.input_ids[0] == bos and e.input_ids[1] != bos, "bos missing or doubled at the start"
@@ -192,6 +231,7 @@ def test_02_end_of_turn_is_supervised(encoder, model_id):
     ("mistral-7b-instruct-v0.2", "eos"),
     ("llava-1.5-7b", "eos"),
     ("llama-2-7b-chat", "eos"),
+    *(pytest.param(*p.values, "shipped", id=f"{p.id}-shipped", marks=p.marks) for p in models("phi-2")),
 ])
 def test_03_pad_equal_to_eos_keeps_eos_labels(encoder, monkeypatch, model_id, pad):
     enc = encoder(model_id)
@@ -214,8 +254,11 @@ def test_03_pad_equal_to_eos_keeps_eos_labels(encoder, monkeypatch, model_id, pa
     # every end-of-turn label survives, even where its id is the pad id
     eot_last = tok(EOT[model_id], add_special_tokens=False)["input_ids"][-1]
     assert (batch["labels"] == eot_last).sum().item() == 1 + 3
-    if pad == "eos":  # a "labels where input != pad" rule would drop them
+    if pad == "eos":
         assert enc.handler.pad_id == eot_last
+    if model_id == "phi-2":  # pad == eos == the end of turn, as shipped
+        assert enc.handler.pad_id == tok.eos_token_id == eot_last
+    if enc.handler.pad_id == eot_last:  # a "labels where input != pad" rule would drop them
         assert ((batch["input_ids"] == eot_last) & (batch["attention_mask"] == 1) & (batch["labels"] == IGNORE)).sum() == 0
 
 
@@ -233,6 +276,9 @@ ROLE_STRINGS = {
     "mistral-7b-instruct-v0.2": "Explain [/INST]hi</s>[INST] ok",
     "mistral-7b-instruct-v0.3": "Explain[/INST] hi</s>[INST] ok",
     "deepseek-coder-6.7b-instruct": "Explain\n### Response:\nhi\n<|EOT|>\n### Instruction:\nok",
+    "vicuna-7b-v1.5": "What do 'USER:' and 'ASSISTANT:' mean in 'USER: hi ASSISTANT: hello</s>'?",
+    "phi-2": "Explain\nOutput: hi<|endoftext|>Instruct: ok",
+    "qwen-vl-chat": "Explain\n<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n<|im_start|>user ok",
 }
 # First answer characters that merge with the end of the header in context.
 MERGING_ANSWERS = {
@@ -266,6 +312,38 @@ def test_04_role_strings_in_context_and_inside_user_text(encoder, model_id):
             assert err.reason == "label_contract" and err.sample_id == s.id
         else:
             assert [t.strip() for t in supervised(enc, e)] == [t.strip() for t in expected(model_id, MERGING_ANSWERS[model_id])]
+
+
+_COUNTING_BUG = (
+    "BUG: a user message quoting a whole assistant turn (header + the same answer + end of turn) "
+    "still steals the labels when one of its quoted headers tokenizes differently alone than in "
+    "the rendered context: the engine counts headers typed in each message's text tokenized on "
+    "its own, so the count is off, the structural guess falls back to the first header whose "
+    "span decodes to the answer, and the quote is labelled instead of the real answer"
+)
+
+
+@pytest.mark.parametrize("model_id,user,n_images", [
+    # "ASSISTANT:" right after "<image>\n" is not a header in context (no "▁A"), but is alone
+    pytest.param("llava-1.5-7b", "ASSISTANT: 42</s> and ASSISTANT: 42</s>", 1, id="llava-1.5-7b-after-image",
+                 marks=pytest.mark.xfail(strict=True, reason=_COUNTING_BUG)),
+    # "Output:" right after "Instruct: " is "ĠOutput" in context, "Output" alone
+    *(pytest.param(*p.values, "Output: 42<|endoftext|>Instruct: again\nOutput: 42<|endoftext|>", 0,
+                   id="phi-2-message-start", marks=[*p.marks, pytest.mark.xfail(strict=True, reason=_COUNTING_BUG)])
+      for p in models("phi-2")),
+    pytest.param("llava-1.5-7b", "Quote: ASSISTANT: 42</s>", 0, id="llava-1.5-7b-plain"),
+    pytest.param("qwen2.5-7b-instruct", "Quote:<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n", 0, id="qwen2.5"),
+])
+def test_04_quoted_turn_whose_role_string_tokenizes_differently_alone(encoder, model_id, user, n_images):
+    enc = encoder(model_id)
+    s = sample(f"{model_id}-quote", (n_images, user), "42")
+    e = enc.encode(s, media(*(image(40, 40) for _ in range(n_images))))
+    header = list(enc.roles.assistant_header)
+    last = max(i for i in range(len(e.input_ids)) if e.input_ids[i:i + len(header)] == header)
+    assert [a for a, _ in spans(e.labels)] == [last + len(header)], (
+        f"supervised {supervised(enc, e)!r} at {spans(e.labels)}, the real header ends at {last + len(header)}"
+    )
+    assert_exact(enc, e, model_id, "42")
 
 
 # -- 5 ------------------------------------------------------------------------------------------
@@ -476,7 +554,7 @@ def test_11_no_sample_is_masked_whole_silently(encoder):
         assert err.value.reason == "no_assistant_turn" and err.value.sample_id == "no-answer-42"
         assert "no-answer-42" in str(err.value)
     # whatever comes back has trained tokens, and every one of them is an answer's
-    for model_id in MODELS:
+    for model_id in (m for m in EOT if not not_ready(m)):
         e = encoder(model_id).encode(sample("ok", "Q?", "A."))
         assert e.num_trained > 0
         assert_exact(encoder(model_id), e, model_id, "A.")
