@@ -196,9 +196,12 @@ class ChatEncoder:
     def assistant_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
         """[start, end) of each answer plus its end-of-turn tokens, in order."""
         header, eot = self.roles.assistant_header, self.roles.end_of_turn
-        positions = self._header_positions(ids)
         # More headers than answers: some were typed inside messages. Try first the occurrence
         # the turn structure predicts, so a user quoting a whole turn (same answer) is not taken.
+        # (ids.count is a cheap bound that skips the search in ordinary samples.)
+        positions: list[int] = []
+        if ids.count(header[0]) > len(answers):
+            positions = self._header_positions(ids)
         expected = self._expected_headers(sample, len(positions)) if len(positions) > len(answers) else []
         spans: list[tuple[int, int]] = []
         pos = 0
