@@ -1,0 +1,230 @@
+"""Training arguments: Hugging Face ``TrainingArguments`` plus cardtune's own, from the command
+line and/or ``--config recipe.yaml``.
+
+Precedence, lowest first: the dataclass defaults, the demo recipe (only for a ``loader: demo``
+model), the ``--config`` file, the command line. Every key, in a file or on the command line,
+must name an argument: a misspelt option is an error that names the closest ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cardtune.registry.loader import PACKAGE_ROOT
+
+RECIPE_DIR = PACKAGE_ROOT / "configs" / "train"
+DEMO_RECIPE = RECIPE_DIR / "demo.yaml"
+
+
+class ArgumentError(ValueError):
+    """A training option that does not exist or does not fit with the others."""
+
+
+@dataclass
+class ModelArguments:
+    model_id: str | None = field(default=None, metadata={"help": "a registered model id (`cardtune list`)"})
+    model_path: str | None = field(
+        default=None,
+        metadata={"help": "a local Hugging Face folder; with --model_id, a local copy of that registered model"},
+    )
+    cards: list[str] = field(
+        default_factory=list, metadata={"help": "extra folders of model cards", "nargs": "*"}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "attention kernel: flash_attention_2, sdpa or eager; default flash_attention_2 when CUDA and "
+            "flash_attn are present, else sdpa"
+        },
+    )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "chat template for this run: own, plain (projector pretraining), declarative, "
+                  "or a Jinja file that replaces the model's own"},
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads on CPU (default: torch's choice); 1 is fastest for tiny models, "
+                  "whose matrices are too small to split between cores"},
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": "training data: a LLaVA/OpenAI JSON or JSONL file, 'a.json:0.7,b.json:0.3', or a mix YAML"},
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation data (eval loss)"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
+    video_folder: str | None = field(default=None, metadata={"help": "folder that video paths are relative to"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "longest sequence in tokens; longer samples are cut after their media"}
+    )
+    bad_sample_policy: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "error: stop before step 1 and print the data report; skip: drop bad samples, "
+                  "count them and write their ids to output_dir"},
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "batch samples of similar length together (less padding)"}
+    )
+    packing: bool = field(default=False, metadata={"help": "pack several samples into one sequence"})
+
+
+@dataclass
+class TuneArguments:
+    use_lora: bool = field(default=False, metadata={"help": "train the LLM through LoRA adapters"})
+    use_vision_lora: bool = field(
+        default=False, metadata={"help": "train the vision encoder through LoRA (with --train_vision_encoder)"}
+    )
+    q_lora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit nf4 base weights (CUDA + bitsandbytes)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    train_vision_encoder: bool = field(default=False, metadata={"help": "train the vision encoder"})
+    train_vision_projector: bool = field(default=True, metadata={"help": "train the vision projector"})
+    train_llm: bool = field(default=True, metadata={"help": "train the language model (fully, or via LoRA)"})
+
+
+ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments)
+
+
+@dataclass
+class Arguments:
+    model: ModelArguments
+    data: DataArguments
+    tune: TuneArguments
+    training: Any  # transformers.TrainingArguments
+    config_file: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each non-default value came from: ``command line``, the config file, or ``demo recipe``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every argument, JSON-serialisable (saved as ``cardtune_args.json``)."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.tune):
+            out.update(dataclasses.asdict(part))
+        out.update(self.training.to_dict())
+        out["config"] = self.config_file
+        return out
+
+
+def _parser() -> Any:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((*ARGUMENT_CLASSES, TrainingArguments), prog="train.py", allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="a recipe YAML (configs/train/); the command line overrides it")
+    return parser
+
+
+def _dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+
+
+def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """A recipe file's mapping, every key checked against the known arguments."""
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError(f"--config {path}: no such file")
+    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ArgumentError(f"{path}: a recipe is a mapping of argument names to values")
+    for key in data:
+        if key not in known:
+            raise ArgumentError(f"{path}: unknown argument '{key}'{_close(key, known)}")
+    if "config" in data:
+        raise ArgumentError(f"{path}: a recipe cannot name another --config")
+    return data
+
+
+def _close(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), sorted(known), n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join('--' + c for c in close)}?)" if close else ""
+
+
+def _is_demo(model_id: str | None, cards: list[str]) -> bool:
+    if not model_id:
+        return False
+    from cardtune.registry import UnknownModelError, get_registry
+
+    try:
+        return get_registry(cards).get(model_id).family.loader == "demo"
+    except UnknownModelError:
+        return False  # reported when the model resolves
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into the four argument groups."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    known = _dests(parser)
+    first, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ArgumentError(f"unknown option {option}{_close(option.split('=')[0], known)}")
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    recipe = read_recipe(first.config, known) if first.config else {}
+    model_id = first.model_id or recipe.get("model_id")
+    if _is_demo(model_id, list(first.cards or recipe.get("cards") or [])):
+        layers.append(("demo recipe", read_recipe(DEMO_RECIPE, known)))
+    if first.config:
+        layers.append((first.config, recipe))
+    sources: dict[str, str] = {}
+    for name, values in layers:
+        parser.set_defaults(**values)
+        sources.update({k: name for k in values})
+    namespace = parser.parse_args(argv)
+    sources.update({k: "command line" for k in _given_on_command_line(argv, parser)})
+
+    values = vars(namespace)
+    config_file = values.pop("config")
+    model, data, tune = (
+        cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES
+    )
+    if values.get("output_dir") is None:
+        name = model.model_id or (Path(model.model_path).name if model.model_path else "model")
+        values["output_dir"] = str(Path("out") / name)
+    from transformers import TrainingArguments
+
+    training = TrainingArguments(**values)
+    args = Arguments(model, data, tune, training, config_file, sources)
+    check_arguments(args)
+    return args
+
+
+def _given_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
+    given: set[str] = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(a == option or a.startswith(option + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def check_arguments(args: Arguments) -> None:
+    """Combinations that cannot work, reported before anything loads."""
+    m, t = args.model, args.tune
+    if m.model_id is None and m.model_path is None:
+        raise ArgumentError("give --model_id (a registered id, see `cardtune list`) or --model_path (a local folder)")
+    if t.q_lora and not t.use_lora:
+        raise ArgumentError("--q_lora trains LoRA adapters over a 4-bit base: add --use_lora")
+    if t.use_lora and not t.train_llm:
+        raise ArgumentError("--use_lora trains the LLM through adapters, but --train_llm is false")
+    if t.use_vision_lora and not t.train_vision_encoder:
+        raise ArgumentError("--use_vision_lora needs --train_vision_encoder")
+    if not (t.train_llm or t.train_vision_encoder or t.train_vision_projector):
+        raise ArgumentError("nothing to train: --train_llm, --train_vision_encoder and --train_vision_projector are all false")
+    if args.data.group_by_length and args.data.packing:
+        raise ArgumentError("--group_by_length and --packing are alternatives; choose one")
