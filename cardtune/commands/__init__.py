@@ -7,3 +7,5 @@ imports (torch, transformers) happen inside the handlers.
 from cardtune.commands import cards  # noqa: F401
 from cardtune.commands import labels  # noqa: F401
 from cardtune.commands import validate_data  # noqa: F401
+from cardtune.commands import chat  # noqa: F401
+from cardtune.commands import merge  # noqa: F401

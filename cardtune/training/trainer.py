@@ -14,11 +14,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cardtune.datasets import LengthGroupedBatchSampler
+from cardtune.training.output import ARGS_FILE, CARD_FILE
 
 log = logging.getLogger(__name__)
 
-CARD_FILE = "cardtune_card.yaml"
-ARGS_FILE = "cardtune_args.json"
 LOSS_PLOT = "loss.png"
 LOG_FILE = "log_history.json"
 

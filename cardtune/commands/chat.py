@@ -1,0 +1,118 @@
+"""``cardtune chat``: talk to a trained model with its own chat template.
+
+One-shot with ``--prompt``; otherwise interactive (one line per user turn, the conversation is
+kept; ``/image PATH`` attaches an image to the next turn, ``/reset`` starts over, Ctrl-D quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from cardtune.cli import Handler, command
+
+
+class ChatSession:
+    """A conversation with one model: render with its template, generate, keep the turns."""
+
+    def __init__(self, folder: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 system: str | None = None) -> None:
+        from cardtune.collators.engine import ChatEncoder
+        from cardtune.training.output import load_trained
+
+        trained = load_trained(folder, merge=True)
+        self.model = trained.model
+        self.card = trained.card
+        self.processing = trained.processing
+        self.encoder = ChatEncoder(trained.card, trained.processing)
+        self.tokenizer = trained.processing.tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.system = system
+        self.messages: list[dict[str, Any]] = []
+        self.images: list[Any] = []
+
+    def stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eot = self.encoder.roles.end_of_turn
+        if len(eot) == 1:
+            ids.add(eot[0])
+        generation = getattr(self.model, "generation_config", None)
+        configured = getattr(generation, "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return sorted(i for i in ids if i is not None)
+
+    def ask(self, prompt: str, image_paths: list[str] | None = None) -> str:
+        import torch
+        from PIL import Image
+
+        from cardtune.collators.engine import Media
+        from cardtune.conversation import Sample
+
+        images = [Image.open(p).convert("RGB") for p in image_paths or []]
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        self.messages.append({"role": "user", "content": content})
+        self.images += images
+        messages = ([{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else [])
+        messages += self.messages
+        # The engine's normalisation (content form, system folding) needs an answer to exist;
+        # a placeholder one is rendered, then replaced by the generation prompt.
+        sample = Sample("chat", messages + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
+                        images=list(self.images))
+        normalised = self.encoder.normalise(sample)[:-1]
+        text = self.processing.renderer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True)
+        media = Media(images=list(self.images)) if self.images else None
+        ids, tensors = self.encoder.tokenize(text, sample, media)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        inputs.update({k: v.to(self.model.device) for k, v in tensors.items()})
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids()[0]
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids(),
+                                      pad_token_id=pad, **sampling)
+        answer = self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.images.clear()
+
+
+@command("chat", "chat with a trained model (its own template); one-shot with --prompt, else interactive")
+def _configure_chat(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--model", required=True, metavar="DIR", help="a folder written by training or merge")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first turn (repeatable)")
+    p.add_argument("--prompt", help="ask once, print the answer and exit")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+
+    def run(args: argparse.Namespace) -> int:
+        session = ChatSession(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              system=args.system)
+        if args.prompt is not None:
+            print(session.ask(args.prompt, args.image))
+            return 0
+        pending = list(args.image)
+        print(f"chatting with {args.model} ({session.card.family}); /image PATH, /reset, Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not line:
+                continue
+            if line.startswith("/image "):
+                pending.append(line.split(" ", 1)[1].strip())
+                continue
+            if line == "/reset":
+                session.reset()
+                continue
+            print(f"model> {session.ask(line, pending)}")
+            pending = []
+
+    return run

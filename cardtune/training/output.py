@@ -1,0 +1,105 @@
+"""Reading back what training wrote: a full model folder or a LoRA adapter folder, each with
+its processor/tokenizer and the resolved card (``cardtune_card.yaml``).
+
+Used by ``cardtune merge`` and ``cardtune chat``; a folder without a card (any Hugging Face
+model) gets a card derived from its config, as ``--model_path`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cardtune.registry import CardError, FamilyCard
+
+CARD_FILE = "cardtune_card.yaml"
+ARGS_FILE = "cardtune_args.json"
+ADAPTER_CONFIG = "adapter_config.json"
+# Training artefacts that are not part of a model folder (kept out of a merged output).
+_NOT_MODEL_FILES = {
+    "README.md", "training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+    "loss.png", "log_history.json", "skipped_samples.jsonl", "scaler.pt",
+}
+
+
+def read_card(folder: str | Path) -> FamilyCard:
+    folder = Path(folder)
+    file = folder / CARD_FILE
+    if file.is_file():
+        try:
+            return FamilyCard.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            raise CardError(f"{file}: not a valid card: {exc}") from None
+    from cardtune.loaders.resolve import derive_card
+
+    return derive_card(folder)[0]
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(folder: str | Path) -> str:
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CardError(f"{folder}/{ADAPTER_CONFIG}: no base_model_name_or_path")
+    return base
+
+
+@dataclass
+class Trained:
+    model: Any
+    card: FamilyCard
+    processing: Any  # cardtune.loaders.generic.Processing
+    adapter: bool
+
+
+def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) -> Trained:
+    """The model in ``folder`` (full, or base + adapter; ``merge`` folds the adapter in), with
+    the processing saved beside it and the card it was trained with."""
+    from cardtune.loaders import LOADERS
+    from cardtune.loaders.generic import GenericLoader
+
+    folder = Path(folder)
+    card = read_card(folder)
+    # The folder's own tokenizer/processor: the one training saved, fix-ups included.
+    processing = GenericLoader(card, folder).load_processing()
+    if is_adapter(folder):
+        from peft import PeftModel
+
+        base = LOADERS[card.loader](card, adapter_base(folder)).load_model(dtype=dtype)
+        rows = base.get_input_embeddings().weight.shape[0]
+        if len(processing.tokenizer) > rows:
+            base.resize_token_embeddings(len(processing.tokenizer))
+        model = PeftModel.from_pretrained(base, str(folder))
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = GenericLoader(card, folder).load_model(dtype=dtype)
+    model.eval()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True
+    return Trained(model, card, processing, is_adapter(folder) and not merge)
+
+
+def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
+    """Tokenizer, processor, template and card files of ``source`` into ``target`` (no weights,
+    no adapter, no training state)."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in sorted(source.iterdir()):
+        name = item.name
+        if (not item.is_file() or name in _NOT_MODEL_FILES or name.startswith("adapter_")
+                or name.startswith("rng_state") or name.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                or name in ("config.json", "generation_config.json") or (target / name).exists()):
+            continue
+        shutil.copy2(item, target / name)
+        copied.append(name)
+    return copied
