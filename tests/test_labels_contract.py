@@ -411,6 +411,44 @@ def test_06_labels_aligned_after_media_expansion(encoder, model_id):
     assert a < s1 < b < s2
 
 
+_PLACEHOLDER_BUG = (
+    "BUG: the media handler does not check that a sample's image placeholders match its images: "
+    "{what}"
+)
+_NO_MEDIA = ("an image part with no image is encoded as ONE unexpanded image token and no pixel_values "
+             "(the model then fails: image features != image tokens); expected SampleError placeholder_mismatch")
+_RAW_VALUEERROR = ("on the processor path (llava) a count mismatch escapes as the processor's raw ValueError "
+                   "(`cardtune labels` dies with a traceback) instead of SampleError placeholder_mismatch "
+                   "naming the sample, as the qwen2-vl path does")
+
+
+def _mismatch_params() -> list[Any]:
+    out = []
+    for model_id in VLMS:
+        for case, placeholders, images in (("image_part_without_image", 1, 0),
+                                           ("image_without_placeholder", 0, 1),
+                                           ("two_images_one_placeholder", 1, 2)):
+            marks = []
+            if case == "image_part_without_image":
+                marks.append(pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                                               reason=_PLACEHOLDER_BUG.format(what=_NO_MEDIA)))
+            elif model_id in ("llava-1.5-7b", "llava-interleave-qwen-7b"):
+                marks.append(pytest.mark.xfail(strict=True, raises=ValueError,
+                                               reason=_PLACEHOLDER_BUG.format(what=_RAW_VALUEERROR)))
+            out.append(pytest.param(model_id, placeholders, images, id=f"{model_id}-{case}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("model_id,placeholders,n_images", _mismatch_params())
+def test_06_media_placeholders_must_match_the_media(encoder, model_id, placeholders, n_images):
+    from cardtune.errors import SampleError
+
+    s = sample("mismatch-9", (placeholders, "What is it?"), "Red.")
+    with pytest.raises(SampleError) as err:
+        encoder(model_id).encode(s, media(*(image(56, 56) for _ in range(n_images))))
+    assert err.value.reason == "placeholder_mismatch" and err.value.sample_id == "mismatch-9"
+
+
 # -- 7 ------------------------------------------------------------------------------------------
 
 
@@ -603,6 +641,32 @@ def test_13_llava_string_content_is_rendered(encoder):
     assert_exact(enc, e, model_id, "Paris.")
     parts = enc.encode(sample("parts", "What is the capital of France?", "Paris."))
     assert (e.input_ids, e.labels) == (parts.input_ids, parts.labels)
+
+
+_PARTS_BUG = (
+    "BUG: an answer given as several text parts ([{text: 'Hello'}, {text: ' world.'}], valid OpenAI-style "
+    "content) is not trained on llava-1.5 / llava-interleave: their templates write a separator per part "
+    "(' ' after each / '\\n' before each), the rendered answer no longer equals the joined text, and the "
+    "sample fails label_contract; expected the parts normalised to one text part (content normalisation) "
+    "and the answer trained"
+)
+
+
+@pytest.mark.parametrize("model_id", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PARTS_BUG))
+    if m in ("llava-1.5-7b", "llava-interleave-qwen-7b") else m
+    for m in VLMS + ["qwen2.5-7b-instruct", "phi3-v", "llama-2-7b-chat", "deepseek-coder-6.7b-instruct"]
+])
+def test_13_answer_in_several_text_parts_is_trained(encoder, model_id):
+    from cardtune.conversation import Sample
+
+    enc = encoder(model_id)
+    s = Sample("parts-answer", [
+        {"role": "user", "content": [{"type": "text", "text": "Greet the world."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world."}]},
+    ])
+    e = enc.encode(s)
+    assert_exact(enc, e, model_id, "Hello world.")
 
 
 # -- not a FIELD_NOTES item, but a promise of the card ----------------------------------------

@@ -640,3 +640,55 @@ def test_engine_media_tokens_unlabelled_and_counted(encoders, golden, model_id, 
         assert pv.shape[0] == int(grids.prod(dim=1).sum())
     else:
         assert pv.shape[0] == len(images)
+
+
+# -- auto-derived cards: a local folder with no card gives the same ids -------------------------
+
+
+@pytest.fixture(scope="module")
+def derived_encoders() -> Callable[[str], Any]:
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+
+    cache: dict[str, Any] = {}
+
+    def get(model_id: str) -> Any:
+        if model_id not in cache:
+            r = resolve_model(model_path=require_fixture(model_id))
+            assert r.derived
+            cache[model_id] = ChatEncoder(r.card, load_processing(r), max_length=None)
+        return cache[model_id]
+
+    return get
+
+
+# qwen2-vl-2b's own template is not a chat template (the card gives one); declarative cards
+# exist because their folders ship no template at all
+DERIVABLE = [m for m, f in FAMILIES.items() if f.renderer != "declarative" and m != "qwen2-vl-2b"]
+
+
+@pytest.mark.parametrize("model_id", DERIVABLE)
+def test_derived_card_gives_the_golden_ids(derived_encoders, golden, model_id):
+    from cardtune.collators.engine import Media
+    from cardtune.conversation import Sample
+
+    enc = derived_encoders(model_id)
+    for case in cases_of(model_id):
+        messages, images = conversation(case, FAMILIES[model_id])
+        e = enc.encode(Sample(case, messages), Media(images=[make_image(n) for n in images]))
+        want = golden(model_id)[case]
+        assert (e.input_ids, e.labels) == (want["input_ids"], want["labels"]), (
+            f"{model_id}/{case} with a derived card: {_show(enc.tokenizer, e.input_ids, e.labels)}, "
+            f"golden {want['supervised']!r}"
+        )
+
+
+def test_base_model_template_is_refused_when_derived():
+    """qwen2-vl-2b's shipped template renders nothing for a conversation: loud, not empty labels."""
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.collators.roles import TemplateProbeError
+    from cardtune.loaders.resolve import load_processing, resolve_model
+
+    r = resolve_model(model_path=require_fixture("qwen2-vl-2b"))
+    with pytest.raises(TemplateProbeError, match="renders neither"):
+        ChatEncoder(r.card, load_processing(r))
