@@ -115,8 +115,17 @@ def demo_data(args: Arguments, card: FamilyCard) -> str | None:
 
 
 # -- the run ------------------------------------------------------------------------------------
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train; returns where things were written and the run's figures."""
+@dataclasses.dataclass
+class RunResult:
+    """What a run wrote and measured; ``trainer`` holds the trained model."""
+
+    summary: dict[str, Any]
+    trainer: Any
+    args: Arguments
+
+
+def run(argv: Sequence[str] | None = None) -> RunResult:
+    """Train; returns where things were written, the run's figures and the trainer."""
     started = time.perf_counter()
     args = parse_arguments(argv)
     resolved, overrides = resolve(args)
@@ -262,7 +271,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "metrics": metrics,
     }
     say(_closing(summary, t))
-    return summary
+    return RunResult(summary, trainer, args)
 
 
 def _card_yaml(card: FamilyCard, model_id: str, weights: str) -> str:
