@@ -78,6 +78,17 @@ class GenericLoader:
                 raise auto_error
             tokenizer = cls.from_pretrained(self.path, **self._kwargs())
             log.info("AutoTokenizer failed for %s; loaded the declared %s", self.path, declared)
+        return self._finish_tokenizer(tokenizer)
+
+    def _finish_tokenizer(self, tokenizer: Any) -> Any:
+        """The card's special-token fix-ups, then its chat template (``plain`` writes eos)."""
+        from cardtune.loaders.fixups import apply_special_token_fixups
+
+        self.fixup_report = apply_special_token_fixups(
+            tokenizer, self.card.chat.special_tokens, where=f"family {self.card.family}: chat.special_tokens"
+        )
+        for line in self.fixup_report.lines():
+            log.info("%s: %s", self.card.family, line)
         self._apply_chat_template(tokenizer)
         # Training pads on the right whatever the folder says (llava-hf ships "left" for
         # generation); the attention mask then marks exactly the real tokens.
@@ -85,8 +96,11 @@ class GenericLoader:
         return tokenizer
 
     def _apply_chat_template(self, target: Any) -> None:
-        if self.card.chat.template == "jinja":
-            target.chat_template = self.card.chat.jinja
+        from cardtune.chat import card_chat_template
+
+        template = card_chat_template(self.card, getattr(target, "tokenizer", target))
+        if template is not None:
+            target.chat_template = template
 
     # -- processor --------------------------------------------------------------------------
     def load_processing(self) -> Processing:

@@ -66,11 +66,92 @@ class SpecialTokens(_Strict):
     allow_shared: bool = False
 
 
-class ChatSpec(_Strict):
-    """How conversations are rendered and where assistant turns begin and end."""
+TOKEN_LITERAL = re.compile(r"\{token:(\d+)\}")
 
-    template: Literal["own", "jinja"] = "own"
+
+class RoleFormat(_Strict):
+    """Text written around one message of a role in a declarative template."""
+
+    prefix: str = ""
+    suffix: str = ""
+
+
+class SystemFormat(RoleFormat):
+    """The system slot. ``default`` is written when a conversation has no system message
+    (unless ``emit_default`` is false: then it documents the inference prompt only).
+    ``inline`` writes the system block inside the first user message, after its prefix
+    (Llama-2's ``[INST] <<SYS>>...<</SYS>>``)."""
+
+    default: str | None = None
+    emit_default: bool = True
+    inline: bool = False
+
+
+class DeclarativeTemplate(_Strict):
+    """A chat template described as data; compiled to Jinja by ``cardtune.chat``.
+
+    A system or user message renders as ``prefix + content + suffix`` of its role, an
+    assistant message as ``prefix + content + end_of_turn + suffix``: the answer and its end
+    of turn are what training supervises. ``separator`` goes between consecutive messages
+    (and before the generation prompt, which defaults to the assistant prefix). Any string
+    may hold ``{token:N}``, the token of id N, resolved against the tokenizer when installed.
+    ``image``/``video`` render one media part and may use ``{n}`` (its 1-based index in the
+    conversation) and ``{path}`` (the part's path or url).
+    """
+
+    bos: bool = False
+    system: SystemFormat | None = None
+    user: RoleFormat = Field(default_factory=RoleFormat)
+    assistant: RoleFormat = Field(default_factory=RoleFormat)
+    end_of_turn: str = Field(min_length=1)
+    separator: str = ""
+    generation_prompt: str | None = None
+    image: str | None = None
+    video: str | None = None
+
+    @model_validator(mode="after")
+    def _media_fields_only_in_media(self) -> DeclarativeTemplate:
+        for name, text in self._texts():
+            if name not in ("image", "video") and ("{n}" in text or "{path}" in text):
+                raise ValueError(f"{name}: '{{n}}' and '{{path}}' are only read in 'image' and 'video'")
+        return self
+
+    def _texts(self) -> list[tuple[str, str]]:
+        texts = [
+            ("end_of_turn", self.end_of_turn),
+            ("separator", self.separator),
+            ("generation_prompt", self.generation_prompt),
+            ("image", self.image),
+            ("video", self.video),
+        ]
+        for role in ("system", "user", "assistant"):
+            fmt = getattr(self, role)
+            if fmt is not None:
+                texts += [(f"{role}.prefix", fmt.prefix), (f"{role}.suffix", fmt.suffix)]
+        if self.system is not None:
+            texts.append(("system.default", self.system.default))
+        return [(name, text) for name, text in texts if text]
+
+    @property
+    def token_literal_ids(self) -> list[int]:
+        """Every id written as ``{token:N}``, in order of first appearance."""
+        ids: list[int] = []
+        for _, text in self._texts():
+            ids += [int(m) for m in TOKEN_LITERAL.findall(text) if int(m) not in ids]
+        return ids
+
+
+class ChatSpec(_Strict):
+    """How conversations are rendered and where assistant turns begin and end.
+
+    ``template``: ``own`` keeps the tokenizer's template, ``jinja`` installs ``jinja``,
+    ``declarative`` compiles ``declarative``, ``plain`` installs the projector-pretraining
+    template (media placeholders, then the caption and eos).
+    """
+
+    template: Literal["own", "jinja", "declarative", "plain"] = "own"
     jinja: str | None = None
+    declarative: DeclarativeTemplate | None = None
     end_of_turn: list[str] | None = None
     assistant_header: str | None = None
     system: SystemPolicy = "auto"
@@ -83,11 +164,20 @@ class ChatSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _jinja_given_when_asked(self) -> ChatSpec:
+    def _template_source_given_when_asked(self) -> ChatSpec:
         if self.template == "jinja" and not self.jinja:
             raise ValueError("template: jinja needs the template text in 'jinja'")
         if self.template != "jinja" and self.jinja:
             raise ValueError("'jinja' is only read when template: jinja")
+        if self.template == "declarative" and self.declarative is None:
+            raise ValueError("template: declarative needs a 'declarative' block")
+        if self.template != "declarative" and self.declarative is not None:
+            raise ValueError("'declarative' is only read when template: declarative")
+        if self.template in ("declarative", "plain") and self.end_of_turn:
+            # These templates write the end-of-turn text themselves; a card-level one would
+            # be appended a second time.
+            where = "declarative.end_of_turn" if self.template == "declarative" else "eos"
+            raise ValueError(f"template: {self.template} writes its own end of turn ({where}); remove 'end_of_turn'")
         return self
 
 
