@@ -196,12 +196,27 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
     if values.get("output_dir") is None:
         name = model.model_id or (Path(model.model_path).name if model.model_path else "model")
         values["output_dir"] = str(Path("out") / name)
+    if "use_cpu" not in sources and _distributed_without_cuda():
+        # torchrun / `accelerate launch --num_processes N` on a machine without CUDA: the
+        # processes form a gloo group on CPU (accelerate's own MULTI_CPU type needs mpirun).
+        values["use_cpu"] = True
+        sources["use_cpu"] = "no CUDA in a multi-process launch"
     from transformers import TrainingArguments
 
     training = TrainingArguments(**values)
     args = Arguments(model, data, tune, training, config_file, sources)
     check_arguments(args)
     return args
+
+
+def _distributed_without_cuda() -> bool:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _given_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:

@@ -282,19 +282,20 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
         notes.append(f"resized token embeddings {rows} -> {len(tokenizer)} (the tokenizer has tokens the model lacked)")
+    t = args.training
+    if t.activation_checkpointing and t.activation_checkpointing_kwargs is None:
+        # Reentrant checkpointing drops the gradients when the embeddings are frozen (LoRA, projector only).
+        t.activation_checkpointing_kwargs = {"use_reentrant": False}
     if args.tune.q_lora:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.training.gradient_checkpointing_kwargs,
+            model, use_gradient_checkpointing=t.activation_checkpointing,
+            gradient_checkpointing_kwargs=t.activation_checkpointing_kwargs,
         )
     plan = plan_training(model, card, args)
     model = apply_plan(model, card, plan, args)
-    if args.training.gradient_checkpointing:
-        if args.training.gradient_checkpointing_kwargs is None:
-            # Reentrant checkpointing drops gradients when the embeddings are frozen (LoRA).
-            args.training.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if t.activation_checkpointing:
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
