@@ -24,4 +24,5 @@ def register_loader(name: str) -> Callable[[T], T]:
 
 
 from cardtune.loaders import generic  # noqa: E402,F401  (registers "generic")
+from cardtune.loaders import demo  # noqa: E402,F401  (registers "demo")
 from cardtune.loaders import qwen_vl  # noqa: E402,F401  (registers "qwen-vl")
