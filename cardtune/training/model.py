@@ -151,13 +151,16 @@ class TrainPlan:
     modes: dict[str, str]
     lora_targets: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+    new_token_ids: list[int] = field(default_factory=list)
+    """Rows added to the embeddings for new tokens: trained (and saved) with the adapters, as
+    their random initialisation would otherwise stay untrained under LoRA."""
 
     @property
     def uses_lora(self) -> bool:
         return "lora" in self.modes.values()
 
 
-def plan_training(model: Any, card: FamilyCard, args: Arguments) -> TrainPlan:
+def plan_training(model: Any, card: FamilyCard, args: Arguments, new_token_ids: Iterable[int] = ()) -> TrainPlan:
     t = args.tune
     multimodal = card.is_multimodal
     modes = {
@@ -184,7 +187,8 @@ def plan_training(model: Any, card: FamilyCard, args: Arguments) -> TrainPlan:
         for group in GROUPS:
             if modes[group] == "full":
                 plan.modules_to_save += keyword_roots(model, getattr(card.modules, group))
-        # Trained in full alongside adapters, lm_head must be saved with them (it is never a LoRA target).
+        if modes["llm"] == "lora":
+            plan.new_token_ids = list(new_token_ids)
     return plan
 
 
@@ -200,6 +204,7 @@ def apply_plan(model: Any, card: FamilyCard, plan: TrainPlan, args: Arguments) -
             lora_dropout=t.lora_dropout,
             target_modules=plan.lora_targets,
             modules_to_save=plan.modules_to_save or None,
+            trainable_token_indices=plan.new_token_ids or None,
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -279,9 +284,13 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
     model = loader.load_model(dtype=dtype, attn_implementation=attention, config_overrides=config_overrides, **kwargs)
     notes: list[str] = []
     rows = model.get_input_embeddings().weight.shape[0]
+    new_token_ids: list[int] = []
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
-        notes.append(f"resized token embeddings {rows} -> {len(tokenizer)} (the tokenizer has tokens the model lacked)")
+        new_token_ids = list(range(rows, len(tokenizer)))
+        added = tokenizer.convert_ids_to_tokens(new_token_ids)
+        notes.append(f"resized token embeddings {rows} -> {len(tokenizer)} for the tokens the model lacked: "
+                     f"{', '.join(map(repr, added[:8]))}{' ...' if len(added) > 8 else ''}")
     t = args.training
     if t.activation_checkpointing and t.activation_checkpointing_kwargs is None:
         # Reentrant checkpointing drops the gradients when the embeddings are frozen (LoRA, projector only).
@@ -293,7 +302,9 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
             model, use_gradient_checkpointing=t.activation_checkpointing,
             gradient_checkpointing_kwargs=t.activation_checkpointing_kwargs,
         )
-    plan = plan_training(model, card, args)
+    plan = plan_training(model, card, args, new_token_ids)
+    if plan.new_token_ids:
+        notes.append(f"LoRA: the {len(plan.new_token_ids)} new embedding rows are trained and saved with the adapter")
     model = apply_plan(model, card, plan, args)
     if t.activation_checkpointing:
         model.enable_input_require_grads()
