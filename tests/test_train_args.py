@@ -137,3 +137,34 @@ def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path: Path) -> Non
     assert resolve_resume(None, tmp_path) == (None, None)
     with pytest.raises(FileNotFoundError):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_attention_and_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+
+    from cardtune.registry import get_registry
+    from cardtune.training import model as prep
+
+    card = get_registry().get("llava-1.5-7b").family
+    args = parse_arguments(["--model_id", "llava-1.5-7b"])
+    monkeypatch.setattr(prep, "cuda_available", lambda: False)
+    assert prep.choose_attention(None, card) == ("sdpa", "no CUDA device")
+    assert prep.choose_dtype(args)[0] == torch.float32
+    monkeypatch.setattr(prep, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    assert prep.choose_attention(None, card) == ("sdpa", "flash_attn is not installed")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert prep.choose_attention(None, card)[0] == "flash_attention_2"
+    assert prep.choose_attention("eager", card) == ("eager", "--attn_implementation")
+    assert prep.choose_dtype(args)[0] == torch.bfloat16
+
+
+def test_cardtune_train_is_train_py(capsys: pytest.CaptureFixture[str]) -> None:
+    from cardtune.cli import main as cli
+
+    assert cli(["train", "--model_id", "llava-1.5-7", "--data_path", "x.json"]) == 2
+    assert "close matches: llava-1.5-7b" in capsys.readouterr().err
