@@ -40,7 +40,13 @@ def child(mode: str, steps: int, batch_size: int, threads: int, warmup: int) -> 
     from cardtune.datasets import LengthGroupedBatchSampler
     from cardtune.train import demo_data, resolve
     from cardtune.training.arguments import parse_arguments
-    from cardtune.training.data import PackedCollator, PackedDataset, conversation_dataset, media_config, prepare_split
+    from cardtune.training.data import (
+        PackedCollator,
+        PackedDataset,
+        conversation_dataset,
+        media_config,
+        prepare_split,
+    )
     from cardtune.training.model import load_and_prepare
 
     args = parse_arguments(["--model_id", "tiny-llava-demo", "--output_dir", "/tmp/cardtune-bench", "--seed", "0"])

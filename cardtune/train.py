@@ -135,13 +135,9 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
 
         check_qlora_possible(card)  # before anything loads
     if args.data.packing:
-        from cardtune.datasets import check_packing
+        from cardtune.training.model import check_capability
 
-        check_packing(card)
-        if card.capabilities.packing == "experimental":
-            from cardtune.training.model import check_capability
-
-            check_capability(card, "packing", "packing")
+        check_capability(card, "packing", "packing")  # unsupported: an error; experimental: a warning
     demo_folder = demo_data(args, card)
     notes = settle_training_arguments(args)
     for line in resolved.notes:
@@ -162,6 +158,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         CardFilesCallback,
         CardtuneTrainer,
         LossPlotCallback,
+        complete_checkpoints,
         resolve_resume,
     )
 
@@ -200,8 +197,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     notes += prepared.notes
     say(f"attention: {prepared.attention} ({prepared.attention_note})")
     say(f"dtype: {prepared.dtype_note}")
-    if prepared.dtype_note.startswith("bf16") and not t.fp16:
-        t.bf16 = True
+    if str(prepared.dtype) == "torch.bfloat16" and not t.fp16:
+        t.bf16 = True  # bf16 weights: autocast the adapters' and the loss's matmuls to bf16 too
     for line in notes:
         say(f"note: {line}")
 
@@ -238,6 +235,9 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     resume, resume_note = resolve_resume(t.resume_from_checkpoint, output_dir)
     if resume_note:
         say(resume_note)
+    elif complete_checkpoints(output_dir):
+        say(f"note: {output_dir} holds checkpoints from an earlier run; this run starts from step 0 "
+            "(--resume_from_checkpoint auto continues the latest)")
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - train_started

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import require_fixture
 
 # -- tiny models --------------------------------------------------------------------------------

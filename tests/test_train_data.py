@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from test_train import logits, text_dataset, tiny_model, train
 
 DEMO = ["--model_id", "tiny-llava-demo", "--eval_strategy", "no"]
@@ -80,7 +79,7 @@ def test_packed_rows_give_the_logits_of_unpacked_samples() -> None:
     packed = logits(model, PackedCollator(encoder.handler, "sdpa")([row]))[0]
     by_id = {item.sample_id: item for item in items}
     start = 0
-    for sample_id, n in zip(row.sample_ids, row.seq_lens):
+    for sample_id, n in zip(row.sample_ids, row.seq_lens, strict=True):
         alone = logits(model, encoder.handler([by_id[sample_id]]))[0]
         torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-4, atol=1e-4)
         start += n

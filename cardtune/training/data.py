@@ -91,7 +91,7 @@ def prepare_split(
         raise DataStop(split, exc.report) from None
     missing = [s for s in kept if (s.id, s.source) not in recorder.lengths]
     if missing:  # not encoded by validation (should not happen): estimate them
-        estimated = dict(zip(((s.id, s.source) for s in missing), estimate_lengths(missing, encoder.tokenizer)))
+        estimated = dict(zip(((s.id, s.source) for s in missing), estimate_lengths(missing, encoder.tokenizer), strict=True))
         recorder.lengths.update(estimated)
     lengths = [recorder.lengths[(s.id, s.source)] for s in kept]
     return SplitData(kept, lengths, report, [has_media(s) for s in kept])

@@ -248,6 +248,7 @@ def format_parameter_table(rows: list[tuple[str, int, int]], plan: TrainPlan) ->
 class PreparedModel:
     model: Any
     plan: TrainPlan
+    dtype: Any
     dtype_note: str
     attention: str
     attention_note: str
@@ -310,4 +311,4 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    return PreparedModel(model, plan, dtype_note, attention, attention_note, notes)
+    return PreparedModel(model, plan, dtype, dtype_note, attention, attention_note, notes)

@@ -117,9 +117,9 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
