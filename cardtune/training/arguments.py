@@ -61,7 +61,8 @@ class ModelArguments:
 class DataArguments:
     data_path: str | None = field(
         default=None,
-        metadata={"help": "training data: a LLaVA/OpenAI JSON or JSONL file, 'a.json:0.7,b.json:0.3', or a mix YAML"},
+        metadata={"help": "training data: a LLaVA/OpenAI JSON or JSONL file, 'a.json:0.7,b.json:0.3', or a mix YAML",
+                  "aliases": ["--data"]},
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "evaluation data (eval loss)"})
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
