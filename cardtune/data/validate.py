@@ -101,7 +101,7 @@ class DataValidationError(ValueError):
     def __init__(self, report: Report) -> None:
         self.report = report
         super().__init__(
-            f"the data has problems; nothing was trained (use --data-policy skip to drop them):\n"
+            f"the data has problems; nothing was trained (use --bad_sample_policy skip to drop them):\n"
             f"{report.format_table(limit=50)}"
         )
 
