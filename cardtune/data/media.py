@@ -252,17 +252,27 @@ def load_one(ref: Any, kind: str, cfg: MediaConfig) -> Any:
     return load_video(ref, cfg) if kind == "video" else open_image(ref, cfg)
 
 
-def load_media(sample: Sample, cfg: MediaConfig) -> Any | None:
-    """The sample's media in placeholder order, or None for a text-only sample."""
+def load_media_checked(sample: Sample, cfg: MediaConfig) -> tuple[list[SampleError], Any | None]:
+    """Every media reference resolved and decoded: all the problems and, if none, the media."""
     from cardtune.collators.engine import Media
 
-    if not sample.images and not sample.videos:
-        return None
+    errs: list[SampleError] = []
     loaded: dict[str, list[Any]] = {"image": [], "video": []}
     for kind, refs in (("image", sample.images), ("video", sample.videos)):
         for i, ref in enumerate(refs):
             try:
                 loaded[kind].append(load_one(ref, kind, cfg))
             except MediaProblem as exc:
-                raise SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source) from None
-    return Media(images=loaded["image"], videos=loaded["video"])
+                errs.append(SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source))
+    if errs or not (sample.images or sample.videos):
+        return errs, None
+    return errs, Media(images=loaded["image"], videos=loaded["video"])
+
+
+def load_media(sample: Sample, cfg: MediaConfig) -> Any | None:
+    """The sample's media in placeholder order, or None for a text-only sample; the first
+    problem is raised as a :class:`SampleError`."""
+    errs, media = load_media_checked(sample, cfg)
+    if errs:
+        raise errs[0]
+    return media

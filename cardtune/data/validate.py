@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardtune.conversation import ROLES, Sample
-from cardtune.data.media import MediaConfig, MediaProblem, load_one
+from cardtune.data.media import MediaConfig, load_media_checked
 from cardtune.errors import REASONS, SampleError
 
 Policy = Literal["error", "skip"]
@@ -179,23 +179,6 @@ def _check_modalities(sample: Sample, card: Any) -> list[SampleError]:
 
 
 # -- media --------------------------------------------------------------------------------------
-def check_media(sample: Sample, cfg: MediaConfig) -> tuple[list[SampleError], Any | None]:
-    """Every media reference resolved and decoded; returns the problems and, if none, the media."""
-    from cardtune.collators.engine import Media
-
-    errs: list[SampleError] = []
-    loaded: dict[str, list[Any]] = {"image": [], "video": []}
-    for kind, refs in (("image", sample.images), ("video", sample.videos)):
-        for i, ref in enumerate(refs):
-            try:
-                loaded[kind].append(load_one(ref, kind, cfg))
-            except MediaProblem as exc:
-                errs.append(SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source))
-    if errs or not (sample.images or sample.videos):
-        return errs, None
-    return errs, Media(images=loaded["image"], videos=loaded["video"])
-
-
 def _decode_check_cfg(cfg: MediaConfig) -> MediaConfig:
     """Families that take paths still get their files decoded once here, to catch corrupt ones."""
     return MediaConfig(cfg.image_folder, cfg.video_folder, cfg.allow_absolute_paths, True, cfg.num_frames)
@@ -279,10 +262,10 @@ def _check_sample(sample: Sample, encoder: Any | None, card: Any | None, cfg: Me
     errs = check_structure(sample, card)
     loaded = None
     if media:
-        media_errs, loaded = check_media(sample, cfg if cfg.load_image else _decode_check_cfg(cfg))
+        media_errs, loaded = load_media_checked(sample, cfg if cfg.load_image else _decode_check_cfg(cfg))
         errs += media_errs
         if loaded is not None and not cfg.load_image:
-            _, loaded = check_media(sample, cfg)  # the paths the family takes
+            _, loaded = load_media_checked(sample, cfg)  # the paths the family takes
     if errs or encoder is None or (not media and (sample.images or sample.videos)):
         return errs, False
     try:
