@@ -90,9 +90,23 @@ def _configure_show(p: argparse.ArgumentParser) -> Handler:
 
 
 # -- check ----------------------------------------------------------------------------------
-@command("check", "validate the model cards (all, or the given ids); non-zero exit on any problem")
+@command(
+    "check",
+    "validate the model cards (all, or the given ids); with --model-path or --models-dir, also load "
+    "the real tokenizer/processor and check special tokens, bos, template, role tokens and labels; "
+    "non-zero exit on any problem",
+)
 def _configure_check(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("model_ids", nargs="*", metavar="MODEL_ID")
+    p.add_argument(
+        "--model-path", "--model_path", dest="model_path", metavar="DIR",
+        help="a local model folder: check MODEL_ID's card on it, or (no MODEL_ID) the card derived from it",
+    )
+    p.add_argument(
+        "--models-dir", dest="models_dir", metavar="DIR",
+        help="a folder of model folders: check each registered model whose folder is there "
+        "(folder named as the model id or its hub name)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from cardtune.registry import Registry
@@ -112,12 +126,61 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
         problems += _check_components(registry)
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
-        checked = args.model_ids or list(registry.models)
-        if not problems:
+        if problems:
+            return 1
+        if args.model_path is None and args.models_dir is None:
+            checked = args.model_ids or list(registry.models)
             print(f"ok: {len(checked)} model ids in {len(registry.families)} families")
-        return 1 if problems else 0
+            return 0
+        return _check_folders(args, registry)
 
     return run
+
+
+def _check_folders(args: argparse.Namespace, registry) -> int:
+    from pathlib import Path
+
+    from cardtune.checks import check_model, format_report, match_model_folders
+
+    targets: list[tuple[str, str, object, str, bool]] = []
+    if args.model_path is not None:
+        if len(args.model_ids) > 1:
+            raise CardError("--model-path checks one model: give at most one MODEL_ID")
+        if args.model_ids:
+            spec = registry.get(args.model_ids[0])
+            targets.append((spec.model_id, args.model_path, spec.family, registry.family_sources[spec.family.family], False))
+        else:
+            from cardtune.loaders.resolve import resolve_model
+
+            resolved = resolve_model(model_path=args.model_path)
+            for note in resolved.notes:
+                print(f"derived: {note}")
+            targets.append((resolved.model_id, args.model_path, resolved.card, "derived from the folder", True))
+    if args.models_dir is not None:
+        if not Path(args.models_dir).is_dir():
+            raise CardError(f"--models-dir {args.models_dir}: not a folder")
+        pairs, unmatched = match_model_folders(registry, args.models_dir)
+        wanted = set(args.model_ids)
+        for model_id, folder in pairs:
+            if wanted and model_id not in wanted:
+                continue
+            spec = registry.get(model_id)
+            targets.append((model_id, str(folder), spec.family, registry.family_sources[spec.family.family], False))
+        for folder in unmatched:
+            print(f"skip {folder}: no registered model is named after this folder")
+        if not pairs:
+            raise CardError(f"--models-dir {args.models_dir}: no folder is named after a registered model")
+    failed = []
+    for model_id, path, card, source, derived in targets:
+        result = check_model(model_id, path, card, source, derived=derived)
+        sys.stdout.write(format_report(result))
+        if result.failed:
+            failed.append(model_id)
+    if failed:
+        print(f"FAIL: {len(failed)} of {len(targets)} models failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(targets)} model{'s' if len(targets) != 1 else ''} checked on their folders")
+    return 0
 
 
 def _check_components(registry) -> list[str]:
