@@ -179,11 +179,11 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
     problems = []
     if len(spans) != len(TURNS):
         problems.append(f"{len(spans)} supervised spans for {len(TURNS)} answers")
-    for (s, e), (_, answer) in zip(spans, TURNS):
+    for (s, e), (_, answer) in zip(spans, TURNS, strict=False):
         got = _decode(tok, ids[s : e - n_eot]).strip()
         if got != answer:
             problems.append(f"span {got!r} != answer {answer!r}")
-    if any(lab != IGNORE_INDEX and lab != i for i, lab in zip(ids, labels)):
+    if any(lab != IGNORE_INDEX and lab != i for i, lab in zip(ids, labels, strict=True)):
         problems.append("a label differs from its input id")
     trained = sum(e - s for s, e in spans)
     result.add("masked-label round trip", not problems,
@@ -248,7 +248,7 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
         return
     media_ids = encoder.media_token_ids
     n_media = sum(1 for t in encoded.input_ids if t in media_ids)
-    trained_media = sum(1 for t, lab in zip(encoded.input_ids, encoded.labels) if t in media_ids and lab != IGNORE_INDEX)
+    trained_media = sum(1 for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if t in media_ids and lab != IGNORE_INDEX)
     spans = _spans(encoded.labels, IGNORE_INDEX)
     n_eot = len(encoder.roles.end_of_turn)
     answer_ok = len(spans) == 1 and _decode(encoder.tokenizer, encoded.input_ids[spans[0][0] : spans[0][1] - n_eot]).strip() == IMAGE_ANSWER
@@ -287,7 +287,7 @@ def match_model_folders(registry: Any, models_dir: Any) -> tuple[list[tuple[str,
     from pathlib import Path
 
     by_name: dict[str, str] = {}
-    for model_id, spec in registry.models.items():
+    for model_id in registry.models:
         by_name.setdefault(model_id.lower(), model_id)
     for model_id, spec in registry.models.items():
         by_name.setdefault(spec.hf_path.rstrip("/").rsplit("/", 1)[-1].lower(), model_id)
