@@ -124,8 +124,10 @@ class GenericLoader:
             notes.append(f"no image processor ({type(exc).__name__}); text-only encoding until one is available")
             return Processing(tokenizer, None, None, tuple(notes))
         processor = self._assemble_processor(tokenizer, image_processor, notes)
-        if processor is None:
-            template = self.card.chat.jinja or _folder_chat_template(Path(self.path))
+        if processor is None and self.card.chat.template == "own":
+            # The tokenizer renders: give it the processor-level template the folder ships.
+            # A card template (jinja, declarative, plain) is already installed and wins.
+            template = _folder_chat_template(Path(self.path))
             if template:
                 tokenizer.chat_template = template
         return Processing(tokenizer, processor, image_processor, tuple(notes))
@@ -149,7 +151,10 @@ class GenericLoader:
             notes.append("no processor class to assemble; the family collator expands media tokens")
             return None
         kwargs = {k: v for k, v in _read_json(folder / "processor_config.json").items() if k != "processor_class"}
-        template = self.card.chat.jinja or _folder_chat_template(folder) or tokenizer.chat_template
+        if self.card.chat.template == "own":
+            template = _folder_chat_template(folder) or tokenizer.chat_template
+        else:
+            template = tokenizer.chat_template  # the card's, installed by load_tokenizer
         try:
             processor = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs)
         except (ImportError, TypeError, ValueError, AttributeError) as exc:
