@@ -9,3 +9,4 @@ from cardtune.commands import labels  # noqa: F401
 from cardtune.commands import validate_data  # noqa: F401
 from cardtune.commands import chat  # noqa: F401
 from cardtune.commands import merge  # noqa: F401
+from cardtune.commands import add_model  # noqa: F401

@@ -1,0 +1,78 @@
+"""``cardtune add-model``: scaffold a card for a model folder (or hub id), write it, check it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cardtune.cli import Handler, command
+from cardtune.registry import CardError
+
+
+@command("add-model", "scaffold a model card from a model folder or hub id, write it, and check it on the folder")
+def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("source", metavar="DIR_OR_HF_ID", help="a local Hugging Face model folder, or a hub id (config and tokenizer files only are fetched)")
+    p.add_argument("--model_id", "--model-id", dest="model_id", required=True, help="the id to register (lowercase, e.g. my-llava-7b)")
+    p.add_argument("--family", help="add an entry to this registered family, or name the new family (default: the model id)")
+    p.add_argument("--like", metavar="FAMILY", help="a registered family to take what the folder cannot tell: its chat template when the folder ships none, its module keywords when the model cannot be built here")
+    p.add_argument("--model-class", "--model_class", dest="model_class", help="the transformers class, when config.json names none or the wrong one")
+    p.add_argument("--out", metavar="DIR", help="the card folder to write to (default: the first --cards / $CARDTUNE_CARDS folder, else configs/models)")
+    p.add_argument("--dry-run", action="store_true", help="print the card and check it, write nothing")
+    p.add_argument("--force", action="store_true", help="overwrite an existing card file of the same name")
+
+    def run(args: argparse.Namespace) -> int:
+        from cardtune.checks import check_model, format_report
+        from cardtune.registry import Registry
+        from cardtune.registry.loader import card_dirs, iter_card_files, load_card_file, parse_card
+        from cardtune.scaffold import append_entry, card_yaml, scaffold
+
+        dirs = card_dirs(args.cards)
+        registry = Registry()
+        for path in iter_card_files(dirs):
+            registry.add_family(load_card_file(path), str(path))
+        s = scaffold(args.source, args.model_id, registry, family=args.family, like=args.like, model_class=args.model_class)
+
+        if s.new_family:
+            out_dir = Path(args.out) if args.out else dirs[0]
+            target = out_dir / f"{s.family}.yaml"
+            text = card_yaml(s, args.source)
+            if s.family in registry.families:
+                raise CardError(f"family '{s.family}' already exists; give --family to name the new one")
+            if target.exists() and not args.force and not args.dry_run:
+                raise CardError(f"{target} exists; give --force to overwrite it, or --family to choose another name")
+            card = parse_card(text, str(target))  # exactly what will be read back
+            if args.dry_run:
+                sys.stdout.write(text)
+            else:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+                print(f"wrote {target}: new family {s.family}, model id {args.model_id}")
+        else:
+            target = Path(registry.family_sources[s.family])
+            card = s.validated()
+            if args.dry_run:
+                print(f"would add to {target}: - model_id: {s.entry['model_id']}  hf_path: {s.entry['hf_path']}")
+            else:
+                append_entry(target, s.entry)
+                card = load_card_file(target)
+                print(f"added {args.model_id} to family {s.family} in {target}")
+        if not args.dry_run:  # a dry run printed them in the card's header
+            for line in s.derived:
+                print(f"  derived: {line}")
+        folder = str(Path(args.source)) if Path(args.source).is_dir() else args.source
+        from cardtune.scaffold import fetch_folder
+
+        result = check_model(args.model_id, str(fetch_folder(folder)), card, str(target))
+        sys.stdout.write("check: " + format_report(result))
+        if s.review:
+            print("review before a pull request:")
+            for line in s.review:
+                print(f"  - {line}")
+        print("then: cardtune inspect --model_id " + args.model_id + " --model-path " + folder + " --data YOUR_DATA -n 3")
+        if result.failed:
+            print(f"cardtune add-model: the card for {args.model_id} fails its check (above)", file=sys.stderr)
+            return 1
+        return 0
+
+    return run

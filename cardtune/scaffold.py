@@ -1,0 +1,470 @@
+"""``cardtune add-model``: a model card scaffolded from a model folder, then checked.
+
+What can be read off the folder is: the model class (``config.json`` architectures), whether
+it runs remote code, its modalities and media tokens, the module keywords (the model built
+on the meta device, no weights), whether its tokenizer ships a chat template that renders a
+conversation, and which special tokens it lacks. What cannot (a template for a folder that
+ships none, keywords of a remote-code model whose code is absent) is taken from ``--like
+FAMILY`` when given, and otherwise stops with a message that says so. Everything uncertain is
+listed for a human to review.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cardtune.registry.errors import CardError
+from cardtune.registry.schema import FamilyCard
+
+# Module names, classified by their last dotted component (lower case).
+_VISION = re.compile(r"vision|visual|image_encoder|img_processor|vit\b|siglip|clip")
+_PROJECTOR = re.compile(r"projector|projection|merger|mm_proj|attn_pool|connector|aligner|resampler|adapter")
+# Unused tokens a vocabulary keeps for later: candidates for a missing pad (MoE-LLaVA's practice).
+_RESERVED = re.compile(r"^<\|?(extra|reserved|unused|reg)[_a-z]*\d+\|?>$")
+# Loaders chosen by a file that only their family ships.
+_LOADER_MARKERS = {"qwen.tiktoken": "qwen-vl"}
+_TEMPLATE_FIELDS = ("template", "jinja", "declarative", "end_of_turn", "assistant_header", "system", "content")
+
+
+@dataclass
+class Scaffold:
+    """The card written for a folder, and what a human should still look at."""
+
+    card: dict[str, Any]
+    """The whole family card (a new family) or the family's card with the new entry."""
+    entry: dict[str, Any]
+    new_family: bool
+    derived: list[str] = field(default_factory=list)
+    review: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.card["family"]
+
+    def validated(self) -> FamilyCard:
+        return FamilyCard.model_validate(self.card)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def fetch_folder(source: str) -> Path:
+    """``source`` as a local folder: a folder as is, a hub id downloaded without weights."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder
+    if folder.exists() or source.count("/") != 1:
+        raise CardError(f"{source}: neither a model folder nor a hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            source, allow_patterns=["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py"]
+        ))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: all one message
+        raise CardError(
+            f"{source}: not a local folder, and its config and tokenizer files could not be downloaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "download the folder and pass its path"
+        ) from None
+
+
+def hub_name(folder: Path, source: str) -> tuple[str, bool]:
+    """(hf_path for the entry, whether it is a real hub id)."""
+    if not Path(source).is_dir():
+        return source, True
+    name = _read(folder / "config.json").get("_name_or_path") or ""
+    if name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/")):
+        return name, True
+    return str(folder.resolve()), False
+
+
+# -- modules ---------------------------------------------------------------------------------
+def build_on_meta(folder: Path, model_class: str, trust_remote_code: bool) -> Any:
+    """The model of ``folder`` built on the meta device (no memory, no weights)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    cls = getattr(transformers, model_class, None)
+    with torch.device("meta"):
+        if cls is None:
+            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
+
+
+def _has_params(module: Any) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def discover_modules(model: Any) -> dict[str, list[str]]:
+    """Module keywords per component, from the names of the model's sub-modules.
+
+    The base model (``model.model``) is opened; a vision module holding a projector-like child
+    (Qwen-VL's ``visual.merger``) is split into that child and the rest. Names are written
+    relative to the base model, the way a keyword matches (a dotted run of a parameter name).
+    A model with no vision part gives ``llm: [<base>, lm_head]``.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    top = [(name, child) for name, child in model.named_children() if child is not base]
+    inner = list(base.named_children()) if base is not None else []
+    groups: dict[str, list[str]] = {"vision_encoder": [], "vision_projector": [], "llm": []}
+    for name, child in inner:
+        last = name.lower()
+        if _VISION.search(last):
+            parts = list(child.named_children())
+            if any(_PROJECTOR.search(n.lower()) for n, _ in parts):
+                for sub, grandchild in parts:
+                    if _has_params(grandchild):
+                        key = "vision_projector" if _PROJECTOR.search(sub.lower()) else "vision_encoder"
+                        groups[key].append(f"{name}.{sub}")
+            elif _has_params(child):
+                groups["vision_encoder"].append(name)
+        elif _PROJECTOR.search(last):
+            groups["vision_projector"].append(name)
+        elif _has_params(child):
+            groups["llm"].append(name)
+    if not groups["vision_encoder"] and base is not None:
+        groups["llm"] = [prefix]
+    groups["llm"] += [name for name, child in top if _has_params(child)]
+    return groups
+
+
+# -- special tokens --------------------------------------------------------------------------
+def _config_token(tokenizer: Any, folder: Path, key: str) -> str | None:
+    for source in (_read(folder / "generation_config.json"), _read(folder / "config.json")):
+        value = source.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < len(tokenizer):
+            return tokenizer.convert_ids_to_tokens(value)
+    return None
+
+
+def recommend_special_tokens(tokenizer: Any, folder: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(chat.special_tokens, what was decided, what to review) for a tokenizer as shipped."""
+    tokens = {r: getattr(tokenizer, f"{r}_token") for r in ("pad", "unk", "bos", "eos")}
+    fix: dict[str, Any] = {}
+    said: list[str] = []
+    review: list[str] = []
+    if tokens["eos"] is None:
+        eos = _config_token(tokenizer, folder, "eos_token_id")
+        if eos is not None:
+            fix["eos"] = tokens["eos"] = eos
+            said.append(f"eos {eos!r}: the tokenizer has none; generation_config/config name its id")
+        else:
+            review.append("the tokenizer has no eos and the configs name none: set chat.special_tokens.eos")
+    shared = [r for r in ("bos", "eos", "unk") if tokens[r] is not None]
+    if len({tokens[r] for r in shared}) < len(shared):
+        fix["allow_shared"] = True
+        group = {tokens[r] for r in shared}
+        review.append(
+            f"bos/eos/unk share a token as shipped ({', '.join(f'{r}={tokens[r]!r}' for r in shared)}): "
+            "allow_shared is set because the model was trained so; give distinct tokens if your code "
+            f"needs them ({len(group)} distinct)"
+        )
+    if tokens["pad"] is None:
+        reserved = sorted(
+            (t for t in tokenizer.get_vocab() if _RESERVED.match(t)),
+            key=lambda t: tokenizer.convert_tokens_to_ids(t),
+        )
+        if tokens["unk"] is not None and tokens["unk"] != tokens["eos"]:
+            fix["pad"] = tokens["unk"]
+            said.append(f"pad {tokens['unk']!r}: the tokenizer has none; unk pads (never trained: masked)")
+        elif reserved:
+            fix["pad"] = reserved[0]
+            said.append(f"pad {reserved[0]!r}: the tokenizer has none; its first unused reserved token pads")
+        elif tokens["eos"] is not None:
+            fix["pad"] = tokens["eos"]
+            said.append(f"pad {tokens['eos']!r} = eos: the tokenizer has no pad, and no unk or reserved token apart from eos; "
+                        "padding is found by the attention mask, so eos labels are kept")
+        else:
+            review.append("no pad token can be chosen: set chat.special_tokens.pad")
+    return fix, said, review
+
+
+# -- the card --------------------------------------------------------------------------------
+def _multimodal(config: dict[str, Any]) -> bool:
+    return "vision_config" in config or "visual" in config or "img_processor" in config or "embd_layer" in config
+
+
+def _media(config: dict[str, Any], folder: Path, tokenizer: Any) -> dict[str, Any]:
+    tok_config = _read(folder / "tokenizer_config.json")
+    proc_config = _read(folder / "processor_config.json")
+    media: dict[str, Any] = {}
+    for kind in ("image", "video"):
+        token = tok_config.get(f"{kind}_token") or proc_config.get(f"{kind}_token") or getattr(tokenizer, f"{kind}_token", None)
+        if token is None:
+            for key in (f"{kind}_token_id", f"{kind}_token_index"):
+                tid = config.get(key)
+                if isinstance(tid, int) and 0 <= tid < len(tokenizer):
+                    token = tokenizer.convert_ids_to_tokens(tid)
+                    break
+        if token:
+            media[f"{kind}_token"] = token
+    return media
+
+
+def _template_renders(card: FamilyCard, folder: Path) -> tuple[bool, str]:
+    """Whether the folder's own template renders a conversation the engine can mask."""
+    from cardtune.collators.roles import derive_role_tokens
+    from cardtune.loaders import LOADERS
+
+    try:
+        processing = LOADERS[card.loader](card, folder).load_processing()
+        if processing.renderer.chat_template is None:
+            return False, "the folder ships no chat template"
+        derive_role_tokens(processing.renderer, processing.tokenizer, card.chat)
+    except Exception as exc:  # noqa: BLE001 - TemplateProbeError, template errors
+        return False, f"its chat template cannot be used ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def scaffold(
+    source: str,
+    model_id: str,
+    registry: Any,
+    *,
+    family: str | None = None,
+    like: str | None = None,
+    model_class: str | None = None,
+) -> Scaffold:
+    """The card for ``source`` (a folder or hub id) registered as ``model_id``.
+
+    ``family`` naming a registered family adds an entry to it (its card decides everything);
+    otherwise a new family (named ``family`` or ``model_id``) is written. ``like`` names a
+    registered family to take what the folder cannot tell: its chat template when the folder
+    ships none, its module keywords when the model cannot be built here.
+    """
+    from pydantic import ValidationError
+
+    from cardtune.registry.schema import ModelEntry
+
+    try:
+        ModelEntry(model_id=model_id, hf_path="x")  # the id's shape, with the schema's message
+    except ValidationError as exc:
+        raise CardError(f"--model_id {model_id!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if model_id in registry.models:
+        src = registry.family_sources[registry.models[model_id].family.family]
+        raise CardError(f"model id '{model_id}' is already registered (in {src})")
+    folder = fetch_folder(source)
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise CardError(f"{folder}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
+    hf_path, real_hub = hub_name(folder, source)
+    entry = {"model_id": model_id, "hf_path": hf_path}
+    review: list[str] = []
+    if not real_hub:
+        review.append(f"hf_path is the local folder {hf_path}: set the hub id before opening a pull request")
+
+    if family is not None and family in registry.families:
+        card = registry.families[family].model_dump(mode="json", exclude_defaults=True)
+        card["models"] = [*card["models"], entry]
+        if like:
+            raise CardError("--like is for a new family; an entry in an existing family takes that family's card")
+        return Scaffold(card, entry, False, [f"entry in the existing family {family} (its card decides the rest)"], review)
+
+    liked = None
+    if like is not None:
+        if like not in registry.families:
+            raise CardError(f"--like {like}: unknown family (known: {', '.join(sorted(registry.families))})")
+        liked = registry.families[like]
+
+    derived: list[str] = []
+    config = _read(folder / "config.json")
+    archs = config.get("architectures") or []
+    remote = "auto_map" in config
+    import transformers
+
+    if model_class:
+        derived.append(f"model class {model_class} (given)")
+    elif archs:
+        model_class = archs[0]
+        derived.append(f"model class {model_class} (config.json architectures)")
+    else:
+        model_class = liked.model_class if liked else "AutoModelForCausalLM"
+        derived.append(f"model class {model_class} ({'from --like ' + like if liked else 'config.json names none'})")
+        review.append(f"{'no config.json' if not config else 'config.json names no architecture'}: "
+                      f"model_class {model_class} is a guess")
+    native = getattr(transformers, model_class, None) is not None
+    trust = not native and (remote or model_class.startswith("Auto"))
+    if not native and not model_class.startswith("Auto"):
+        review.append(
+            f"{model_class} is not a transformers class: the model runs remote code from its folder "
+            "(trust_remote_code: true); if transformers has a native class for it now, set model_class to that"
+        )
+        trust = True
+    loader = next((name for marker, name in _LOADER_MARKERS.items() if (folder / marker).is_file()), "generic")
+    if loader != "generic":
+        derived.append(f"loader {loader} (the folder ships {next(m for m, n in _LOADER_MARKERS.items() if n == loader)})")
+
+    card: dict[str, Any] = {
+        "family": family or model_id,
+        "description": f"{model_id} (scaffolded by cardtune add-model from {source})",
+        "status": "experimental",
+        "status_note": "scaffolded by cardtune add-model; promote to supported after a training run",
+        "model_class": model_class,
+    }
+    if loader != "generic":
+        card["loader"] = loader
+    if trust:
+        card["trust_remote_code"] = True
+
+    # tokenizer (as shipped, no fix-ups) for media tokens and special tokens
+    from cardtune.loaders import LOADERS
+
+    probe_card = FamilyCard.model_validate({  # the tokenizer as shipped: shared tokens are judged below
+        **card, "models": [entry], "modules": {"llm": ["model"]}, "chat": {"special_tokens": {"allow_shared": True}},
+    })
+    tokenizer = LOADERS[loader](probe_card, folder).load_tokenizer()
+
+    multimodal = _multimodal(config)
+    if multimodal:
+        modalities = ["text", "image", "multi_image"]
+        media = _media(config, folder, tokenizer)
+        if "video_token" in media:
+            modalities.append("video")
+            card["capabilities"] = {"video": "experimental"}
+            review.append("video: the video token is known but video training is experimental until checked")
+        card["modalities"] = modalities
+        if config.get("model_type", "").startswith("qwen2") and "image_token" in media:
+            card["collator"] = "qwen2-vl"
+            derived.append("collator qwen2-vl (Qwen2-VL layout: image tokens expanded from the grid)")
+        if loader == "qwen-vl":
+            card["load_image"] = False
+            media = {}
+            derived.append("images are given by path in the prompt (the tokenizer reads the path): load_image false")
+        elif "image_token" not in media and liked is not None and liked.media.image_token:
+            media["image_token"] = liked.media.image_token
+            derived.append(f"image token {liked.media.image_token!r} from --like {like}")
+        elif "image_token" not in media:
+            review.append("no image token found in tokenizer_config/processor_config/config: set media.image_token")
+        processor_class = _read(folder / "preprocessor_config.json").get("processor_class")
+        if processor_class and not _read(folder / "processor_config.json").get("processor_class"):
+            card["processor_class"] = processor_class
+            derived.append(f"processor class {processor_class} (preprocessor_config.json)")
+        if media:
+            card["media"] = media
+            derived.append("media " + ", ".join(f"{k} {v!r}" for k, v in media.items()))
+        derived.append(f"modalities {', '.join(modalities)}")
+
+    # modules: the model on the meta device
+    try:
+        if not config:
+            raise CardError("no config.json")
+        if trust and not any(folder.glob("*.py")):
+            files = sorted({str(v).split(".")[0] + ".py" for v in config.get("auto_map", {}).values()})
+            raise CardError(f"its remote code ({', '.join(files) or 'auto_map'}) is not in the folder")
+        model = build_on_meta(folder, model_class, trust)
+        modules = discover_modules(model)
+        if not multimodal:
+            modules = {"llm": modules["llm"]}
+        derived.append("module keywords from the model built on the meta device: "
+                       + "; ".join(f"{k} {v}" for k, v in modules.items() if v))
+        if multimodal and not (modules["vision_encoder"] and modules["vision_projector"]):
+            review.append(f"vision modules not told apart by name ({modules}): write modules by hand")
+    except Exception as exc:  # noqa: BLE001 - remote code absent, unknown class, no config
+        why = str(exc) if isinstance(exc, CardError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if liked is not None:
+            modules = liked.modules.model_dump(exclude_defaults=True)
+            derived.append(f"module keywords from --like {like} (the model cannot be built here: {why})")
+            review.append(f"module keywords come from {like}: check them against the model's parameter names")
+        elif not multimodal:
+            modules = {"llm": ["model", "lm_head"]}
+            derived.append(f"module keywords llm [model, lm_head] (the usual causal-LM layout; cannot build: {why})")
+            review.append("module keywords are the usual causal-LM layout, not read off the model: check them")
+        else:
+            raise CardError(
+                f"{folder}: the model cannot be built on the meta device ({why}), so its vision, "
+                "projector and language-model modules are unknown; give --like FAMILY to take a family's "
+                "keywords, or write the card by hand"
+            ) from None
+    card["modules"] = {k: v for k, v in modules.items() if v}
+
+    # special tokens
+    fixups, said, special_review = recommend_special_tokens(tokenizer, folder)
+    derived += said
+    review += special_review
+
+    # chat template: the folder's, else --like's
+    chat: dict[str, Any] = {}
+    if fixups:
+        chat["special_tokens"] = fixups
+    trial = FamilyCard.model_validate({**card, "chat": chat, "models": [entry]})
+    ok, why = _template_renders(trial, folder)
+    if ok:
+        derived.append("chat template: the folder's own (it renders a conversation the engine can mask)")
+    elif liked is not None:
+        taken = liked.chat.model_dump(mode="json", exclude_defaults=True, include=set(_TEMPLATE_FIELDS))
+        chat = {**taken, **chat}
+        derived.append(f"chat template from --like {like} ({why})")
+        review.append(f"the chat template is {like}'s: confirm the model was trained with that format")
+    else:
+        raise CardError(
+            f"{folder}: {why}. cardtune cannot invent the format a model was trained with: give --like FAMILY "
+            "to take a registered family's template (families with templates of their own: "
+            f"{', '.join(sorted(f for f, c in registry.families.items() if c.chat.template in ('declarative', 'jinja')))}), "
+            "or write chat.declarative (docs/TEMPLATES.md)"
+        )
+    if chat:
+        card["chat"] = chat
+    card["models"] = [entry]
+    scaffold = Scaffold(card, entry, True, derived, review)
+    scaffold.validated()
+    return scaffold
+
+
+# -- writing ---------------------------------------------------------------------------------
+def card_yaml(s: Scaffold, source: str) -> str:
+    import yaml
+
+    head = [
+        f"# {s.family}: scaffolded by `cardtune add-model {source} --model_id {s.entry['model_id']}`.",
+        "# What add-model derived:",
+        *(f"#   - {line}" for line in s.derived),
+    ]
+    if s.review:
+        head += ["# Review before a pull request:", *(f"#   - {line}" for line in s.review)]
+    order = list(FamilyCard.model_fields)
+    card = dict(sorted(s.card.items(), key=lambda kv: order.index(kv[0])))
+    body = yaml.dump(card, Dumper=_CardDumper, sort_keys=False, allow_unicode=True, width=100)
+    return "\n".join(head) + "\n" + body
+
+
+class _CardDumper(__import__("yaml").SafeDumper):
+    """Block style, except lists of plain values in flow style (``llm: [model, lm_head]``)."""
+
+    def represent_list(self, data: list[Any]) -> Any:
+        flow = all(isinstance(x, (str, int, float, bool)) for x in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
+        return super().increase_indent(flow, False)  # list items indented under their key
+
+
+_CardDumper.add_representer(list, _CardDumper.represent_list)
+
+
+def append_entry(path: Path, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the ``models:`` list of the card file ``path``, keeping its comments."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    root = yaml.compose(text)
+    node = next((v for k, v in root.value if k.value == "models"), None)
+    if node is None or not isinstance(node, yaml.SequenceNode) or not node.value:
+        raise CardError(f"{path}: no 'models' list to add an entry to")
+    lines = text.splitlines(keepends=True)
+    first = node.value[0]
+    item_indent = " " * (first.start_mark.column - 2)
+    key_indent = " " * first.start_mark.column
+    end = node.value[-1].end_mark.line + (1 if node.value[-1].end_mark.column > 0 else 0)
+    new = [f"{item_indent}- model_id: {entry['model_id']}\n", f"{key_indent}hf_path: {json.dumps(entry['hf_path'])}\n"]
+    if end > 0 and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    path.write_text("".join(lines[:end] + new + lines[end:]), encoding="utf-8")

@@ -1,0 +1,265 @@
+"""`cardtune add-model` on every fixture folder: the scaffolded card passes `check` and gives the
+same input ids and labels as the hand-written card, and the same freeze groups."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from cardtune.cli import main
+from tests.conftest import MODELS, require_fixture
+
+# fixture folder -> (the hand-written card's model id, --like when the folder cannot tell all)
+FOLDERS: dict[str, tuple[str, str | None]] = {
+    "deepseek-coder-6.7b-instruct": ("deepseek-coder-6.7b-instruct", None),
+    "llama-2-7b-chat": ("llama-2-7b-chat", None),
+    "llava-1.5-7b": ("llava-1.5-7b", None),
+    "llava-interleave-qwen-7b": ("llava-interleave-qwen-7b", None),
+    "mistral-7b-instruct-v0.2": ("mistral-7b-instruct-v0.2", None),
+    "mistral-7b-instruct-v0.3": ("mistral-7b-instruct-v0.3", None),
+    "qwen2.5-7b-instruct": ("qwen2.5-7b-instruct", None),
+    "qwen2.5-vl-3b-instruct": ("qwen2.5-vl-3b-instruct", None),
+    # no chat template in the folder: the format comes from a family
+    "vicuna-7b-v1.5": ("vicuna-7b-v1.5", "vicuna-v1.5"),
+    "qwen2-vl-2b": ("qwen2-vl-2b", "qwen2-vl-base"),  # its template renders nothing
+    # no template, and remote code that is not in the folder (no meta model for the keywords)
+    "phi-2": ("phi-2", "phi-2"),
+    "qwen-vl-chat": ("qwen-vl-chat", "qwen-vl"),
+    # its own template, but remote code that is not in the folder
+    "phi3-vision": ("phi3-v", "phi3-v"),
+}
+
+
+def test_every_fixture_folder_is_covered() -> None:
+    if not MODELS.is_dir():
+        pytest.skip(f"fixtures not found at {MODELS}")
+    assert sorted(p.name for p in MODELS.iterdir() if p.is_dir()) == sorted(FOLDERS)
+
+
+@functools.cache
+def _added(folder_name: str, cards: str) -> tuple[int, str, str]:
+    """Run add-model once per folder into ``cards``; (exit code, stdout, card path)."""
+    import contextlib
+    import io
+
+    model_id = f"added-{folder_name}"
+    like = FOLDERS[folder_name][1]
+    argv = ["add-model", str(require_fixture(folder_name)), "--model_id", model_id, "--cards", cards]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv + (["--like", like] if like else []))
+    return rc, out.getvalue(), str(Path(cards) / f"{model_id}.yaml")
+
+
+@pytest.fixture(scope="module")
+def cards_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("user-cards"))
+
+
+def _conversations(multimodal: bool) -> list[tuple[Any, list[Any]]]:
+    from cardtune.conversation import Sample
+
+    def t(text: str) -> dict[str, str]:
+        return {"type": "text", "text": text}
+
+    out = [
+        (Sample("sys-3-turns", [
+            {"role": "system", "content": [t("You are brief.")]},
+            {"role": "user", "content": [t("Name a prime.")]},
+            {"role": "assistant", "content": [t("Seven.")]},
+            {"role": "user", "content": [t("Another?")]},
+            {"role": "assistant", "content": [t("Eleven is prime too.")]},
+            {"role": "user", "content": [t("Last one.")]},
+            {"role": "assistant", "content": [t("Thirteen.")]},
+        ]), []),
+        (Sample("one-turn", [
+            {"role": "user", "content": [t("Say 'ASSISTANT: hi' and nothing else.")]},
+            {"role": "assistant", "content": [t("ASSISTANT: hi")]},
+        ]), []),
+    ]
+    if multimodal:
+        red, blue = Image.new("RGB", (60, 40), (220, 20, 20)), Image.new("RGB", (32, 64), (20, 20, 220))
+        out.append((Sample("two-images", [
+            {"role": "user", "content": [{"type": "image"}, t("What colour?")]},
+            {"role": "assistant", "content": [t("Red.")]},
+            {"role": "user", "content": [{"type": "image"}, t("And this one?")]},
+            {"role": "assistant", "content": [t("Blue.")]},
+        ], images=["red.png", "blue.png"]), [red, blue]))
+    return out
+
+
+def _encoder(card: Any, folder: Path) -> Any:
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders import LOADERS
+
+    return ChatEncoder(card, LOADERS[card.loader](card, folder).load_processing())
+
+
+@pytest.mark.parametrize("folder_name", sorted(FOLDERS))
+def test_added_card_passes_check_and_labels_like_the_hand_written_card(folder_name: str, cards_dir: str) -> None:
+    from cardtune.collators.engine import IGNORE_INDEX, Media
+    from cardtune.errors import SampleError
+    from cardtune.registry import get_registry
+    from cardtune.registry.loader import load_card_file
+
+    folder = require_fixture(folder_name)
+    rc, out, path = _added(folder_name, cards_dir)
+    assert rc == 0, out
+    assert f"wrote {path}: new family added-{folder_name}, model id added-{folder_name}" in out
+    assert "FAIL" not in out and "  OK   end of turn trained: 3/3" in out
+    card = load_card_file(Path(path))
+    assert card.status == "experimental" and card.models[0].hf_path  # a scaffold is never "supported" yet
+
+    hand = get_registry().get(FOLDERS[folder_name][0]).family
+    assert card.modalities == [m for m in hand.modalities if m != "video"] + (["video"] if "video" in card.modalities else [])
+    ours, theirs = _encoder(card, folder), _encoder(hand, folder)
+    images_ok = ours.processing.processor is not None or ours.processing.image_processor is not None
+    for sample, images in _conversations(card.is_multimodal and card.load_image and images_ok):
+        media = Media(images=images) if images else None
+        try:
+            want = theirs.encode(sample, media)
+        except SampleError as exc:  # a sample the hand card refuses must be refused alike
+            with pytest.raises(SampleError) as got:
+                ours.encode(sample, media)
+            assert got.value.reason == exc.reason
+            continue
+        got = ours.encode(sample, media)
+        assert (got.input_ids, got.labels) == (want.input_ids, want.labels), f"{folder_name}/{sample.id}"
+        assert any(lab != IGNORE_INDEX for lab in got.labels)
+
+
+def _freeze_groups(card: Any, model: Any) -> dict[str, str | None]:
+    from cardtune.training.model import group_of
+
+    return {name: group_of(name, card) for name, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("folder_name", ["llava-1.5-7b", "llava-interleave-qwen-7b", "qwen2.5-vl-3b-instruct",
+                                         "qwen2-vl-2b", "vicuna-7b-v1.5", "mistral-7b-instruct-v0.3"])
+def test_discovered_keywords_freeze_the_same_parameters(folder_name: str, cards_dir: str) -> None:
+    """The keywords read off the meta model put every parameter in the same group as the hand card's."""
+    from cardtune.registry import get_registry
+    from cardtune.registry.loader import load_card_file
+    from cardtune.scaffold import build_on_meta
+
+    rc, out, path = _added(folder_name, cards_dir)
+    assert rc == 0, out
+    card = load_card_file(Path(path))
+    hand = get_registry().get(FOLDERS[folder_name][0]).family
+    model = build_on_meta(require_fixture(folder_name), card.model_class, False)
+    ours, theirs = _freeze_groups(card, model), _freeze_groups(hand, model)
+    assert ours == theirs
+    assert None not in ours.values()  # every parameter has a group
+    if card.is_multimodal:
+        assert {"vision_encoder", "vision_projector", "llm"} <= set(ours.values())
+
+
+def test_written_card_reads_back_with_review_notes(cards_dir: str) -> None:
+    rc, out, path = _added("qwen-vl-chat", cards_dir)
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text)
+    assert raw["loader"] == "qwen-vl" and raw["load_image"] is False and raw["trust_remote_code"] is True
+    # the fix-ups MoE-LLaVA applies by hand, recommended from the tokenizer and its configs
+    assert raw["chat"]["special_tokens"] == {"eos": "<|endoftext|>", "pad": "<|extra_0|>"}
+    assert raw["chat"]["template"] == "declarative"
+    assert "# Review before a pull request:" in text
+    assert "module keywords come from qwen-vl: check them against the model's parameter names" in out
+    assert raw["models"] == [{"model_id": "added-qwen-vl-chat",
+                              "hf_path": str(require_fixture("qwen-vl-chat").resolve())}]
+
+
+def test_recommended_special_tokens() -> None:
+    from transformers import AutoTokenizer
+
+    from cardtune.scaffold import recommend_special_tokens
+
+    vicuna = require_fixture("vicuna-7b-v1.5")  # pads with <unk> as shipped (special_tokens_map)
+    assert recommend_special_tokens(AutoTokenizer.from_pretrained(vicuna), vicuna) == ({}, [], [])
+    llama = require_fixture("llama-2-7b-chat")  # no pad: unk, distinct from eos, pads
+    fix, said, review = recommend_special_tokens(AutoTokenizer.from_pretrained(llama), llama)
+    assert fix == {"pad": "<unk>"} and review == []
+    assert said == ["pad '<unk>': the tokenizer has none; unk pads (never trained: masked)"]
+    phi2 = require_fixture("phi-2")
+    fix, said, review = recommend_special_tokens(AutoTokenizer.from_pretrained(phi2), phi2)
+    assert fix == {"allow_shared": True, "pad": "<|endoftext|>"}
+    assert review[0].startswith("bos/eos/unk share a token as shipped")
+    qwen = require_fixture("qwen2.5-7b-instruct")
+    assert recommend_special_tokens(AutoTokenizer.from_pretrained(qwen), qwen)[0] == {}
+
+
+# -- what add-model cannot tell, it says ----------------------------------------------------------
+def test_folder_without_template_needs_like(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = require_fixture("vicuna-7b-v1.5")
+    rc = main(["add-model", str(folder), "--model_id", "my-vicuna", "--cards", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(
+        f"cardtune add-model: {folder}: the folder ships no chat template. cardtune cannot invent the format "
+        "a model was trained with: give --like FAMILY to take a registered family's template (families with "
+        "templates of their own: "
+    )
+    assert "vicuna-v1.5" in err and list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_remote_code_vlm_without_code_needs_like(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = require_fixture("qwen-vl-chat")
+    rc = main(["add-model", str(folder), "--model_id", "my-qwen-vl", "--cards", str(tmp_path)])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        f"cardtune add-model: {folder}: the model cannot be built on the meta device (its remote code "
+        "(configuration_qwen.py, modeling_qwen.py) is not in the folder), so its vision, projector and "
+        "language-model modules are unknown; give --like FAMILY to take a family's keywords, or write the card by hand\n"
+    )
+
+
+def test_registered_id_and_existing_file_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = str(require_fixture("qwen2.5-7b-instruct"))
+    assert main(["add-model", folder, "--model_id", "qwen2.5-7b-instruct", "--cards", str(tmp_path)]) == 2
+    assert "model id 'qwen2.5-7b-instruct' is already registered (in " in capsys.readouterr().err
+    assert main(["add-model", folder, "--model_id", "Qwen Local", "--cards", str(tmp_path)]) == 2
+    assert "a model id is lowercase letters" in capsys.readouterr().err
+    (tmp_path / "mine.yaml").write_text("# my notes\n")
+    assert main(["add-model", folder, "--model_id", "x", "--family", "mine", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"cardtune add-model: {tmp_path / 'mine.yaml'} exists; give --force to overwrite it, "
+        "or --family to choose another name\n"
+    )
+    assert (tmp_path / "mine.yaml").read_text() == "# my notes\n"
+
+
+def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = str(require_fixture("mistral-7b-instruct-v0.3"))
+    assert main(["add-model", folder, "--model_id", "dry", "--cards", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    card = yaml.safe_load(out[: out.index("check: ")])
+    assert card["family"] == "dry" and card["model_class"] == "MistralForCausalLM"
+    assert card["modules"] == {"llm": ["model", "lm_head"]} and card["chat"] == {"special_tokens": {"pad": "<unk>"}}
+
+
+def test_entry_added_to_an_existing_family_keeps_its_comments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cardtune.registry.loader import load_card_file
+
+    builtin = Path(__file__).resolve().parents[1] / "configs" / "models" / "qwen2-instruct.yaml"
+    text = builtin.read_text().replace("family: qwen2-instruct", "family: my-qwen2")
+    for model_id in [line.split(":", 1)[1].strip() for line in text.splitlines() if "model_id:" in line]:
+        text = text.replace(f"model_id: {model_id}\n", f"model_id: my-{model_id}\n")
+    card_file = tmp_path / "my-qwen2.yaml"
+    card_file.write_text(text)
+    folder = str(require_fixture("qwen2.5-7b-instruct"))
+    rc = main(["add-model", folder, "--model_id", "my-local-qwen", "--family", "my-qwen2", "--cards", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"added my-local-qwen to family my-qwen2 in {card_file}" in out
+    new_text = card_file.read_text()
+    assert new_text.startswith(text.rstrip("\n") + "\n")  # the old text, comments and all, is kept
+    assert new_text[len(text.rstrip("\n")) + 1 :] == f"  - model_id: my-local-qwen\n    hf_path: {json.dumps(str(Path(folder).resolve()))}\n"
+    card = load_card_file(card_file)
+    assert card.models[-1].model_id == "my-local-qwen"
+    assert "  OK   masked-label round trip: 3 answers supervised exactly" in out
