@@ -1,8 +1,9 @@
 """The seeds' module: ``MODEL_REGISTRY``, ``MODEL_FAMILIES`` and ``MULTIMODAL_KEYWORDS``, from the cards.
 
-Built from the built-in cards plus the folders in ``$CARDTUNE_CARDS`` at import time; the CLI's
-``--cards`` folders go through :func:`cardtune.registry.get_registry` instead. The tables are
-live views of the registry: a model added later with :func:`register_model` appears in all.
+The tables are read-only live views of the default registry, :func:`cardtune.registry.get_registry`
+without folders: the built-in cards plus the folders in ``$CARDTUNE_CARDS`` (checked at import,
+so a broken card fails the import). A model added later with :func:`register_model` appears in
+all of them, also after registries of other folders (the CLI's ``--cards``) were built.
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -10,7 +11,7 @@ from typing import Any
 
 from cardtune.registry import get_registry, register_model
 
-_registry = get_registry()
+get_registry()  # a broken card is an import error
 
 
 class _View(Mapping[str, Any]):
@@ -32,15 +33,15 @@ class _View(Mapping[str, Any]):
         return repr(self._build())
 
 
-MODEL_REGISTRY = _registry.models
+MODEL_REGISTRY = _View(lambda: get_registry().models)
 """model id -> :class:`cardtune.registry.ModelSpec` (family card, hf path, revision)."""
 
-MODEL_FAMILIES = _View(lambda: {m: spec.family_id for m, spec in _registry.models.items()})
+MODEL_FAMILIES = _View(lambda: {m: spec.family_id for m, spec in get_registry().models.items()})
 """model id -> family id, as in the seeds."""
 
-MODEL_HF_PATH = _View(lambda: {m: spec.hf_path for m, spec in _registry.models.items()})
+MODEL_HF_PATH = _View(lambda: {m: spec.hf_path for m, spec in get_registry().models.items()})
 
-MULTIMODAL_KEYWORDS = _View(_registry.multimodal_keywords)
+MULTIMODAL_KEYWORDS = _View(lambda: get_registry().multimodal_keywords())
 """family id -> vision encoder + projector keywords (frozen by default, excluded from LLM LoRA)."""
 
 __all__ = ["MODEL_FAMILIES", "MODEL_HF_PATH", "MODEL_REGISTRY", "MULTIMODAL_KEYWORDS", "register_model"]

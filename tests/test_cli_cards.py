@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -316,9 +317,10 @@ def test_check_multimodal_card_without_vision_keywords(
     )
     rc, out, err = cli(capsys, "check", "--cards", str(tmp_path))
     assert (rc, out) == (1, "")
-    [line] = check_lines(err, tmp_path, builtin_failures)
-    assert line.startswith(f"FAIL {tmp_path / 'my-vlm.yaml'}:")
-    assert line.endswith(": a multimodal family needs module keywords for vision_encoder, vision_projector")
+    assert check_lines(err, tmp_path, builtin_failures) == [
+        f"FAIL {tmp_path / 'my-vlm.yaml'}:4: modules: "
+        "a multimodal family needs module keywords for vision_encoder, vision_projector"
+    ]
 
 
 def test_check_reports_every_broken_file(
@@ -342,29 +344,61 @@ def test_check_duplicate_ids_across_user_cards(
     rc, out, err = cli(capsys, "check", "--cards", str(tmp_path))
     assert (rc, out) == (1, "")
     assert check_lines(err, tmp_path, builtin_failures) == [
-        f"FAIL {b}: duplicate model id 'my-model' (already registered by {a})"
+        f"FAIL {b}:6: models[0].model_id: model id 'my-model' is already defined in {a}:6"
     ]
 
 
 def test_check_duplicate_of_a_builtin_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], builtin_failures: list[str]
 ) -> None:
+    """The user's card is the one at fault (at its line), though user folders are read first."""
     mine = write_card(tmp_path, "mine.yaml", TEXT_CARD.replace("my-model", "llava-1.5-7b"))
+    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
+    line = next(
+        i for i, text in enumerate(builtin_file.read_text().splitlines(), 1) if "llava-1.5-7b" in text
+    )
+    expected = (
+        f"{mine}:6: models[0].model_id: model id 'llava-1.5-7b' is already defined in {builtin_file}:{line}"
+    )
     rc, out, err = cli(capsys, "check", "--cards", str(tmp_path))
     assert (rc, out) == (1, "")
-    [line] = check_lines(err, tmp_path, builtin_failures)
-    assert line.startswith("FAIL ") and "duplicate model id 'llava-1.5-7b'" in line
-    assert str(BUILTIN_CARD_DIR / "llava-1.5.yaml") in line and str(mine) in line
+    assert check_lines(err, tmp_path, builtin_failures) == [f"FAIL {expected}"]
+    rc, out, err = cli(capsys, "list", "--cards", str(tmp_path))
+    assert (rc, out, err) == (2, "", f"cardtune list: {expected}\n")
 
 
+@pytest.mark.parametrize("field", ["loader", "collator"])
 def test_check_unknown_loader(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], builtin_failures: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], builtin_failures: list[str], field: str
 ) -> None:
-    path = write_card(tmp_path, "my-fam.yaml", TEXT_CARD.replace("models:", "loader: nope\nmodels:"))
+    path = write_card(
+        tmp_path, "my-fam.yaml", TEXT_CARD.replace("models:", f"# mine\n{field}: nope\nmodels:")
+    )
     rc, _, err = cli(capsys, "check", "--cards", str(tmp_path))
     assert rc == 1
     [line] = check_lines(err, tmp_path, builtin_failures)
-    assert line.startswith(f"FAIL {path}: loader: unknown loader 'nope' (known: ") and "generic" in line
+    known = "generic" if field == "loader" else "default"
+    # With or without the line: the exact form is the xfail below.
+    assert re.fullmatch(
+        rf"FAIL {re.escape(str(path))}(:6)?: {field}: unknown {field} 'nope' \(known: .*\b{known}\b.*\)", line
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_check_components (cardtune/commands/cards.py) does not yet take the place from "
+    "Registry.field_location(name, 'loader' / 'collator'): it writes `FILE: loader: ...`, no line",
+)
+@pytest.mark.parametrize("field", ["loader", "collator"])
+def test_check_unknown_loader_names_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], builtin_failures: list[str], field: str
+) -> None:
+    path = write_card(
+        tmp_path, "my-fam.yaml", TEXT_CARD.replace("models:", f"# mine\n{field}: nope\nmodels:")
+    )
+    _, _, err = cli(capsys, "check", "--cards", str(tmp_path))
+    [line] = check_lines(err, tmp_path, builtin_failures)
+    assert line.startswith(f"FAIL {path}:6: {field}: unknown {field} 'nope' (known: ")
 
 
 def test_check_broken_card_in_a_subprocess(tmp_path: Path, builtin_failures: list[str]) -> None:
@@ -455,21 +489,28 @@ def test_register_model_updates_the_seed_tables() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.get_registry rebuilds its cached default whenever it is called with another folder "
-    "set (e.g. a --cards command in the same process); supported_models keeps the registry of import "
-    "time, so register_model() then lands in a registry MODEL_REGISTRY/MODEL_FAMILIES do not show",
-)
 def test_register_model_after_a_cards_lookup_updates_the_seed_tables(tmp_path: Path) -> None:
+    """A --cards lookup in the same process builds a registry of its own: models registered before
+    and after it stay in the seed tables, and the --cards commands see them too."""
+    write_card(tmp_path, "my-fam.yaml", TEXT_CARD)
     code = (
-        "import sys\n"
+        "import contextlib, io, json, sys\n"
         "from cardtune import supported_models as sm\n"
+        "from cardtune.cli import main\n"
         "from cardtune.registry import get_registry\n"
-        "get_registry([sys.argv[1]])\n"
+        "sm.register_model('early', 'qwen2-vl', 'me/early')\n"
+        "assert get_registry([sys.argv[1]]).get('my-model').family_id == 'my-fam'\n"
         "sm.register_model('my-llava', 'llava-1.5', 'me/my-llava')\n"
         "assert 'my-llava' in sm.MODEL_REGISTRY, 'not in MODEL_REGISTRY'\n"
         "assert sm.MODEL_FAMILIES['my-llava'] == 'llava-1.5'\n"
+        "assert sm.MODEL_HF_PATH['early'] == 'me/early'\n"
+        "assert list(sm.MODEL_REGISTRY)[-2:] == ['early', 'my-llava']\n"
+        "assert 'my-model' not in sm.MODEL_FAMILIES\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['list', '--json', '--cards', sys.argv[1]]) == 0\n"
+        "ids = [row['model_id'] for row in json.loads(out.getvalue())]\n"
+        "assert ids[0] == 'my-model' and ids[-2:] == ['early', 'my-llava'], ids\n"
+        "assert sm.MODEL_FAMILIES['early'] == 'qwen2-vl'\n"
     )
     result = run([sys.executable, "-c", code, str(tmp_path)])
     assert result.returncode == 0, result.stderr

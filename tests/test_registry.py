@@ -21,10 +21,14 @@ from cardtune.registry import (
     FamilyCard,
     Registry,
     UnknownModelError,
+    field_line,
+    field_location,
     get_registry,
     load_card_file,
     parse_card,
+    register_model,
 )
+from cardtune.registry import registry as registry_module
 
 CARD_FILES = sorted(BUILTIN_CARD_DIR.glob("*.yaml"))
 RAW_CARDS = {p.stem: yaml.safe_load(p.read_text(encoding="utf-8")) for p in CARD_FILES}
@@ -363,6 +367,35 @@ BROKEN = {
         TEXT_CARD.replace("model_class:", "  model_class:"),
         "{p}:2: not valid YAML: mapping values are not allowed here",
     ),
+    "text_card_without_llm_keywords": (
+        TEXT_CARD.replace("  llm: [model, lm_head]\n", "  others: [x]\n"),
+        "{p}:3: modules: a text family needs module keywords for llm",
+    ),
+    "multimodal_card_without_vision_keywords": (
+        TEXT_CARD.replace("modules:", "modalities: [text, image]\nmodules:"),
+        "{p}:4: modules: a multimodal family needs module keywords for vision_encoder, vision_projector",
+    ),
+    "multimodal_card_without_modules": (
+        TEXT_CARD.replace("modules:\n  llm: [model, lm_head]\n", "modalities: [text, image]\n"),
+        "{p}:1: modules: a multimodal family needs module keywords for vision_encoder, vision_projector, llm",
+    ),
+    "modalities_without_text": (
+        TEXT_CARD.replace("modules:", "modalities: [image]\nmodules:"),
+        "{p}:3: modalities: must include 'text'",
+    ),
+    "video_capability_without_video_modality": (
+        TEXT_CARD.replace("models:", "capabilities:\n  lora: supported\n  video: experimental\nmodels:"),
+        "{p}:7: capabilities.video: 'experimental' needs 'video' in modalities (or set it to 'unsupported')",
+    ),
+    "video_capability_in_a_flow_mapping": (
+        TEXT_CARD.replace("models:", "capabilities: {video: supported}\nmodels:"),
+        "{p}:5: capabilities.video: 'supported' needs 'video' in modalities (or set it to 'unsupported')",
+    ),
+    "model_listed_twice": (
+        TEXT_CARD
+        + "  - model_id: other\n    hf_path: me/other\n  - model_id: my-model\n    hf_path: me/again\n",
+        "{p}:10: models[2].model_id: model id 'my-model' is listed twice (first as models[0])",
+    ),
     "not_a_mapping": (
         "- family: my-fam\n",
         "{p}:1: a card is a mapping with 'family', 'model_class' and 'models'",
@@ -410,70 +443,109 @@ def test_unknown_key_with_a_block_value_points_at_the_key_line(tmp_path: Path) -
     assert str(info.value).startswith(f"{path}:3: modles: unknown key")
 
 
-def test_multimodal_card_without_vision_keywords(tmp_path: Path) -> None:
-    path = write_card(
-        tmp_path,
-        "bad.yaml",
-        """
-        family: my-vlm
-        model_class: LlavaForConditionalGeneration
-        modalities: [text, image]
-        modules:
-          llm: [language_model, lm_head]
-        models:
-          - model_id: my-vlm-7b
-            hf_path: me/my-vlm
-        """,
-    )
-    with pytest.raises(CardError) as info:
-        load_card_file(path)
-    # The file and the problem are right; the location is the card as a whole ("(card)", line 1),
-    # not `modules` (line 4): reported as unclear rather than pinned here.
-    message = str(info.value)
-    assert message.startswith(f"{path}:")
-    assert message.endswith(
-        ": a multimodal family needs module keywords for vision_encoder, vision_projector"
-    )
-    assert "\n" not in message
-
-
 def test_duplicate_model_id_across_user_cards(tmp_path: Path) -> None:
     a = write_card(tmp_path, "a.yaml", TEXT_CARD.replace("my-fam", "fam-a"))
     b = write_card(tmp_path, "b.yaml", TEXT_CARD.replace("my-fam", "fam-b"))
     with pytest.raises(CardError) as info:
         Registry().load_dirs([tmp_path, BUILTIN_CARD_DIR])
-    assert str(info.value) == f"{b}: duplicate model id 'my-model' (already registered by {a})"
+    assert str(info.value) == f"{b}:6: models[0].model_id: model id 'my-model' is already defined in {a}:6"
 
 
-def test_duplicate_of_a_builtin_model_id(tmp_path: Path) -> None:
-    mine = write_card(tmp_path, "mine.yaml", TEXT_CARD.replace("my-model", "llava-1.5-7b"))
-    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
-    with pytest.raises(CardError) as info:
-        Registry().load_dirs([tmp_path, BUILTIN_CARD_DIR])
-    message = str(info.value)
-    # Both files and the id are named (which of the two is blamed is reported as unclear).
-    assert "duplicate model id 'llava-1.5-7b'" in message
-    assert str(mine) in message and str(builtin_file) in message
-    with pytest.raises(CardError, match="duplicate model id 'llava-1.5-7b'"):
-        get_registry([tmp_path])
-
-
-def test_duplicate_of_a_builtin_family(tmp_path: Path) -> None:
-    mine = write_card(tmp_path, "mine.yaml", TEXT_CARD.replace("my-fam", "llava-1.5"))
-    with pytest.raises(CardError) as info:
-        Registry().load_dirs([tmp_path, BUILTIN_CARD_DIR])
-    assert (
-        str(info.value)
-        == f"{BUILTIN_CARD_DIR / 'llava-1.5.yaml'}: family 'llava-1.5' is already defined in {mine}"
+def test_duplicate_model_id_names_the_entry_of_each_card(tmp_path: Path) -> None:
+    """Not the first entry of either card: the lines are those of the two clashing entries."""
+    a = write_card(
+        tmp_path, "a.yaml", TEXT_CARD.replace("my-fam", "fam-a") + "  - model_id: shared\n    hf_path: me/a\n"
     )
-
-
-def test_model_listed_twice_in_one_card(tmp_path: Path) -> None:
-    path = write_card(tmp_path, "bad.yaml", TEXT_CARD + "  - model_id: my-model\n    hf_path: me/other\n")
+    b = write_card(
+        tmp_path,
+        "b.yaml",
+        "# a comment\n"
+        + TEXT_CARD.replace("my-fam", "fam-b").replace("my-model", "mine-b").lstrip("\n")
+        + "  - model_id: other\n    hf_path: me/o\n  - model_id: shared\n    hf_path: me/b\n",
+    )
     with pytest.raises(CardError) as info:
-        load_card_file(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}:") and message.endswith(": model id 'my-model' is listed twice")
+        Registry().load_dirs([tmp_path])
+    assert str(info.value) == f"{b}:11: models[2].model_id: model id 'shared' is already defined in {a}:8"
+
+
+def test_duplicate_of_a_builtin_model_id_names_the_user_card(tmp_path: Path) -> None:
+    """User folders are read first, yet the error is about the user's card, not the built-in one."""
+    mine = write_card(
+        tmp_path, "mine.yaml", TEXT_CARD + "  - model_id: llava-1.5-13b\n    hf_path: me/mine\n"
+    )
+    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
+    line = field_line(builtin_file, "models[1].model_id")
+    assert builtin_file.read_text().splitlines()[line - 1].strip() == "- model_id: llava-1.5-13b"
+    expected = (
+        f"{mine}:8: models[1].model_id: model id 'llava-1.5-13b' is already defined in {builtin_file}:{line}"
+    )
+    with pytest.raises(CardError) as info:
+        Registry().load_dirs([tmp_path, BUILTIN_CARD_DIR])
+    assert str(info.value) == expected
+    with pytest.raises(CardError) as info:
+        get_registry([tmp_path])
+    assert str(info.value) == expected
+    with pytest.raises(CardError) as info:  # the same whichever folder is read first
+        Registry().load_dirs([BUILTIN_CARD_DIR, tmp_path])
+    assert str(info.value) == expected
+
+
+def test_duplicate_of_a_builtin_family_names_the_user_card(tmp_path: Path) -> None:
+    mine = write_card(
+        tmp_path, "mine.yaml", "# my copy\n" + TEXT_CARD.replace("my-fam", "llava-1.5").lstrip("\n")
+    )
+    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
+    line = field_line(builtin_file, "family")
+    assert builtin_file.read_text().splitlines()[line - 1] == "family: llava-1.5"
+    expected = f"{mine}:2: family: family 'llava-1.5' is already defined in {builtin_file}:{line}"
+    for dirs in ([tmp_path, BUILTIN_CARD_DIR], [BUILTIN_CARD_DIR, tmp_path]):
+        with pytest.raises(CardError) as info:
+            Registry().load_dirs(dirs)
+        assert str(info.value) == expected
+
+
+def test_duplicate_family_across_user_cards(tmp_path: Path) -> None:
+    a = write_card(tmp_path, "a.yaml", TEXT_CARD)
+    b = write_card(tmp_path, "b.yaml", TEXT_CARD.replace("my-model", "other"))
+    with pytest.raises(CardError) as info:
+        Registry().load_dirs([tmp_path])
+    assert str(info.value) == f"{b}:1: family: family 'my-fam' is already defined in {a}:1"
+
+
+def test_a_clashing_card_adds_nothing(tmp_path: Path) -> None:
+    """add_family is all or nothing: a clash on its second model id leaves no trace of the card."""
+    write_card(tmp_path, "a.yaml", TEXT_CARD.replace("my-model", "second"))
+    registry = Registry()
+    registry.load_dirs([tmp_path])
+    text = TEXT_CARD.replace("my-fam", "fam-b") + "  - model_id: second\n    hf_path: me/b\n"
+    with pytest.raises(CardError, match="model id 'second' is already defined in"):
+        registry.add_family(parse_card(text, "b.yaml"), "b.yaml")
+    assert list(registry.families) == ["my-fam"] and list(registry.models) == ["second"]
+
+
+def test_field_location_of_a_family(tmp_path: Path) -> None:
+    path = write_card(
+        tmp_path, "my-fam.yaml", TEXT_CARD.replace("models:", "loader: nope\ncollator: nah\nmodels:")
+    )
+    registry = Registry()
+    registry.load_dirs([tmp_path])
+    assert registry.field_location("my-fam", "loader") == f"{path}:5"
+    assert registry.field_location("my-fam", "collator") == f"{path}:6"
+    assert registry.field_location("my-fam", "models[0].hf_path") == f"{path}:9"
+    assert registry.field_location("my-fam", ("modules", "llm")) == f"{path}:4"
+    assert (
+        registry.field_location("my-fam", "modules.vision_encoder") == f"{path}:3"
+    )  # not written: its parent
+    assert registry.field_location("my-fam", "processor_class") == f"{path}:1"  # not written, at the top
+    other = TEXT_CARD.replace("my-fam", "py-fam").replace("my-model", "p")
+    registry.add_family(parse_card(other, "from a string"))
+    assert registry.field_location("py-fam", "loader") == "<python>"
+
+
+def test_field_line_without_a_file(tmp_path: Path) -> None:
+    assert field_line(tmp_path / "nope.yaml", "loader") is None
+    assert field_line("<python>", "loader") is None
+    assert field_location("<python>", "loader") == "<python>"
 
 
 # -- 5. user cards and register_model -------------------------------------------------------------
@@ -546,19 +618,110 @@ def test_register_model_duplicate_id(builtin: Registry) -> None:
     registry.load_dirs([BUILTIN_CARD_DIR])
     with pytest.raises(CardError) as info:
         registry.register_model("llava-1.5-7b", "llava-1.5", "me/x")
+    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
     assert str(info.value) == (
-        f"<python>: duplicate model id 'llava-1.5-7b' (already registered by {BUILTIN_CARD_DIR / 'llava-1.5.yaml'})"
+        "<python>: model_id: model id 'llava-1.5-7b' is already defined in "
+        f"{builtin_file}:{field_line(builtin_file, 'models[0].model_id')}"
     )
     assert registry.get("llava-1.5-7b").hf_path == "llava-hf/llava-1.5-7b-hf"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry.register_model does not apply the card schema's model-id rule "
-    "(lowercase letters, digits, '.', '_', '-'): 'My Model' is registered from Python",
-)
 def test_register_model_checks_the_id_shape() -> None:
+    """The card schema's model-id rule, with the schema's message."""
     registry = Registry()
     registry.load_dirs([BUILTIN_CARD_DIR])
-    with pytest.raises(CardError, match="model id"):
+    with pytest.raises(CardError) as info:
         registry.register_model("My Model", "llava-1.5", "me/x")
+    assert str(info.value) == (
+        "<python>: model_id: a model id is lowercase letters, digits, '.', '_' or '-', e.g. 'llava-1.5-7b'"
+    )
+    assert str(info.value).split("model_id: ")[1] == BROKEN["bad_model_id"][1].split("model_id: ")[1]
+    assert "My Model" not in registry.models
+
+
+def test_register_model_checks_the_entry_like_a_card() -> None:
+    registry = Registry()
+    registry.load_dirs([BUILTIN_CARD_DIR])
+    with pytest.raises(CardError) as info:
+        registry.register_model("my-llava", "llava-1.5", None)  # type: ignore[arg-type]
+    assert str(info.value) == "<python>: hf_path: input should be a valid string, got None"
+    assert "my-llava" not in registry.models
+
+
+def test_register_model_twice_from_python() -> None:
+    registry = Registry()
+    registry.load_dirs([BUILTIN_CARD_DIR])
+    registry.register_model("my-llava", "llava-1.5", "me/my-llava")
+    with pytest.raises(CardError) as info:
+        registry.register_model("my-llava", "llava-1.6", "me/other")
+    assert str(info.value) == "<python>: model_id: model id 'my-llava' is already defined in <python>"
+    assert registry.get("my-llava").hf_path == "me/my-llava"
+
+
+# -- the default registries: one per folder set, each with every register_model() ---------------
+@pytest.fixture
+def fresh_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Module-level register_model() changes the process's registries: start these tests from
+    none, and leave none behind for the other tests."""
+    monkeypatch.setattr(registry_module, "_CACHE", {})
+    monkeypatch.setattr(registry_module, "_REGISTERED", [])
+
+
+def test_get_registry_keeps_each_folder_set(tmp_path: Path, fresh_defaults: None) -> None:
+    write_card(tmp_path, "my-fam.yaml", TEXT_CARD)
+    default = get_registry()
+    with_mine = get_registry([tmp_path])
+    assert with_mine is not default and "my-model" in with_mine.models
+    assert get_registry() is default and "my-model" not in default.models
+    assert get_registry([tmp_path]) is with_mine
+
+
+def test_register_model_survives_a_cards_lookup(tmp_path: Path, fresh_defaults: None) -> None:
+    from cardtune import supported_models as sm
+
+    write_card(tmp_path, "my-fam.yaml", TEXT_CARD)
+    default = get_registry()
+    register_model("before", "llava-1.5", "me/before")
+    get_registry([tmp_path])  # a --cards command
+    register_model("after", "qwen2-vl", "me/after")
+    assert get_registry() is default
+    assert list(default.models)[-2:] == ["before", "after"]
+    assert list(sm.MODEL_REGISTRY) == [*EXPECTED_IDS, "before", "after"]
+    assert sm.MODEL_REGISTRY["before"] is default.models["before"]
+    assert (sm.MODEL_FAMILIES["before"], sm.MODEL_FAMILIES["after"]) == ("llava-1.5", "qwen2-vl")
+    assert (sm.MODEL_HF_PATH["before"], sm.MODEL_HF_PATH["after"]) == ("me/before", "me/after")
+    # The registry of the other folders has them too, after its own cards.
+    with_mine = get_registry([tmp_path])
+    assert list(with_mine.models) == ["my-model", *EXPECTED_IDS, "before", "after"]
+    assert with_mine.get("after").source == "<python>"
+    assert with_mine.get("after").family is with_mine.families["qwen2-vl"]
+
+
+def test_register_model_of_a_user_family(tmp_path: Path, monkeypatch, fresh_defaults: None) -> None:
+    """With $CARDTUNE_CARDS set, the default registry holds the user's families: a model of one
+    registers, and shows in the seed tables."""
+    from cardtune import supported_models as sm
+
+    write_card(tmp_path, "my-fam.yaml", TEXT_CARD)
+    monkeypatch.setenv(CARDS_ENV, str(tmp_path))
+    register_model("mine-2", "my-fam", "me/mine-2")
+    assert sm.MODEL_FAMILIES["mine-2"] == "my-fam" and sm.MODEL_FAMILIES["my-model"] == "my-fam"
+
+
+def test_register_model_errors_register_nothing(fresh_defaults: None) -> None:
+    from cardtune import supported_models as sm
+
+    builtin_file = BUILTIN_CARD_DIR / "llava-1.5.yaml"
+    with pytest.raises(CardError) as info:
+        register_model("My Model", "llava-1.5", "me/x")
+    assert str(info.value).startswith("<python>: model_id: a model id is lowercase letters")
+    with pytest.raises(CardError, match="names unknown family 'llava-15'"):
+        register_model("my-llava", "llava-15", "me/x")
+    with pytest.raises(CardError) as info:
+        register_model("llava-1.5-7b", "llava-1.5", "me/x")
+    assert str(info.value) == (
+        "<python>: model_id: model id 'llava-1.5-7b' is already defined in "
+        f"{builtin_file}:{field_line(builtin_file, 'models[0].model_id')}"
+    )
+    assert list(sm.MODEL_REGISTRY) == EXPECTED_IDS
+    assert registry_module._REGISTERED == []

@@ -1,7 +1,14 @@
 """Model cards: schema, YAML loading, ``register_model`` and lookup."""
 
 from cardtune.registry.errors import CapabilityError, CardError, UnknownModelError
-from cardtune.registry.loader import BUILTIN_CARD_DIR, CARDS_ENV, load_card_file, parse_card
+from cardtune.registry.loader import (
+    BUILTIN_CARD_DIR,
+    CARDS_ENV,
+    field_line,
+    field_location,
+    load_card_file,
+    parse_card,
+)
 from cardtune.registry.registry import ModelSpec, Registry, get_registry, register_model
 from cardtune.registry.schema import FamilyCard
 
@@ -14,6 +21,8 @@ __all__ = [
     "ModelSpec",
     "Registry",
     "UnknownModelError",
+    "field_line",
+    "field_location",
     "get_registry",
     "load_card_file",
     "parse_card",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,41 @@ def _line_of(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
     return line
 
 
-def _dotted(path: Sequence[str | int]) -> str:
+def _split_field(field: str | Sequence[str | int]) -> list[str | int]:
+    """``"models[1].model_id"`` -> ``["models", 1, "model_id"]``; a sequence is taken as is."""
+    if not isinstance(field, str):
+        return list(field)
+    return [int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[\d+\]|[^.\[\]]+", field)]
+
+
+def field_line(source: str | os.PathLike, field: str | Sequence[str | int]) -> int | None:
+    """The 1-based line of ``field`` (``"loader"``, ``"models[1].model_id"``) in the card file
+    ``source``, as validation errors count it: a field the file does not write gets the line of
+    its nearest written parent (line 1 at the top). None when ``source`` is not a readable YAML
+    file (a card registered from Python, ``<python>``)."""
+    try:
+        root = yaml.compose(Path(source).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return _line_of(root, _split_field(field)) or 1
+
+
+def field_location(source: str, field: str | Sequence[str | int]) -> str:
+    """``FILE:LINE`` of ``field`` in the card file ``source`` (just ``source`` when it has no lines)."""
+    line = field_line(source, field)
+    return f"{source}:{line}" if line is not None else source
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    """``["models", 1, "model_id"]`` -> ``"models[1].model_id"``."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(card)"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe(error: dict[str, Any]) -> str:
+    """One pydantic error as the words after ``FILE:LINE: field:``."""
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown key"
@@ -86,8 +114,9 @@ def parse_card(text: str, source: str) -> FamilyCard:
         lines = []
         for err in exc.errors():
             loc = [p for p in err["loc"] if p not in ("function-after[_one_or_many(), nullable[list[str]]]",)]
+            loc += err.get("ctx", {}).get("loc", ())  # a cross-field rule's field (schema.card_rule_error)
             line = _line_of(root, loc)
-            lines.append(f"{source}:{line}: {_dotted(loc)}: {_describe(err)}")
+            lines.append(f"{source}:{line}: {dotted(loc)}: {describe(err)}")
         raise CardError("\n".join(lines)) from None
 
 
@@ -95,9 +124,9 @@ def load_card_file(path: Path) -> FamilyCard:
     return parse_card(path.read_text(encoding="utf-8"), str(path))
 
 
-def iter_card_files(dirs: Iterable[Path]) -> list[Path]:
+def iter_card_files(dirs: Iterable[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
-    for d in dirs:
+    for d in map(Path, dirs):
         files += sorted(p for p in d.glob("*.yaml") if p.is_file())
         files += sorted(p for p in d.glob("*.yml") if p.is_file())
     return files

@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Modality = Literal["text", "image", "multi_image", "video"]
 CapabilityState = Literal["supported", "experimental", "unsupported"]
@@ -17,6 +18,16 @@ SystemPolicy = Literal["auto", "native", "fold", "reject"]
 ContentForm = Literal["auto", "string", "parts"]
 
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MODEL_ID_RULE = "a model id is lowercase letters, digits, '.', '_' or '-', e.g. 'llava-1.5-7b'"
+
+
+def card_rule_error(loc: tuple[str | int, ...], message: str) -> PydanticCustomError:
+    """An error of a rule spanning several fields, located at the field to fix.
+
+    ``loc`` is relative to the model whose validator raises it; pydantic reports such an error
+    at that model's own location, so the loader appends ``ctx["loc"]`` to find the field's line.
+    """
+    return PydanticCustomError("card_rule", "{message}", {"message": message, "loc": loc})
 
 
 class _Strict(BaseModel):
@@ -35,7 +46,7 @@ class ModelEntry(_Strict):
     @classmethod
     def _model_id_shape(cls, value: str) -> str:
         if not _MODEL_ID.match(value):
-            raise ValueError("a model id is lowercase letters, digits, '.', '_' or '-', e.g. 'llava-1.5-7b'")
+            raise ValueError(MODEL_ID_RULE)
         return value
 
 
@@ -231,21 +242,27 @@ class FamilyCard(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FamilyCard:
+        """Rules across fields; each error names the field to change (see :func:`card_rule_error`)."""
         if "text" not in self.modalities:
-            raise ValueError("modalities must include 'text'")
-        if self.is_multimodal:
-            missing = [k for k in ("vision_encoder", "vision_projector", "llm") if not getattr(self.modules, k)]
-            if missing:
-                raise ValueError(f"a multimodal family needs module keywords for {', '.join(missing)}")
-        elif not self.modules.llm:
-            raise ValueError("modules.llm must name the language model's modules")
+            raise card_rule_error(("modalities",), "must include 'text'")
+        kind = "multimodal" if self.is_multimodal else "text"
+        needed = ("vision_encoder", "vision_projector", "llm") if self.is_multimodal else ("llm",)
+        missing = [k for k in needed if not getattr(self.modules, k)]
+        if missing:
+            raise card_rule_error(("modules",), f"a {kind} family needs module keywords for {', '.join(missing)}")
         if self.capabilities.video != "unsupported" and "video" not in self.modalities:
-            raise ValueError("capabilities.video is not 'unsupported' but 'video' is not in modalities")
-        seen: set[str] = set()
-        for entry in self.models:
-            if entry.model_id in seen:
-                raise ValueError(f"model id '{entry.model_id}' is listed twice")
-            seen.add(entry.model_id)
+            raise card_rule_error(
+                ("capabilities", "video"),
+                f"'{self.capabilities.video}' needs 'video' in modalities (or set it to 'unsupported')",
+            )
+        first: dict[str, int] = {}
+        for i, entry in enumerate(self.models):
+            if entry.model_id in first:
+                raise card_rule_error(
+                    ("models", i, "model_id"),
+                    f"model id '{entry.model_id}' is listed twice (first as models[{first[entry.model_id]}])",
+                )
+            first[entry.model_id] = i
         return self
 
     @property
