@@ -378,17 +378,11 @@ def test_check_unknown_loader(
     assert rc == 1
     [line] = check_lines(err, tmp_path, builtin_failures)
     known = "generic" if field == "loader" else "default"
-    # With or without the line: the exact form is the xfail below.
     assert re.fullmatch(
-        rf"FAIL {re.escape(str(path))}(:6)?: {field}: unknown {field} 'nope' \(known: .*\b{known}\b.*\)", line
+        rf"FAIL {re.escape(str(path))}:6: {field}: unknown {field} 'nope' \(known: .*\b{known}\b.*\)", line
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_components (cardtune/commands/cards.py) does not yet take the place from "
-    "Registry.field_location(name, 'loader' / 'collator'): it writes `FILE: loader: ...`, no line",
-)
 @pytest.mark.parametrize("field", ["loader", "collator"])
 def test_check_unknown_loader_names_its_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], builtin_failures: list[str], field: str
@@ -515,6 +509,26 @@ def test_register_model_after_a_cards_lookup_updates_the_seed_tables(tmp_path: P
     result = run([sys.executable, "-c", code, str(tmp_path)])
     assert result.returncode == 0, result.stderr
 
+
+
+def test_show_a_model_registered_from_python() -> None:
+    """`show` prints the id's own entry even when the id is not in its family card's list."""
+    code = (
+        "import contextlib, io, yaml\n"
+        "from cardtune import supported_models as sm\n"
+        "from cardtune.cli import main\n"
+        "sm.register_model('my-llava', 'llava-1.5', 'me/my-llava', revision='abc')\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['show', 'my-llava']) == 0\n"
+        "text = out.getvalue()\n"
+        "assert text.startswith('# my-llava: from <python>\\n'), text\n"
+        "card = yaml.safe_load(text)\n"
+        "assert card['family'] == 'llava-1.5'\n"
+        "assert card['models'] == [{'model_id': 'my-llava', 'hf_path': 'me/my-llava', 'revision': 'abc', "
+        "'config_overrides': {}}], card['models']\n"
+    )
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
 
 # -- no torch for the registry commands ----------------------------------------------------------
 def test_list_and_show_do_not_import_torch() -> None:

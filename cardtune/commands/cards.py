@@ -80,8 +80,11 @@ def _configure_show(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         spec = get_registry(args.cards).get(args.model_id)
         card = spec.family.model_dump(mode="json")
-        card["models"] = [m for m in card["models"] if m["model_id"] == spec.model_id]
-        card["models"][0]["config_overrides"] = spec.config_overrides
+        # An id added with register_model is not among its family card's own entries.
+        entry = next((m for m in card["models"] if m["model_id"] == spec.model_id), None) or {
+            "model_id": spec.model_id, "hf_path": spec.hf_path, "revision": spec.revision,
+        }
+        card["models"] = [{**entry, "config_overrides": spec.config_overrides}]
         sys.stdout.write(f"# {spec.model_id}: from {spec.source}\n")
         sys.stdout.write(yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
         return 0
@@ -190,11 +193,10 @@ def _check_components(registry) -> list[str]:
 
     problems = []
     for name, card in registry.families.items():
-        src = registry.family_sources[name]
         if card.loader not in LOADERS:
-            problems.append(f"{src}: loader: unknown loader '{card.loader}' (known: {', '.join(sorted(LOADERS))})")
+            problems.append(f"{registry.field_location(name, 'loader')}: loader: unknown loader '{card.loader}' (known: {', '.join(sorted(LOADERS))})")
         if card.collator not in COLLATORS:
             problems.append(
-                f"{src}: collator: unknown collator '{card.collator}' (known: {', '.join(sorted(COLLATORS))})"
+                f"{registry.field_location(name, 'collator')}: collator: unknown collator '{card.collator}' (known: {', '.join(sorted(COLLATORS))})"
             )
     return problems
