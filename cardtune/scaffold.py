@@ -58,8 +58,8 @@ def fetch_folder(source: str) -> Path:
     folder = Path(source)
     if folder.is_dir():
         return folder
-    if folder.exists() or source.count("/") != 1:
-        raise CardError(f"{source}: neither a model folder nor a hub id (org/name)")
+    if folder.exists() or source.count("/") != 1 or source.startswith(("/", ".", "~")):
+        raise CardError(f"{source}: no such model folder (and not a hub id: org/name)")
     try:
         from huggingface_hub import snapshot_download
 

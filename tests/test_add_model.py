@@ -263,3 +263,13 @@ def test_entry_added_to_an_existing_family_keeps_its_comments(tmp_path: Path, ca
     card = load_card_file(card_file)
     assert card.models[-1].model_id == "my-local-qwen"
     assert "  OK   masked-label round trip: 3 answers supervised exactly" in out
+
+
+def test_missing_folder_and_offline_hub_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["add-model", str(tmp_path / "nope"), "--model_id", "x"]) == 2
+    assert capsys.readouterr().err == f"cardtune add-model: {tmp_path / 'nope'}: no such model folder (and not a hub id: org/name)\n"
+    assert main(["add-model", "someorg/somemodel", "--model_id", "x"]) == 2  # HF_HUB_OFFLINE=1 in tests
+    err = capsys.readouterr().err
+    assert err.startswith("cardtune add-model: someorg/somemodel: not a local folder, and its config and tokenizer "
+                          "files could not be downloaded (")
+    assert err.endswith("); download the folder and pass its path\n")
