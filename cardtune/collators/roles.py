@@ -71,8 +71,27 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     return inside[0], inside[-1] + 1
 
 
+def _plain_role_tokens(renderer: Any, tokenizer: Any) -> RoleTokens:
+    """The plain template (projector pretraining) has no roles: each caption follows its
+    media tokens and ends with eos. No header: the engine starts a span after the media."""
+    eos = tokenizer.eos_token
+    if not eos:
+        raise TemplateProbeError("the plain template needs an eos token (set chat.special_tokens.eos)")
+    text = _render(renderer, _conv(False, "parts"))
+    if text != f"{_A1}{eos}{_A2}{eos}":
+        raise TemplateProbeError(f"the installed template is not the plain template: a probe renders {text[:120]!r}")
+    eot = tuple(tokenizer(eos, add_special_tokens=False)["input_ids"])
+    bos_id = tokenizer.bos_token_id
+    probe = tokenizer("a").input_ids
+    adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+    notes = ["plain template: media, then each caption and its eos; no roles, no system prompt"]
+    return RoleTokens((), eot, None, "parts", "native", bos_id, adds_bos, False, notes)
+
+
 def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTokens:
     notes: list[str] = []
+    if chat.template == "plain":
+        return _plain_role_tokens(renderer, tokenizer)
     # 1. Content form: string or list of parts, whichever the template renders.
     if chat.content != "auto":
         content = chat.content
@@ -102,6 +121,11 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
         notes.append("system prompts are refused (card: system: reject)")
 
     text = _render(renderer, _conv(False, content))
+    if any(t not in text for t in (_U1, _A1, _U2, _A2)):
+        raise TemplateProbeError(
+            f"the chat template does not write the messages' text with {content} content (a probe "
+            f"conversation renders {text[:120]!r}); set chat.content in the card, or fix the template"
+        )
     u1_end = text.index(_U1) + len(_U1)
     a1_start = text.index(_A1)
     a2_end = text.index(_A2) + len(_A2)
