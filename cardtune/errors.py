@@ -5,6 +5,8 @@ Reason codes are stable strings, counted in summaries (``validate-data``, traini
 
 from __future__ import annotations
 
+from typing import Any
+
 REASONS: dict[str, str] = {
     "missing_media": "media file not found",
     "unreadable_media": "media file cannot be read",
@@ -39,6 +41,13 @@ class SampleError(ValueError):
         self.source = source
         where = f" ({source})" if source else ""
         super().__init__(f"sample {sample_id}{where}: {field}: {reason}: {detail or REASONS[reason]}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles ``self.args`` (the one formatted message) and would call
+        # ``SampleError(message)``: rebuild from the fields instead, so DataLoader workers
+        # and multiprocessing pools can send it back. Extra attributes travel as state.
+        fields = (self.sample_id, self.field, self.reason, self.detail, self.source)
+        return type(self), fields, self.__dict__.copy() or None
 
     def to_dict(self) -> dict[str, str]:
         return {
