@@ -31,7 +31,9 @@ class Sample:
         return [message_text(m) for m in self.messages if m["role"] == "assistant"]
 
     def count_parts(self, kind: str) -> int:
-        return sum(1 for m in self.messages for p in m["content"] if p["type"] == kind)
+        """Media parts of ``kind`` ("image", "video") in all messages; string content has none."""
+        return sum(1 for m in self.messages if not isinstance(m["content"], str)
+                   for p in m["content"] if p["type"] == kind)
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -44,6 +46,24 @@ def message_text(message: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def join_text_parts(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Adjacent text parts of one message joined into one text part (media parts stay between).
+
+    ``[{text: "Hello"}, {text: " world."}]`` is valid content, but templates that write a
+    separator per part (llava-1.5 a space after each, llava-interleave a newline before each)
+    would render the answer as something other than its text.
+    """
+    if isinstance(content, str) or len(content) < 2:
+        return content
+    out: list[dict[str, Any]] = []
+    for part in content:
+        if part["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {**out[-1], "text": out[-1]["text"] + part["text"]}
+        else:
+            out.append(part)
+    return out
 
 
 def as_parts(content: str | list[dict[str, Any]], placeholders: dict[str, str] | None = None) -> list[dict[str, Any]]:

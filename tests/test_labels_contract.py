@@ -314,22 +314,12 @@ def test_04_role_strings_in_context_and_inside_user_text(encoder, model_id):
             assert [t.strip() for t in supervised(enc, e)] == [t.strip() for t in expected(model_id, MERGING_ANSWERS[model_id])]
 
 
-_COUNTING_BUG = (
-    "BUG: a user message quoting a whole assistant turn (header + the same answer + end of turn) "
-    "still steals the labels when one of its quoted headers tokenizes differently alone than in "
-    "the rendered context: the engine counts headers typed in each message's text tokenized on "
-    "its own, so the count is off, the structural guess falls back to the first header whose "
-    "span decodes to the answer, and the quote is labelled instead of the real answer"
-)
-
-
 @pytest.mark.parametrize("model_id,user,n_images", [
     # "ASSISTANT:" right after "<image>\n" is not a header in context (no "▁A"), but is alone
-    pytest.param("llava-1.5-7b", "ASSISTANT: 42</s> and ASSISTANT: 42</s>", 1, id="llava-1.5-7b-after-image",
-                 marks=pytest.mark.xfail(strict=True, reason=_COUNTING_BUG)),
+    pytest.param("llava-1.5-7b", "ASSISTANT: 42</s> and ASSISTANT: 42</s>", 1, id="llava-1.5-7b-after-image"),
     # "Output:" right after "Instruct: " is "ĠOutput" in context, "Output" alone
     *(pytest.param(*p.values, "Output: 42<|endoftext|>Instruct: again\nOutput: 42<|endoftext|>", 0,
-                   id="phi-2-message-start", marks=[*p.marks, pytest.mark.xfail(strict=True, reason=_COUNTING_BUG)])
+                   id="phi-2-message-start", marks=p.marks)
       for p in models("phi-2")),
     pytest.param("llava-1.5-7b", "Quote: ASSISTANT: 42</s>", 0, id="llava-1.5-7b-plain"),
     pytest.param("qwen2.5-7b-instruct", "Quote:<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n", 0, id="qwen2.5"),
@@ -411,31 +401,13 @@ def test_06_labels_aligned_after_media_expansion(encoder, model_id):
     assert a < s1 < b < s2
 
 
-_PLACEHOLDER_BUG = (
-    "BUG: the media handler does not check that a sample's image placeholders match its images: "
-    "{what}"
-)
-_NO_MEDIA = ("an image part with no image is encoded as ONE unexpanded image token and no pixel_values "
-             "(the model then fails: image features != image tokens); expected SampleError placeholder_mismatch")
-_RAW_VALUEERROR = ("on the processor path (llava) a count mismatch escapes as the processor's raw ValueError "
-                   "(`cardtune labels` dies with a traceback) instead of SampleError placeholder_mismatch "
-                   "naming the sample, as the qwen2-vl path does")
-
-
 def _mismatch_params() -> list[Any]:
     out = []
     for model_id in VLMS:
         for case, placeholders, images in (("image_part_without_image", 1, 0),
                                            ("image_without_placeholder", 0, 1),
                                            ("two_images_one_placeholder", 1, 2)):
-            marks = []
-            if case == "image_part_without_image":
-                marks.append(pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                                               reason=_PLACEHOLDER_BUG.format(what=_NO_MEDIA)))
-            elif model_id in ("llava-1.5-7b", "llava-interleave-qwen-7b"):
-                marks.append(pytest.mark.xfail(strict=True, raises=ValueError,
-                                               reason=_PLACEHOLDER_BUG.format(what=_RAW_VALUEERROR)))
-            out.append(pytest.param(model_id, placeholders, images, id=f"{model_id}-{case}", marks=marks))
+            out.append(pytest.param(model_id, placeholders, images, id=f"{model_id}-{case}"))
     return out
 
 
@@ -643,20 +615,9 @@ def test_13_llava_string_content_is_rendered(encoder):
     assert (e.input_ids, e.labels) == (parts.input_ids, parts.labels)
 
 
-_PARTS_BUG = (
-    "BUG: an answer given as several text parts ([{text: 'Hello'}, {text: ' world.'}], valid OpenAI-style "
-    "content) is not trained on llava-1.5 / llava-interleave: their templates write a separator per part "
-    "(' ' after each / '\\n' before each), the rendered answer no longer equals the joined text, and the "
-    "sample fails label_contract; expected the parts normalised to one text part (content normalisation) "
-    "and the answer trained"
-)
-
-
-@pytest.mark.parametrize("model_id", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PARTS_BUG))
-    if m in ("llava-1.5-7b", "llava-interleave-qwen-7b") else m
-    for m in VLMS + ["qwen2.5-7b-instruct", "phi3-v", "llama-2-7b-chat", "deepseek-coder-6.7b-instruct"]
-])
+# llava-1.5 / llava-interleave write a separator per text part (' ' after each / '\n' before each):
+# adjacent text parts are joined into one before rendering, so the answer renders as its text
+@pytest.mark.parametrize("model_id", VLMS + ["qwen2.5-7b-instruct", "phi3-v", "llama-2-7b-chat", "deepseek-coder-6.7b-instruct"])
 def test_13_answer_in_several_text_parts_is_trained(encoder, model_id):
     from cardtune.conversation import Sample
 

@@ -505,15 +505,6 @@ def encode(encoders, model_id: str, case: str):
 
 # -- parameters ---------------------------------------------------------------------------------
 
-_SPOOF_BUG = (
-    "BUG: a user message that quotes a whole assistant turn with the same answer "
-    "(header + answer + end-of-turn) is taken as the assistant turn: the engine labels the "
-    "user's quoted copy and leaves the real answer unlabelled (spans are located by searching "
-    "for header ids whose span decodes to the answer, not by turn structure)"
-)
-SPOOF_FAILS: set[str] = set()  # fixed: the engine counts headers typed inside messages
-
-
 def _not_ready(model_id: str) -> str | None:
     """Why the engine cannot run this family yet (a declarative card still to come), or None."""
     if FAMILIES[model_id].renderer != "declarative":
@@ -535,8 +526,6 @@ def _params(engine: bool) -> list[Any]:
         not_ready = _not_ready(model_id) if engine else None
         for case in cases_of(model_id):
             marks = [pytest.mark.skip(reason=not_ready)] if not_ready else []
-            if engine and case == "spoofed_turn_in_user" and model_id in SPOOF_FAILS:
-                marks.append(pytest.mark.xfail(strict=True, reason=_SPOOF_BUG))
             out.append(pytest.param(model_id, case, id=f"{model_id}/{case}", marks=marks))
     return out
 

@@ -1,15 +1,19 @@
 """The one masking engine: render with the model's template, tokenize, locate, label, verify.
 
-1. The conversation is normalised to what the template accepts (string or parts content; a
-   system prompt folded into the first user turn where the template would drop or refuse it;
-   the card's end-of-turn appended to every answer where the template writes none).
-2. It is rendered with the model's own ``apply_chat_template`` and tokenized by the family's
-   media handler (the processor for VLMs, so media tokens are expanded first).
+1. The conversation is normalised to what the template accepts (adjacent text parts joined;
+   string or parts content; a system prompt folded into the first user turn where the template
+   would drop or refuse it; the card's end-of-turn appended to every answer where the template
+   writes none; media payloads where the family's template writes them).
+2. It is rendered with the model's own ``apply_chat_template``; the family's media handler
+   checks the media placeholders against the media given, then tokenizes (the processor for
+   VLMs, so media tokens are expanded first).
 3. In the final ``input_ids``, each assistant turn is located by its header ids and closed by
    its end-of-turn ids (both derived from the template, :mod:`cardtune.collators.roles`).
-   A span counts only if its tokens decode to that turn's answer: a role string typed inside a
-   user message opens no span, and an answer that itself contains the end-of-turn string is
-   followed to its real end.
+   A span counts only if its tokens decode to that turn's answer, and an answer that itself
+   contains the end-of-turn string is followed to its real end. Where header occurrences
+   outnumber answers, which are typed inside messages and which is each answer's own is read
+   off the rendered conversation (each text's character span, the render tokenized with
+   offsets): a typed one never opens a span.
 4. Labels are the input ids on those spans, -100 elsewhere. A sample whose spans do not match
    its answers, or that has none left after truncation, raises :class:`SampleError`.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cardtune.conversation import Sample, message_text
+from cardtune.conversation import Sample, join_text_parts, message_text
 from cardtune.errors import SampleError
 from cardtune.loaders.generic import Processing
 from cardtune.registry.schema import FamilyCard
@@ -91,9 +95,9 @@ class ChatEncoder:
         self._answer_norm: dict[str, str] = {}
 
     # -- 1. normalise ---------------------------------------------------------------------
-    def normalise(self, sample: Sample) -> list[dict[str, Any]]:
+    def normalise(self, sample: Sample, media: Media | None = None) -> list[dict[str, Any]]:
         roles = self.roles
-        messages = [dict(m) for m in sample.messages]
+        messages = [{**m, "content": join_text_parts(m["content"])} for m in sample.messages]
         if not any(m["role"] == "assistant" for m in messages):
             raise SampleError(sample.id, "messages", "no_assistant_turn", source=sample.source)
         if messages and messages[0]["role"] == "system" and roles.system != "native":
@@ -119,7 +123,7 @@ class ChatEncoder:
                 if m["role"] == "assistant" else m
                 for m in messages
             ]
-        return self.handler.format_messages(messages, roles.content)
+        return self.handler.format_messages(messages, roles.content, sample=sample, media=media)
 
     @staticmethod
     def _prepend_text(parts: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -138,8 +142,10 @@ class ChatEncoder:
         return [*content, {"type": "text", "text": text}]
 
     # -- 2. render and tokenize -----------------------------------------------------------
-    def render(self, sample: Sample) -> str:
-        messages = self.normalise(sample)
+    def render(self, sample: Sample, media: Media | None = None) -> str:
+        return self._render(self.normalise(sample, media), sample)
+
+    def _render(self, messages: list[dict[str, Any]], sample: Sample) -> str:
         try:
             return self.processing.renderer.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - templates raise their own exception types
@@ -177,56 +183,146 @@ class ChatEncoder:
             i = _find(ids, header, i + len(header))
         return out
 
-    def _expected_headers(self, sample: Sample, n_found: int) -> list[int | None]:
-        """For each answer, the index among the header occurrences its real header should have,
-        counting the headers typed inside earlier messages' text (a user quoting a whole turn)."""
-        header = self.roles.assistant_header
-        expected: list[int | None] = []
-        typed = 0
-        for m in sample.messages:
-            if m["role"] == "assistant":
-                expected.append(typed + len(expected) if typed + len(expected) < n_found else None)
-            ids = self.tokenizer(message_text(m), add_special_tokens=False)["input_ids"]
-            i = _find(ids, header, 0)
-            while i >= 0:
-                typed += 1
-                i = _find(ids, header, i + len(header))
-        return expected
+    def _text_regions(self, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int, int]] | None:
+        """(start, end, message index) of each text part of ``messages`` in their render ``text``,
+        or None where it cannot be told.
 
-    def assistant_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
-        """[start, end) of each answer plus its end-of-turn tokens, in order."""
+        The messages are rendered a second time with a unique sentinel in place of each text, so
+        the template's own text between them is known; the real render must then be exactly that
+        template text with each sentinel replaced by its text as written (or stripped, as some
+        templates do). Searching for the texts instead would be fooled by a user message found
+        inside the template's boilerplate, or an answer quoted inside the user's message."""
+        texts: list[tuple[str, str, int]] = []  # (sentinel, text, message index)
+
+        def mark(t: str, k: int) -> str:
+            sentinel = f"CTQZX{len(texts)}XZQTC"
+            texts.append((sentinel, t, k))
+            return sentinel
+
+        marked_messages = []
+        for k, m in enumerate(messages):
+            c = m["content"]
+            if isinstance(c, str):
+                c = mark(c, k) if c else c
+            else:
+                c = [{**p, "text": mark(p["text"], k)} if p["type"] == "text" and p["text"] else p for p in c]
+            marked_messages.append({**m, "content": c})
+        try:
+            marked = self.processing.renderer.apply_chat_template(marked_messages, tokenize=False)
+        except Exception:  # noqa: BLE001
+            return None
+        found = []
+        for sentinel, t, k in texts:
+            n = marked.count(sentinel)
+            if n > 1 or sentinel in text:
+                return None
+            if n == 1:  # (a text the template does not write has no region)
+                found.append((marked.index(sentinel), sentinel, t, k))
+        found.sort()
+        pieces, cursor = [], 0  # template text before each sentinel, and after the last
+        for at, sentinel, _, _ in found:
+            pieces.append(marked[cursor:at])
+            cursor = at + len(sentinel)
+        pieces.append(marked[cursor:])
+        if not text.startswith(pieces[0]):
+            return None
+        # depth-first over the ways each text may be written (as is, or stripped)
+        stack: list[tuple[int, int, tuple[tuple[int, int, int], ...]]] = [(0, len(pieces[0]), ())]
+        budget = 64 + 8 * len(found)
+        while stack and budget:
+            budget -= 1
+            n, at, regions = stack.pop()
+            if n == len(found):
+                if at == len(text):
+                    return list(regions)
+                continue
+            t, k = found[n][2], found[n][3]
+            forms = list(dict.fromkeys((t, t.strip(), t.lstrip(), t.rstrip())))
+            for form in reversed(forms):  # the text as written is tried first
+                end = at + len(form)
+                if text.startswith(form, at) and text.startswith(pieces[n + 1], end):
+                    stack.append((n + 1, end + len(pieces[n + 1]), (*regions, (at, end, k))))
+        return None
+
+    def _turn_structure(
+        self, messages: list[dict[str, Any]], text: str, n_found: int,
+    ) -> tuple[list[int | None], set[int]]:
+        """Where each answer's header is among the ``n_found`` header occurrences of the final
+        ids, and which occurrences were typed inside a message's text, read off the rendered
+        conversation tokenized with offsets (so a role string tokenizes exactly as in context).
+        ``([], set())`` where it cannot be told: every header is then tried in order."""
+        regions = self._text_regions(messages, text)
+        if regions is None:
+            return [], set()
+        header = self.roles.assistant_header
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        found = self._header_positions(list(enc["input_ids"]))
+        if len(found) != n_found:  # media expansion changed what surrounds a header: do not guess
+            return [], set()
+        offsets = enc["offset_mapping"]
+        chars = [(offsets[h][0], offsets[h + len(header) - 1][1]) for h in found]
+        typed = {j for j, (hs, he) in enumerate(chars) if any(hs < re and he > rs for rs, re, _ in regions)}
+        expected: list[int | None] = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            own = [rs for rs, _, i in regions if i == k]
+            if not own:
+                expected.append(None)
+                continue
+            start = min(own)
+            before = max((re for _, re, i in regions if i < k and re <= start), default=0)
+            structural = [j for j, (hs, he) in enumerate(chars) if j not in typed and hs >= before and he <= start]
+            expected.append(structural[-1] if structural else None)
+        return expected, typed
+
+    def assistant_spans(
+        self, ids: list[int], answers: list[str], sample: Sample,
+        messages: list[dict[str, Any]] | None = None, text: str | None = None,
+    ) -> list[tuple[int, int]]:
+        """[start, end) of each answer plus its end-of-turn tokens, in order. ``messages`` and
+        ``text`` are the normalised messages and their render (computed again when not given)."""
         header, eot = self.roles.assistant_header, self.roles.end_of_turn
-        # More headers than answers: some were typed inside messages. Try first the occurrence
-        # the turn structure predicts, so a user quoting a whole turn (same answer) is not taken.
-        # (ids.count is a cheap bound that skips the search in ordinary samples.)
+        # More headers than answers: some were typed inside messages (a user quoting a whole
+        # turn, even with the same answer). The rendered conversation tells which occurrence is
+        # each answer's own and which were typed; those are never taken.
+        # (ids.count is a cheap bound that skips all of this in ordinary samples.)
         positions: list[int] = []
         if ids.count(header[0]) > len(answers):
             positions = self._header_positions(ids)
-        expected = self._expected_headers(sample, len(positions)) if len(positions) > len(answers) else []
+        expected: list[int | None] = []
+        typed: set[int] = set()
+        if len(positions) > len(answers):
+            if messages is None or text is None:
+                messages = self.normalise(sample)
+                text = self._render(messages, sample)
+            expected, typed = self._turn_structure(messages, text, len(positions))
         spans: list[tuple[int, int]] = []
         pos = 0
         for turn, answer in enumerate(answers):
             guess = expected[turn] if turn < len(expected) else None
+            span = None
             if guess is not None and positions[guess] >= pos:
                 span = self._span_from(ids, positions[guess] + len(header), eot, answer)
-                if span is not None:
-                    spans.append(span)
-                    pos = span[1]
-                    continue
-            while True:
+            if span is None and positions:
+                for j, h in enumerate(positions):
+                    if h >= pos and j not in typed:
+                        span = self._span_from(ids, h + len(header), eot, answer)
+                        if span is not None:
+                            break
+            elif span is None:
                 h = _find(ids, header, pos)
-                if h < 0:
-                    raise SampleError(
-                        sample.id, f"assistant turn {turn}", "label_contract",
-                        f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
-                        f"{answer[:60]!r}", sample.source,
-                    )
-                span = self._span_from(ids, h + len(header), eot, answer)
-                if span is not None:
-                    spans.append(span)
-                    pos = span[1]
-                    break
-                pos = h + 1  # a header typed inside a user or system message: not a turn
+                while h >= 0 and span is None:
+                    span = self._span_from(ids, h + len(header), eot, answer)
+                    h = _find(ids, header, h + 1)  # no such span: a header typed inside a message
+            if span is None:
+                raise SampleError(
+                    sample.id, f"assistant turn {turn}", "label_contract",
+                    f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
+                    f"{answer[:60]!r}", sample.source,
+                )
+            spans.append(span)
+            pos = span[1]
         return spans
 
     def _span_from(self, ids: list[int], start: int, eot: tuple[int, ...], answer: str) -> tuple[int, int] | None:
@@ -237,9 +333,10 @@ class ChatEncoder:
         return (start, e + len(eot)) if e >= 0 else None
 
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
-        text = self.render(sample)
+        messages = self.normalise(sample, media)
+        text = self._render(messages, sample)
         ids, tensors = self.tokenize(text, sample, media)
-        return self.label(sample, ids, tensors)
+        return self.label(sample, ids, tensors, messages=messages, text=text)
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | SampleError]:
         """Text-only samples in one tokenizer call (the collator's hot path); a failed sample
@@ -254,26 +351,36 @@ class ChatEncoder:
                 results[i] = exc
         try:  # one template call for the batch; on failure, per sample to name the culprit
             rendered = self.processing.renderer.apply_chat_template(list(normalised.values()), tokenize=False)
-            texts = dict(zip(normalised, rendered))
+            texts = dict(zip(normalised, rendered, strict=True))
         except Exception:  # noqa: BLE001
             for i in normalised:
                 try:
                     texts[i] = self.render(samples[i])
                 except SampleError as exc:
                     results[i] = exc
+        for i in list(texts):  # no media here: a sample with media placeholders is an error
+            try:
+                self.handler.check_media(texts[i], samples[i], None)
+            except SampleError as exc:
+                results[i] = exc
+                del texts[i]
         if texts:
             batch = self.handler.tokenize_batch(list(texts.values()))
-            for (i, _), ids in zip(texts.items(), batch):
+            for (i, text), ids in zip(texts.items(), batch, strict=True):
                 try:
-                    results[i] = self.label(samples[i], self._with_bos(ids), {})
+                    results[i] = self.label(samples[i], self._with_bos(ids), {}, messages=normalised[i], text=text)
                 except SampleError as exc:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def label(self, sample: Sample, ids: list[int], tensors: dict[str, Any]) -> Encoded:
-        """Labels for already-tokenized ``ids``: locate, verify, mask media, truncate."""
+    def label(
+        self, sample: Sample, ids: list[int], tensors: dict[str, Any], *,
+        messages: list[dict[str, Any]] | None = None, text: str | None = None,
+    ) -> Encoded:
+        """Labels for already-tokenized ``ids``: locate, verify, mask media, truncate.
+        ``messages``/``text``: the normalised messages and their render, if already at hand."""
         answers = [message_text(m) for m in sample.messages if m["role"] == "assistant"]
-        spans = self.assistant_spans(ids, answers, sample)
+        spans = self.assistant_spans(ids, answers, sample, messages, text)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in spans:
             labels[s:e] = ids[s:e]

@@ -40,8 +40,11 @@ class DefaultCollator:
                     ids.add(tid)
         return ids
 
-    def format_messages(self, messages: list[dict[str, Any]], form: str) -> list[dict[str, Any]]:
-        """Content as the template reads it: a list of parts, or one string with placeholders."""
+    def format_messages(
+        self, messages: list[dict[str, Any]], form: str, *, sample: Sample | None = None, media: Any | None = None,
+    ) -> list[dict[str, Any]]:
+        """Content as the template reads it: a list of parts, or one string with placeholders.
+        (``sample`` and ``media`` are for handlers that write media payloads into the parts.)"""
         counters = {"image": 0, "video": 0}
         out = []
         for m in messages:
@@ -68,7 +71,29 @@ class DefaultCollator:
         return token.replace("{n}", str(n))
 
     # -- tokenize ------------------------------------------------------------------------
+    def check_media(self, text: str, sample: Sample, media: Any | None) -> None:
+        """Every media part has its media and every media its part, checked before tokenizing:
+        a part with no image would be ONE unexpanded image token with no pixels (the model fails
+        later: features != tokens), and a processor's own ValueError would not name the sample.
+        Where the card's placeholder is a fixed token, its count in the rendered text must agree
+        too (a placeholder typed in the text is expanded by the processor like any other)."""
+        counts = {"image": 0, "video": 0}
+        for m in sample.messages:
+            if not isinstance(m["content"], str):
+                for p in m["content"]:
+                    if p["type"] in counts:
+                        counts[p["type"]] += 1
+        for kind, parts in counts.items():
+            given = len(getattr(media, f"{kind}s")) if media is not None else 0
+            token = self.card.media.image_token if kind == "image" else self.card.media.video_token
+            in_text = text.count(token) if token and "{" not in token else parts
+            if parts != given or in_text != given:
+                detail = (f"{parts} {kind} placeholders for {given} {kind}s" if parts != given else
+                          f"{in_text} {token} in the rendered text for {given} {kind}s")
+                raise SampleError(sample.id, f"{kind}s", "placeholder_mismatch", detail, sample.source)
+
     def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
+        self.check_media(text, sample, media)
         images = list(media.images) if media is not None else []
         videos = list(media.videos) if media is not None else []
         if not images and not videos:
@@ -143,7 +168,7 @@ def _pad_to(t: Any, target: list[int]) -> Any:
     import torch.nn.functional as F
 
     pad: list[int] = []
-    for have, want in zip(reversed(t.shape[1:]), reversed(target)):
+    for have, want in zip(reversed(t.shape[1:]), reversed(target), strict=True):
         pad += [0, want - have]
     return F.pad(t, pad)
 
@@ -167,10 +192,10 @@ class Qwen2VLCollator(DefaultCollator):
         token = self.card.media.image_token or "<|image_pad|>"
         pieces = text.split(token)
         if len(pieces) - 1 != len(grids):
-            raise SampleError(sample.id, "image", "placeholder_mismatch",
+            raise SampleError(sample.id, "images", "placeholder_mismatch",
                               f"{len(pieces) - 1} image placeholders for {len(grids)} images", sample.source)
         expanded = pieces[0]
-        for grid, piece in zip(grids, pieces[1:]):
+        for grid, piece in zip(grids, pieces[1:], strict=True):
             expanded += token * (int(grid.prod()) // merge) + piece
         ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
         return ids, {"pixel_values": out["pixel_values"], "image_grid_thw": grids}
