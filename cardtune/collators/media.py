@@ -199,3 +199,64 @@ class Qwen2VLCollator(DefaultCollator):
             expanded += token * (int(grid.prod()) // merge) + piece
         ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
         return ids, {"pixel_values": out["pixel_values"], "image_grid_thw": grids}
+
+
+@register_collator("qwen-vl")
+class QwenVLCollator(DefaultCollator):
+    """Qwen-VL-Chat: an image is its path written into the prompt (the card's template writes
+    ``Picture N: <img>PATH</img>``), which the tokenizer turns into 256 tokens and the model
+    reads back to load the image. No processor and no pixel tensors: the n-th image part of a
+    sample gets the n-th image path, from the loaded media (``load_image: false``: the path
+    resolved under ``--image-folder``) or, with no media given, the sample's images as the data
+    gives them."""
+
+    def media_token_ids(self) -> set[int]:
+        from cardtune.loaders.qwen_vl import IMAGE_END, IMAGE_PAD, IMAGE_START
+
+        ids = self.tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END, IMAGE_PAD])
+        return {i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id}
+
+    def format_messages(
+        self, messages: list[dict[str, Any]], form: str, *, sample: Sample | None = None, media: Any | None = None,
+    ) -> list[dict[str, Any]]:
+        out = super().format_messages(messages, form, sample=sample, media=media)
+        if sample is None:
+            return out
+        refs = list(media.images) if media is not None else list(sample.images)
+        parts = sum(1 for m in out if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
+        if parts != len(refs):
+            raise SampleError(sample.id, "images", "placeholder_mismatch",
+                              f"{parts} image placeholders for {len(refs)} images", sample.source)
+        if not refs:
+            return out
+        paths = iter([self._path(ref, i, sample) for i, ref in enumerate(refs)])
+        return [
+            m if isinstance(m["content"], str) else
+            {**m, "content": [{**p, "image": next(paths)} if p["type"] == "image" else p for p in m["content"]]}
+            for m in out
+        ]
+
+    def _path(self, ref: Any, index: int, sample: Sample) -> str:
+        import os
+
+        from cardtune.loaders.qwen_vl import IMAGE_SPAN
+
+        if isinstance(ref, dict) and not ref.get("bytes"):
+            ref = ref.get("path")
+        if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
+            raise SampleError(sample.id, f"images[{index}]", "unsupported_media",
+                              f"{self.card.family} reads images by path (written into the prompt), not a "
+                              f"{type(ref).__name__}", sample.source)
+        path = os.fspath(ref)
+        size = len(path.encode("utf-8"))
+        if size > IMAGE_SPAN:
+            raise SampleError(sample.id, f"images[{index}]", "unsupported_media",
+                              f"{self.card.family} takes image paths of at most {IMAGE_SPAN} bytes; "
+                              f"{path[:60]!r}... has {size}", sample.source)
+        return path
+
+    def check_media(self, text: str, sample: Sample, media: Any | None) -> None:
+        """Checked where the paths are written (:meth:`format_messages`)."""
+
+    def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
