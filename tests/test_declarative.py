@@ -442,3 +442,34 @@ def test_schema_refuses(chat: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
         ChatSpec(**chat)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("model_id", ["llava-1.5-7b", "qwen2.5-vl-3b-instruct"])
+def test_template_plain_reaches_the_encoder(model_id: str) -> None:
+    """``--template plain`` (training) wins over the folder's template, whether the processor is
+    built (llava) or not (qwen2.5-vl without torchvision: the tokenizer renders)."""
+    from PIL import Image
+
+    from cardtune.collators.engine import IGNORE_INDEX, ChatEncoder, Media
+    from cardtune.conversation import Sample
+    from cardtune.loaders.resolve import resolve_model
+    from cardtune.train import card_with_template
+
+    resolved = resolve_model(model_id, require_fixture(model_id))
+    card = card_with_template(resolved.card, "plain")
+    loader = type(resolved.loader())(card, resolved.path)
+    enc = ChatEncoder(card, loader.load_processing())
+    sample = Sample("cap", [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+    ])
+    image_token, eos = card.media.image_token, enc.tokenizer.eos_token
+    assert enc.render(sample) == f"{image_token}A red square.{eos}"
+    e = enc.encode(sample, Media(images=[Image.new("RGB", (56, 56), (200, 20, 20))]))
+    tok = enc.tokenizer
+    supervised = [t for t, lab in zip(e.input_ids, e.labels, strict=True) if lab != IGNORE_INDEX]
+    assert supervised == tok("A red square.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    image_id = tok.convert_tokens_to_ids(image_token)
+    first_text = next(i for i, t in enumerate(e.input_ids) if t != image_id and t != tok.bos_token_id)
+    assert e.input_ids.count(image_id) > 1  # expanded
+    assert e.labels[first_text:] == e.input_ids[first_text:]  # caption + eos, nothing else

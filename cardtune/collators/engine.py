@@ -283,6 +283,8 @@ class ChatEncoder:
         """[start, end) of each answer plus its end-of-turn tokens, in order. ``messages`` and
         ``text`` are the normalised messages and their render (computed again when not given)."""
         header, eot = self.roles.assistant_header, self.roles.end_of_turn
+        if not header:
+            return self._headerless_spans(ids, answers, sample)
         # More headers than answers: some were typed inside messages (a user quoting a whole
         # turn, even with the same answer). The rendered conversation tells which occurrence is
         # each answer's own and which were typed; those are never taken.
@@ -320,6 +322,29 @@ class ChatEncoder:
                     sample.id, f"assistant turn {turn}", "label_contract",
                     f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
                     f"{answer[:60]!r}", sample.source,
+                )
+            spans.append(span)
+            pos = span[1]
+        return spans
+
+    def _headerless_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
+        """The plain template has no roles: each caption starts right after the media tokens
+        (and bos) that precede it, and ends with its eos."""
+        skip = set(self.media_token_ids)
+        if self.roles.bos_id is not None:
+            skip.add(self.roles.bos_id)
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for turn, answer in enumerate(answers):
+            start = pos
+            while start < len(ids) and ids[start] in skip:
+                start += 1
+            span = self._span_from(ids, start, self.roles.end_of_turn, answer)
+            if span is None:
+                raise SampleError(
+                    sample.id, f"assistant turn {turn}", "label_contract",
+                    f"no caption decoding to the answer {answer[:60]!r} after the media (plain template)",
+                    sample.source,
                 )
             spans.append(span)
             pos = span[1]
