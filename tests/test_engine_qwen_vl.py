@@ -181,11 +181,11 @@ def test_images_that_are_not_paths_are_refused(encoder):
 
     from cardtune.errors import SampleError
 
-    for bad, words in ((Image.new("RGB", (4, 4)), "reads images by path"),
-                       ("x/" * 130 + "a.png", "at most 256 bytes")):
+    for bad, field, words in ((Image.new("RGB", (4, 4)), "images[1]", "reads images by path"),
+                              ("x/" * 130 + "a.png", "images", "longer than 256 bytes")):
         with pytest.raises(SampleError) as err:
             encoder.encode(two_image_sample(["red.png", bad]))
-        assert err.value.reason == "unsupported_media" and err.value.field == "images[1]"
+        assert (err.value.reason, err.value.field, err.value.sample_id) == ("unsupported_media", field, "qvl-2")
         assert words in str(err.value)
 
 

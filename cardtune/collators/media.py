@@ -20,7 +20,8 @@ IGNORE_INDEX = -100
 
 @register_collator("default")
 class DefaultCollator:
-    """Processor-driven families (llava, llava-next, onevision, mllama...) and text-only ones."""
+    """Processor-driven families (llava, llava-next, onevision, mllama...), text-only ones, and
+    families whose images are paths in the prompt (``load_image: false``, Qwen-VL-Chat)."""
 
     def __init__(self, card: FamilyCard, processing: Processing, pad_to_multiple_of: int | None = None) -> None:
         self.card = card
@@ -38,13 +39,15 @@ class DefaultCollator:
                 tid = tok.convert_tokens_to_ids(text)
                 if isinstance(tid, int) and tid != tok.unk_token_id:
                     ids.add(tid)
+        # a tokenizer that expands image paths itself (Qwen-VL's <img>, </img>, <imgpad>)
+        ids.update(i for i in getattr(tok, "image_ids", ()) if isinstance(i, int))
         return ids
 
     def format_messages(
         self, messages: list[dict[str, Any]], form: str, *, sample: Sample | None = None, media: Any | None = None,
     ) -> list[dict[str, Any]]:
         """Content as the template reads it: a list of parts, or one string with placeholders.
-        (``sample`` and ``media`` are for handlers that write media payloads into the parts.)"""
+        With ``load_image: false`` each image part also gets its path (:meth:`_with_paths`)."""
         counters = {"image": 0, "video": 0}
         out = []
         for m in messages:
@@ -62,7 +65,40 @@ class DefaultCollator:
                         pieces.append(self._placeholder(part["type"], counters[part["type"]]) + "\n")
                 content = "".join(pieces)
             out.append({"role": m["role"], "content": content})
+        if not self.card.load_image and sample is not None:
+            return self._with_paths(out, sample, media)
         return out
+
+    def _with_paths(self, messages: list[dict[str, Any]], sample: Sample, media: Any | None) -> list[dict[str, Any]]:
+        """Images as paths in the prompt (Qwen-VL-Chat: the card's template writes
+        ``Picture N: <img>PATH</img>``, the tokenizer turns it into 256 tokens and the model
+        loads the image from the path): the n-th image part gets the n-th path, from the loaded
+        media (the path resolved under ``--image-folder``) or, with no media given, the sample's
+        images as the data gives them."""
+        refs = list(media.images) if media is not None else list(sample.images)
+        parts = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
+        if parts != len(refs):
+            raise SampleError(sample.id, "images", "placeholder_mismatch",
+                              f"{parts} image placeholders for {len(refs)} images", sample.source)
+        if not refs:
+            return messages
+        paths = iter([self._image_path(ref, i, sample) for i, ref in enumerate(refs)])
+        return [
+            m if isinstance(m["content"], str) else
+            {**m, "content": [{**p, "image": next(paths)} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages
+        ]
+
+    def _image_path(self, ref: Any, index: int, sample: Sample) -> str:
+        import os
+
+        if isinstance(ref, dict) and not ref.get("bytes"):  # an HF Image feature with decode=False
+            ref = ref.get("path")
+        if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
+            raise SampleError(sample.id, f"images[{index}]", "unsupported_media",
+                              f"{self.card.family} reads images by path (written into the prompt), not a "
+                              f"{type(ref).__name__}", sample.source)
+        return os.fspath(ref)
 
     def _placeholder(self, kind: str, n: int) -> str:
         token = self.card.media.image_token if kind == "image" else self.card.media.video_token
@@ -76,7 +112,10 @@ class DefaultCollator:
         a part with no image would be ONE unexpanded image token with no pixels (the model fails
         later: features != tokens), and a processor's own ValueError would not name the sample.
         Where the card's placeholder is a fixed token, its count in the rendered text must agree
-        too (a placeholder typed in the text is expanded by the processor like any other)."""
+        too (a placeholder typed in the text is expanded by the processor like any other).
+        Images given by path were counted where their paths were written."""
+        if not self.card.load_image:
+            return
         counts = {"image": 0, "video": 0}
         for m in sample.messages:
             if not isinstance(m["content"], str):
@@ -94,6 +133,11 @@ class DefaultCollator:
 
     def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
         self.check_media(text, sample, media)
+        if not self.card.load_image:  # the paths are in the text: the tokenizer does the rest
+            try:
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
+            except ValueError as exc:  # a path the tokenizer cannot take (Qwen-VL: over 256 bytes)
+                raise SampleError(sample.id, "images", "unsupported_media", str(exc), sample.source) from None
         images = list(media.images) if media is not None else []
         videos = list(media.videos) if media is not None else []
         if not images and not videos:
@@ -199,64 +243,3 @@ class Qwen2VLCollator(DefaultCollator):
             expanded += token * (int(grid.prod()) // merge) + piece
         ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
         return ids, {"pixel_values": out["pixel_values"], "image_grid_thw": grids}
-
-
-@register_collator("qwen-vl")
-class QwenVLCollator(DefaultCollator):
-    """Qwen-VL-Chat: an image is its path written into the prompt (the card's template writes
-    ``Picture N: <img>PATH</img>``), which the tokenizer turns into 256 tokens and the model
-    reads back to load the image. No processor and no pixel tensors: the n-th image part of a
-    sample gets the n-th image path, from the loaded media (``load_image: false``: the path
-    resolved under ``--image-folder``) or, with no media given, the sample's images as the data
-    gives them."""
-
-    def media_token_ids(self) -> set[int]:
-        from cardtune.loaders.qwen_vl import IMAGE_END, IMAGE_PAD, IMAGE_START
-
-        ids = self.tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END, IMAGE_PAD])
-        return {i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id}
-
-    def format_messages(
-        self, messages: list[dict[str, Any]], form: str, *, sample: Sample | None = None, media: Any | None = None,
-    ) -> list[dict[str, Any]]:
-        out = super().format_messages(messages, form, sample=sample, media=media)
-        if sample is None:
-            return out
-        refs = list(media.images) if media is not None else list(sample.images)
-        parts = sum(1 for m in out if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
-        if parts != len(refs):
-            raise SampleError(sample.id, "images", "placeholder_mismatch",
-                              f"{parts} image placeholders for {len(refs)} images", sample.source)
-        if not refs:
-            return out
-        paths = iter([self._path(ref, i, sample) for i, ref in enumerate(refs)])
-        return [
-            m if isinstance(m["content"], str) else
-            {**m, "content": [{**p, "image": next(paths)} if p["type"] == "image" else p for p in m["content"]]}
-            for m in out
-        ]
-
-    def _path(self, ref: Any, index: int, sample: Sample) -> str:
-        import os
-
-        from cardtune.loaders.qwen_vl import IMAGE_SPAN
-
-        if isinstance(ref, dict) and not ref.get("bytes"):
-            ref = ref.get("path")
-        if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
-            raise SampleError(sample.id, f"images[{index}]", "unsupported_media",
-                              f"{self.card.family} reads images by path (written into the prompt), not a "
-                              f"{type(ref).__name__}", sample.source)
-        path = os.fspath(ref)
-        size = len(path.encode("utf-8"))
-        if size > IMAGE_SPAN:
-            raise SampleError(sample.id, f"images[{index}]", "unsupported_media",
-                              f"{self.card.family} takes image paths of at most {IMAGE_SPAN} bytes; "
-                              f"{path[:60]!r}... has {size}", sample.source)
-        return path
-
-    def check_media(self, text: str, sample: Sample, media: Any | None) -> None:
-        """Checked where the paths are written (:meth:`format_messages`)."""
-
-    def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
