@@ -126,3 +126,23 @@ def test_added_tokens_resize_embeddings_and_train_with_lora(tmp_path: Path, caps
     batch = result.trainer.data_collator([result.trainer.train_dataset[0]])
     reloaded = load_trained(out)
     torch.testing.assert_close(logits(reloaded.model, batch), logits(result.trainer.model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_template_plain_trains_captions_and_eos_only(tmp_path: Path) -> None:
+    """Projector pretraining (`--template plain`): each row is bos, image tokens, the caption and
+    eos; exactly the caption and eos are trained, and the saved template is the plain one."""
+    out = tmp_path / "plain"
+    result = train([*DEMO, "--template", "plain", "--max_steps", "2", "--output_dir", str(out)])
+    data = result.trainer.train_dataset
+    tok = result.trainer.processing_class.tokenizer if hasattr(result.trainer.processing_class, "tokenizer") \
+        else result.trainer.processing_class
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for i in range(min(len(data), 8)):
+        e = data[i]
+        trained = [t for t, lab in zip(e.input_ids, e.labels, strict=True) if lab != -100]
+        first_text = next(k for k, t in enumerate(e.input_ids) if t not in (image_id, tok.bos_token_id))
+        assert all(t in (image_id, tok.bos_token_id) for t in e.input_ids[:first_text])
+        assert e.labels[first_text:] == e.input_ids[first_text:]  # caption + eos, all of it
+        # every answer ends with its eos, trained (the demo has two-turn samples)
+        assert trained[-1] == tok.eos_token_id and trained.count(tok.eos_token_id) == e.input_ids.count(tok.eos_token_id)
+    assert (out / "chat_template.jinja").read_text().startswith("{#- cardtune plain template")
