@@ -77,13 +77,6 @@ def _probe_image() -> Any:
     return Image.new("RGB", (64, 48), (240, 140, 20))
 
 
-def _probe_image_path(folder: Any) -> str:
-    path = folder / "cardtune-probe.png"
-    if not path.exists():
-        _probe_image().save(path)
-    return str(path)
-
-
 def _decode(tok: Any, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -99,7 +92,7 @@ def _spans(labels: list[int], ignore: int) -> list[tuple[int, int]]:
     return spans
 
 
-def check_model(model_id: str, path: str, card: Any, source: str, *, derived: bool = False) -> ModelCheck:
+def check_model(model_id: str, path: str, card: Any, source: str) -> ModelCheck:
     """Load ``path`` with ``card`` and run every check; never raises for a model problem."""
     from cardtune.loaders import LOADERS
 

@@ -145,20 +145,20 @@ def _check_folders(args: argparse.Namespace, registry) -> int:
 
     from cardtune.checks import check_model, format_report, match_model_folders
 
-    targets: list[tuple[str, str, object, str, bool]] = []
+    targets: list[tuple[str, str, object, str]] = []
     if args.model_path is not None:
         if len(args.model_ids) > 1:
             raise CardError("--model-path checks one model: give at most one MODEL_ID")
         if args.model_ids:
             spec = registry.get(args.model_ids[0])
-            targets.append((spec.model_id, args.model_path, spec.family, registry.family_sources[spec.family.family], False))
+            targets.append((spec.model_id, args.model_path, spec.family, registry.family_sources[spec.family.family]))
         else:
             from cardtune.loaders.resolve import resolve_model
 
             resolved = resolve_model(model_path=args.model_path)
             for note in resolved.notes:
                 print(f"derived: {note}")
-            targets.append((resolved.model_id, args.model_path, resolved.card, "derived from the folder", True))
+            targets.append((resolved.model_id, args.model_path, resolved.card, "derived from the folder"))
     if args.models_dir is not None:
         if not Path(args.models_dir).is_dir():
             raise CardError(f"--models-dir {args.models_dir}: not a folder")
@@ -168,14 +168,14 @@ def _check_folders(args: argparse.Namespace, registry) -> int:
             if wanted and model_id not in wanted:
                 continue
             spec = registry.get(model_id)
-            targets.append((model_id, str(folder), spec.family, registry.family_sources[spec.family.family], False))
+            targets.append((model_id, str(folder), spec.family, registry.family_sources[spec.family.family]))
         for folder in unmatched:
             print(f"skip {folder}: no registered model is named after this folder")
         if not pairs:
             raise CardError(f"--models-dir {args.models_dir}: no folder is named after a registered model")
     failed = []
-    for model_id, path, card, source, derived in targets:
-        result = check_model(model_id, path, card, source, derived=derived)
+    for model_id, path, card, source in targets:
+        result = check_model(model_id, path, card, source)
         sys.stdout.write(format_report(result))
         if result.failed:
             failed.append(model_id)
