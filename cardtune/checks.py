@@ -81,6 +81,13 @@ def _decode(tok: Any, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def _answers(tok: Any, encoded: Any, n_eot: int) -> list[str]:
+    """Each supervised span decoded without its end-of-turn tokens, stripped."""
+    from cardtune.collators.engine import IGNORE_INDEX
+
+    return [_decode(tok, encoded.input_ids[s : e - n_eot]).strip() for s, e in _spans(encoded.labels, IGNORE_INDEX)]
+
+
 def _spans(labels: list[int], ignore: int) -> list[tuple[int, int]]:
     spans, start = [], None
     for i, lab in enumerate([*labels, ignore]):
@@ -134,8 +141,14 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
     roles = encoder.roles
     sample = Sample("cardtune-check-probe", probe_messages(system=roles.system != "reject"))
 
+    # One encoding of the probe serves the bos check and the round trip.
+    try:
+        encoded, failure = encoder.encode(sample), None
+    except SampleError as exc:
+        encoded, failure = None, exc
+
     # bos: who writes it, and exactly once in what training sees
-    _check_bos(result, encoder, sample)
+    _check_bos(result, encoder, encoded.input_ids if encoded is not None else None)
 
     # template: a system prompt and three turns, every text present
     try:
@@ -158,10 +171,8 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
         f"{appended}; content as {roles.content}, system {roles.system}",
     )
 
-    try:
-        encoded = encoder.encode(sample)
-    except SampleError as exc:
-        result.add("masked-label round trip", False, exc.detail or str(exc))
+    if encoded is None:
+        result.add("masked-label round trip", False, failure.detail or str(failure))
         return
     ids, labels = encoded.input_ids, encoded.labels
     spans = _spans(labels, IGNORE_INDEX)
@@ -172,8 +183,7 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
     problems = []
     if len(spans) != len(TURNS):
         problems.append(f"{len(spans)} supervised spans for {len(TURNS)} answers")
-    for (s, e), (_, answer) in zip(spans, TURNS, strict=False):
-        got = _decode(tok, ids[s : e - n_eot]).strip()
+    for got, (_, answer) in zip(_answers(tok, encoded, n_eot), TURNS, strict=False):
         if got != answer:
             problems.append(f"span {got!r} != answer {answer!r}")
     if any(lab != IGNORE_INDEX and lab != i for i, lab in zip(ids, labels, strict=True)):
@@ -188,7 +198,8 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
         _check_image(result, card, encoder, processing)
 
 
-def _check_bos(result: ModelCheck, encoder: Any, sample: Any) -> None:
+def _check_bos(result: ModelCheck, encoder: Any, ids: list[int] | None) -> None:
+    """``ids``: the encoded probe, or None when it failed to encode (the round trip says why)."""
     roles, tok = encoder.roles, encoder.tokenizer
     if roles.bos_id is None:
         result.add("bos", True, "the tokenizer has no bos token; none is written")
@@ -202,9 +213,7 @@ def _check_bos(result: ModelCheck, encoder: Any, sample: Any) -> None:
         how = "added by the tokenizer (the template writes none)"
     else:
         how = "neither added by the tokenizer nor written by the template; none is written"
-    try:
-        ids = encoder.encode(sample).input_ids
-    except Exception:  # noqa: BLE001 - reported by the round-trip check
+    if ids is None:
         result.add("bos", True, how)
         return
     bos = roles.bos_id
@@ -242,9 +251,7 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
     media_ids = encoder.media_token_ids
     n_media = sum(1 for t in encoded.input_ids if t in media_ids)
     trained_media = sum(1 for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if t in media_ids and lab != IGNORE_INDEX)
-    spans = _spans(encoded.labels, IGNORE_INDEX)
-    n_eot = len(encoder.roles.end_of_turn)
-    answer_ok = len(spans) == 1 and _decode(encoder.tokenizer, encoded.input_ids[spans[0][0] : spans[0][1] - n_eot]).strip() == IMAGE_ANSWER
+    answer_ok = _answers(encoder.tokenizer, encoded, len(encoder.roles.end_of_turn)) == [IMAGE_ANSWER]
     if card.load_image:
         ok = n_media > 1 and trained_media == 0 and answer_ok
         detail = f"1 image gives {n_media} image tokens, {trained_media} trained; answer supervised exactly"

@@ -38,6 +38,8 @@ class Scaffold:
     """The whole family card (a new family) or the family's card with the new entry."""
     entry: dict[str, Any]
     new_family: bool
+    folder: Path
+    """The model folder the card was read from (a hub id's downloaded snapshot)."""
     derived: list[str] = field(default_factory=list)
     review: list[str] = field(default_factory=list)
 
@@ -267,7 +269,7 @@ def scaffold(
         card["models"] = [*card["models"], entry]
         if like:
             raise CardError("--like is for a new family; an entry in an existing family takes that family's card")
-        return Scaffold(card, entry, False, [f"entry in the existing family {family} (its card decides the rest)"], review)
+        return Scaffold(card, entry, False, folder, [f"entry in the existing family {family} (its card decides the rest)"], review)
 
     liked = None
     if like is not None:
@@ -414,7 +416,7 @@ def scaffold(
     if chat:
         card["chat"] = chat
     card["models"] = [entry]
-    scaffold = Scaffold(card, entry, True, derived, review)
+    scaffold = Scaffold(card, entry, True, folder, derived, review)
     scaffold.validated()
     return scaffold
 

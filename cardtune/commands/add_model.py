@@ -61,9 +61,7 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
             for line in s.derived:
                 print(f"  derived: {line}")
         folder = str(Path(args.source)) if Path(args.source).is_dir() else args.source
-        from cardtune.scaffold import fetch_folder
-
-        result = check_model(args.model_id, str(fetch_folder(folder)), card, str(target))
+        result = check_model(args.model_id, str(s.folder), card, str(target))
         sys.stdout.write("check: " + format_report(result))
         if s.review:
             print("review before a pull request:")
