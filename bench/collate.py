@@ -65,8 +65,7 @@ def exact(tokenizer, conv: list[dict], got: list[list[int]], eot: str) -> bool:
 
 def main() -> None:
     from cardtune.collators.engine import ChatEncoder
-    from cardtune.conversation import Sample
-    from cardtune.loaders.generic import Processing
+    from cardtune.conversation import Processing, Sample
     from cardtune.loaders.resolve import resolve_model
 
     repo = Path(__file__).resolve().parents[1]

@@ -227,8 +227,8 @@ def _check_bos(result: ModelCheck, encoder: Any, ids: list[int] | None) -> None:
 
 
 def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -> None:
-    from cardtune.collators.engine import IGNORE_INDEX, Media
-    from cardtune.conversation import Sample
+    from cardtune.collators.engine import IGNORE_INDEX
+    from cardtune.conversation import Media, Sample
     from cardtune.errors import SampleError
 
     if card.load_image:

@@ -6,6 +6,10 @@ Messages use the content-parts form that ``apply_chat_template`` reads::
 
 Media parts carry no payload: the n-th image part of a sample refers to ``sample.images[n]``
 (and likewise videos), so positions are kept while pixels load lazily.
+
+The small types every layer passes around live here too: :class:`Media` (a sample's loaded
+media) and :class:`Processing` (the tokenizer/processor bundle of one model), so data code never
+imports the engine and the engine never imports the loaders.
 """
 
 from __future__ import annotations
@@ -34,6 +38,34 @@ class Sample:
         """Media parts of ``kind`` ("image", "video") in all messages; string content has none."""
         return sum(1 for m in self.messages if not isinstance(m["content"], str)
                    for p in m["content"] if p["type"] == kind)
+
+
+@dataclass
+class Media:
+    """Loaded media of one sample, in the order of its placeholders."""
+
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Processing:
+    """What turns a conversation into tensors for one model.
+
+    ``processor`` is the Hugging Face processor when it can be built here; a family whose
+    processor needs a missing optional library (Qwen2-VL's video processor needs torchvision)
+    gets ``processor=None`` and its ``image_processor``, and its collator expands image tokens.
+    """
+
+    tokenizer: Any
+    processor: Any | None = None
+    image_processor: Any | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def renderer(self) -> Any:
+        """The object whose ``apply_chat_template`` renders conversations."""
+        return self.processor if self.processor is not None else self.tokenizer
 
 
 def text_part(text: str) -> dict[str, Any]:

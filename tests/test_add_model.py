@@ -103,7 +103,8 @@ def _encoder(card: Any, folder: Path) -> Any:
 
 @pytest.mark.parametrize("folder_name", sorted(FOLDERS))
 def test_added_card_passes_check_and_labels_like_the_hand_written_card(folder_name: str, cards_dir: str) -> None:
-    from cardtune.collators.engine import IGNORE_INDEX, Media
+    from cardtune.collators.engine import IGNORE_INDEX
+    from cardtune.conversation import Media
     from cardtune.errors import SampleError
     from cardtune.registry import get_registry
     from cardtune.registry.loader import load_card_file

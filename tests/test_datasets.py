@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cardtune.collators.engine import Media
+from cardtune.conversation import Media
 from cardtune.data.media import MediaProblem
 from cardtune.datasets import (
     ConversationDataset,

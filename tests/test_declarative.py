@@ -450,8 +450,8 @@ def test_template_plain_reaches_the_encoder(model_id: str) -> None:
     built (llava) or not (qwen2.5-vl without torchvision: the tokenizer renders)."""
     from PIL import Image
 
-    from cardtune.collators.engine import IGNORE_INDEX, ChatEncoder, Media
-    from cardtune.conversation import Sample
+    from cardtune.collators.engine import IGNORE_INDEX, ChatEncoder
+    from cardtune.conversation import Media, Sample
     from cardtune.loaders.resolve import resolve_model
     from cardtune.train import card_with_template
 

@@ -163,7 +163,7 @@ def test_without_media_the_paths_are_the_samples_as_given(encoder, tiktoken_ref)
 
 @pytest.mark.parametrize("images", [["a.png"], [], ["a.png", "b.png", "c.png"]])
 def test_count_mismatch_is_placeholder_mismatch(encoder, images):
-    from cardtune.collators.engine import Media
+    from cardtune.conversation import Media
     from cardtune.errors import SampleError
 
     s = two_image_sample(images)
@@ -235,6 +235,6 @@ def test_validation_encodes_with_the_resolved_paths(encoder, tmp_path):
 
 
 def _media(folder: Path) -> Any:
-    from cardtune.collators.engine import Media
+    from cardtune.conversation import Media
 
     return Media(images=[str(folder / "red.png"), str(folder / "blue.png")])

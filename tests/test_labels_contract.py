@@ -104,7 +104,7 @@ def image(w: int, h: int, colour=(200, 30, 30)):
 
 
 def media(*images):
-    from cardtune.collators.engine import Media
+    from cardtune.conversation import Media
 
     return Media(images=list(images))
 

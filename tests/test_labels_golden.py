@@ -495,8 +495,7 @@ def golden(references) -> Callable[[str], dict[str, Any]]:
 
 
 def encode(encoders, model_id: str, case: str):
-    from cardtune.collators.engine import Media
-    from cardtune.conversation import Sample
+    from cardtune.conversation import Media, Sample
 
     messages, images = conversation(case, FAMILIES[model_id])
     return encoders(model_id).encode(Sample(f"{model_id}/{case}", messages),
@@ -658,8 +657,7 @@ DERIVABLE = [m for m, f in FAMILIES.items() if f.renderer != "declarative" and m
 
 @pytest.mark.parametrize("model_id", DERIVABLE)
 def test_derived_card_gives_the_golden_ids(derived_encoders, golden, model_id):
-    from cardtune.collators.engine import Media
-    from cardtune.conversation import Sample
+    from cardtune.conversation import Media, Sample
 
     enc = derived_encoders(model_id)
     for case in cases_of(model_id):

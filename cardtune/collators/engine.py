@@ -23,20 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cardtune.conversation import Sample, join_text_parts, message_text
+from cardtune.conversation import Media, Processing, Sample, join_text_parts, message_text
 from cardtune.errors import SampleError
-from cardtune.loaders.generic import Processing
 from cardtune.registry.schema import FamilyCard
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class Media:
-    """Loaded media of one sample, in the order of its placeholders."""
-
-    images: list[Any] = field(default_factory=list)
-    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass

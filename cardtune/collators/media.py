@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from cardtune.collators import register_collator
-from cardtune.conversation import Sample
+from cardtune.conversation import Processing, Sample
 from cardtune.errors import SampleError
-from cardtune.loaders.generic import Processing
 from cardtune.registry.schema import FamilyCard
 
 IGNORE_INDEX = -100

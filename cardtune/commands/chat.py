@@ -47,8 +47,7 @@ class ChatSession:
         import torch
         from PIL import Image
 
-        from cardtune.collators.engine import Media
-        from cardtune.conversation import Sample
+        from cardtune.conversation import Media, Sample
 
         images = [Image.open(p).convert("RGB") for p in image_paths or []]
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]

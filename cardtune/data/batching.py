@@ -93,7 +93,7 @@ def tokens_per_image_from_encoder(encoder: Any, size: tuple[int, int] | None = N
     """
     from PIL import Image
 
-    from cardtune.collators.engine import Media
+    from cardtune.conversation import Media
 
     probe = Sample(
         "length-probe",

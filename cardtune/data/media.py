@@ -254,7 +254,7 @@ def load_one(ref: Any, kind: str, cfg: MediaConfig) -> Any:
 
 def load_media_checked(sample: Sample, cfg: MediaConfig) -> tuple[list[SampleError], Any | None]:
     """Every media reference resolved and decoded: all the problems and, if none, the media."""
-    from cardtune.collators.engine import Media
+    from cardtune.conversation import Media
 
     errs: list[SampleError] = []
     loaded: dict[str, list[Any]] = {"image": [], "video": []}

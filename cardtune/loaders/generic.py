@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cardtune.conversation import Processing
 from cardtune.loaders import register_loader
 from cardtune.registry.errors import CardError
 from cardtune.registry.schema import FamilyCard
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Processing:
-    """What turns a conversation into tensors for one model.
-
-    ``processor`` is the Hugging Face processor when it can be built here; a family whose
-    processor needs a missing optional library (Qwen2-VL's video processor needs torchvision)
-    gets ``processor=None`` and its ``image_processor``, and its collator expands image tokens.
-    """
-
-    tokenizer: Any
-    processor: Any | None = None
-    image_processor: Any | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def renderer(self) -> Any:
-        """The object whose ``apply_chat_template`` renders conversations."""
-        return self.processor if self.processor is not None else self.tokenizer
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cardtune.conversation import Processing
 from cardtune.loaders import LOADERS
-from cardtune.loaders.generic import Processing
 from cardtune.registry import FamilyCard, get_registry
 from cardtune.registry.errors import CardError
 
