@@ -102,7 +102,9 @@ def as_parts(content: str | list[dict[str, Any]], placeholders: dict[str, str] |
     """Content as a list of parts; ``placeholders`` (e.g. ``{"<image>": "image"}``) become media parts.
 
     Text around a placeholder keeps its order, so ``"<image>\\nWhat?"`` gives an image part
-    then the text ``"What?"`` (one newline that only separated the placeholder is dropped).
+    then the text ``"What?"``: one newline right after a placeholder, or right before one, is
+    the placeholder's own separator (LLaVA data writes ``<image>\\n`` in front of the text, or
+    ``\\n<image>`` behind it) and is dropped. All other text is kept exactly as written.
     """
     if not isinstance(content, str):
         return content
@@ -115,8 +117,11 @@ def as_parts(content: str | list[dict[str, Any]], placeholders: dict[str, str] |
             parts.append(text_part(rest))
             break
         pos, tag = min(hits)
-        if rest[:pos]:
-            parts.append(text_part(rest[:pos]))
+        before = rest[:pos]
+        if before.endswith("\n"):
+            before = before[:-1]
+        if before:
+            parts.append(text_part(before))
         parts.append({"type": placeholders[tag]})
         rest = rest[pos + len(tag) :]
         if rest.startswith("\n"):

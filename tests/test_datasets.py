@@ -72,8 +72,9 @@ def test_llava_json_list(tmp_path: Path) -> None:
     assert a.images == ["red.png"]
     assert a.messages == [
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        # the text as written: only the newline after <image> belongs to the placeholder
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  What colour?  "}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "  Red.\n"}]},
         {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
     ]
@@ -102,6 +103,37 @@ def test_json_file_holding_json_lines(tmp_path: Path) -> None:
     assert [s.source for s in load_samples(str(path))] == [f"{path}:1", f"{path}:2"]
 
 
+def test_text_is_kept_as_written_and_reasoning_read_under_any_field_name(tmp_path: Path) -> None:
+    answers = ["  Sure.", "Done.   ", "\tTabbed", "\n```py\nx = 1\n```\n", "Line\n\n"]
+    path = write_jsonl(tmp_path / "w.jsonl", [
+        {"id": f"w{i}", "messages": [{"role": "user", "content": " q\t"}, {"role": "assistant", "content": a}]}
+        for i, a in enumerate(answers)
+    ] + [
+        {"id": key, "messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "A.", key: "\nStep 1.\n"}]}
+        for key in ("reasoning_content", "reasoning", "thinking")
+    ] + [
+        {"id": "both", "messages": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "A.", "reasoning": "x", "thinking": "y"}]},
+        {"id": "user", "messages": [{"role": "user", "content": "q", "thinking": "x"}, {"role": "assistant", "content": "A."}]},
+    ])
+    samples = load_samples(str(path))
+    assert [s.messages[1]["content"][0]["text"] for s in list(samples)[:5]] == answers
+    assert all(s.messages[0]["content"][0]["text"] == " q\t" for s in list(samples)[:5])
+    assert [s.messages[1]["reasoning_content"] for s in list(samples)[5:]] == ["\nStep 1.\n"] * 3
+    assert [(e.sample_id, e.field, e.reason, e.detail) for e in samples.errors] == [
+        ("both", "messages[1]", "bad_format", "reasoning and thinking disagree; give one"),
+        ("user", "messages[0].thinking", "bad_format", "only an assistant turn carries reasoning"),
+    ]
+    llava = tmp_path / "l.json"
+    llava.write_text(json.dumps([{"id": "l", "conversations": [turn("human", "What?\n<image>"),
+                                                               {"from": "gpt", "value": " Red. ", "reasoning": "Look."}]}]))
+    (sample,) = load_samples(str(llava))
+    assert sample.messages[0]["content"] == [{"type": "text", "text": "What?"}, {"type": "image"}]
+    assert sample.messages[1] == {"role": "assistant", "content": [{"type": "text", "text": " Red. "}],
+                                  "reasoning_content": "Look."}
+
+
 def test_multi_image_placeholders_keep_their_positions(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps([{
         "id": "m", "image": ["red.png", "green.png", "blue.png"],
@@ -110,7 +142,7 @@ def test_multi_image_placeholders_keep_their_positions(tmp_path: Path) -> None:
     (sample,) = load_samples(str(tmp_path / "d.json"))
     assert sample.messages[0]["content"] == [
         {"type": "text", "text": "Left "}, {"type": "image"}, {"type": "text", "text": " middle "},
-        {"type": "image"}, {"type": "text", "text": "and right"}, {"type": "image"},
+        {"type": "image"}, {"type": "text", "text": "and right "}, {"type": "image"},
     ]
     write_images(tmp_path / "imgs")
     media = load_media(sample, MediaConfig(image_folder=str(tmp_path / "imgs")))
@@ -137,8 +169,8 @@ def test_openai_messages_string_and_parts(tmp_path: Path) -> None:
     ])
     samples = load_samples(str(path))
     s, p, t = samples
-    assert s.messages[0] == {"role": "system", "content": [{"type": "text", "text": "sys"}]}
-    assert s.messages[2]["content"] == [{"type": "text", "text": "hello"}]
+    assert s.messages[0] == {"role": "system", "content": [{"type": "text", "text": " sys "}]}
+    assert s.messages[2]["content"] == [{"type": "text", "text": " hello"}]
     assert p.images == ["red.png", "green.png"] and p.videos == ["clip.mp4"]
     assert [x["type"] for x in p.messages[0]["content"]] == ["text", "image", "text", "image", "video"]
     assert t.images == ["red.png", "blue.png"]

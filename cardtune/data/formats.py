@@ -188,22 +188,31 @@ def concat(sets: Sequence[SampleSet]) -> SampleSet:
 
 
 # -- records to samples -------------------------------------------------------------------------
-def _strip_message(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Surrounding whitespace of a message's text removed; parts that become empty dropped."""
-    text_at = [i for i, p in enumerate(parts) if p.get("type") == "text" and isinstance(p.get("text"), str)]
-    if not text_at:
-        return parts
-    parts = [dict(p) for p in parts]
-    parts[text_at[0]]["text"] = parts[text_at[0]]["text"].lstrip()
-    parts[text_at[-1]]["text"] = parts[text_at[-1]]["text"].rstrip()
-    return [p for p in parts if not (p.get("type") == "text" and p.get("text") == "")]
-
-
 def _content_from_text(value: Any) -> list[dict[str, Any]]:
     # A non-string value is kept as it is, for validation to report as ``non_string_turn``.
     if not isinstance(value, str):
         return [text_part(value)]
-    return _strip_message(as_parts(value.strip(), PLACEHOLDERS))
+    return as_parts(value, PLACEHOLDERS)
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""Where data files put an assistant's reasoning (the think block of a reasoning model). The
+sample keeps it as ``reasoning_content``; the engine hands it to the template under the name
+the template reads."""
+
+
+def _with_reasoning(message: dict[str, Any], raw: dict[str, Any], sample_id: str, field: str, source: str) -> dict[str, Any]:
+    given = {k: raw[k] for k in REASONING_KEYS if raw.get(k) is not None}
+    if not given:
+        return message
+    key, value = next(iter(given.items()))
+    if message["role"] != "assistant":
+        raise SampleError(sample_id, f"{field}.{key}", "bad_format", "only an assistant turn carries reasoning", source)
+    if not isinstance(value, str):
+        raise SampleError(sample_id, f"{field}.{key}", "bad_format", f"reasoning is text, got {type(value).__name__}", source)
+    if any(v != value for v in given.values()):
+        raise SampleError(sample_id, field, "bad_format", f"{' and '.join(given)} disagree; give one", source)
+    return {**message, "reasoning_content": value} if value else message
 
 
 def _as_list(value: Any, sample_id: str, field: str, source: str) -> list[Any]:
@@ -237,7 +246,8 @@ def llava_record(record: dict[str, Any], sample_id: str, source: str, opts: Data
             raise SampleError(sample_id, f"conversations[{i}]", "bad_format", "a turn needs 'from' and 'value'", source)
         speaker = turn["from"]
         role = roles.get(speaker, speaker if speaker in ROLES else str(speaker))
-        messages.append({"role": role, "content": _content_from_text(turn["value"])})
+        message = {"role": role, "content": _content_from_text(turn["value"])}
+        messages.append(_with_reasoning(message, turn, sample_id, f"conversations[{i}]", source))
     images, videos = _media_fields(record, sample_id, source)
     return Sample(sample_id, messages, images, videos, source)
 
@@ -289,11 +299,10 @@ def openai_record(record: dict[str, Any], sample_id: str, source: str, opts: Dat
                         sample_id, f"messages[{i}].content[{j}]", "bad_format",
                         f"unknown content part {kind!r} (known: text, image, image_url, video)", source,
                     )
-            parts = _strip_message(parts)
         else:
             parts = _content_from_text(content)
         parts = [place(p["type"], p.get("payload")) if p["type"] != "text" else p for p in parts]
-        messages.append({"role": message["role"], "content": parts})
+        messages.append(_with_reasoning({"role": message["role"], "content": parts}, message, sample_id, f"messages[{i}]", source))
     # top-level media that no part took: kept, so the count mismatch is reported
     images = media["image"] + list(queues["image"])
     videos = media["video"] + list(queues["video"])
