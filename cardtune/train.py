@@ -57,14 +57,40 @@ def card_with_template(card: FamilyCard, template: str | None) -> FamilyCard:
 
 
 def resolve(args: Arguments) -> tuple[Any, dict[str, Any]]:
-    from cardtune.loaders.resolve import resolve_model
+    """The model's card with ``--template`` applied, its folder, and its config overrides."""
+    resolved, overrides = resolve_family(args)
+    return dataclasses.replace(resolved, card=card_with_template(resolved.card, args.model.template)), overrides
+
+
+def resolve_family(args: Arguments) -> tuple[Any, dict[str, Any]]:
+    """The model's card as its family writes it (no ``--template``): the card the output keeps.
+
+    ``--model_path`` alone on a folder an earlier run wrote reads the card it was trained with.
+    """
+    from cardtune.loaders.resolve import Resolved, resolve_model
     from cardtune.registry import get_registry
+    from cardtune.training.output import CARD_FILE, read_card
 
     m = args.model
+    if m.model_id is None and m.model_path is not None and (Path(m.model_path) / CARD_FILE).is_file():
+        card = read_card(m.model_path)
+        note = f"card: {Path(m.model_path) / CARD_FILE} (the card this folder was trained with)"
+        return Resolved(card.models[0].model_id, card, str(m.model_path), notes=[note]), {}
     resolved = resolve_model(m.model_id, m.model_path, m.cards)
     overrides = get_registry(m.cards).get(m.model_id).config_overrides if m.model_id else dict(resolved.card.config_overrides)
-    card = card_with_template(resolved.card, m.template)
-    return dataclasses.replace(resolved, card=card), overrides
+    return resolved, overrides
+
+
+def folder_loader(resolved: Any) -> Any:
+    """The card's loader, unless it replaces the folder given (the demo loader builds its own):
+    a local folder, e.g. an earlier stage's output, is a plain Hugging Face folder that the
+    generic loader reads, as ``cardtune chat`` and ``merge`` do."""
+    from cardtune.loaders.generic import GenericLoader
+
+    loader = resolved.loader()
+    if Path(resolved.path).is_dir() and Path(loader.path).resolve() != Path(resolved.path).resolve():
+        return GenericLoader(resolved.card, resolved.path)
+    return loader
 
 
 # -- arguments the run settles ------------------------------------------------------------------
@@ -170,7 +196,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         import torch
 
         torch.set_num_threads(args.model.cpu_threads)
-    loader = resolved.loader()
+    loader = folder_loader(resolved)
     say(f"cardtune: {resolved.model_id} (family {card.family}) from {loader.path}")
     if demo_folder:
         say(f"data: the demo dataset in {demo_folder}")
@@ -181,6 +207,12 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     processing = loader.load_processing()
     for line in processing.notes:
         notes.append(line)
+    saved_card, saved_processing = card, processing
+    if args.model.template == "plain":
+        # plain is this run's pretraining format: the output keeps the family's chat template,
+        # so the next stage (conversations) loads the folder with the template it needs.
+        family, _ = resolve_family(args)
+        saved_card, saved_processing = family.card, folder_loader(family).load_processing()
     d = args.data
     encoder = ChatEncoder(card, processing, max_length=d.max_length)
     output_dir = t.output_dir
@@ -217,7 +249,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
-    card_yaml = _card_yaml(card, resolved.model_id, loader.path)
+    card_yaml = _card_yaml(saved_card, resolved.model_id, loader.path)
     arguments = args.to_dict()
     card_files = CardFilesCallback(card_yaml, arguments)
     trainer = CardtuneTrainer(
@@ -226,7 +258,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        processing_class=processing.processor or processing.tokenizer,
+        processing_class=saved_processing.processor or saved_processing.tokenizer,
         callbacks=[card_files, LossPlotCallback()],
         lengths=lengths,
         media_flags=media_flags,
@@ -251,8 +283,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     trainer.save_model(output_dir)
     if main_process:
         card_files.write(output_dir)
-        if processing.processor is None and processing.image_processor is not None:
-            processing.image_processor.save_pretrained(output_dir)
+        if saved_processing.processor is None and saved_processing.image_processor is not None:
+            saved_processing.image_processor.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
 
     history = trainer.state.log_history

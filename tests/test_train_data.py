@@ -130,7 +130,8 @@ def test_added_tokens_resize_embeddings_and_train_with_lora(tmp_path: Path, caps
 
 def test_template_plain_trains_captions_and_eos_only(tmp_path: Path) -> None:
     """Projector pretraining (`--template plain`): each row is bos, image tokens, the caption and
-    eos; exactly the caption and eos are trained, and the saved template is the plain one."""
+    eos; exactly the caption and eos are trained. The folder keeps the family's chat template
+    (plain applies to this run only), so a next stage can train conversations on it."""
     out = tmp_path / "plain"
     result = train([*DEMO, "--template", "plain", "--max_steps", "2", "--output_dir", str(out)])
     data = result.trainer.train_dataset
@@ -145,4 +146,9 @@ def test_template_plain_trains_captions_and_eos_only(tmp_path: Path) -> None:
         assert e.labels[first_text:] == e.input_ids[first_text:]  # caption + eos, all of it
         # every answer ends with its eos, trained (the demo has two-turn samples)
         assert trained[-1] == tok.eos_token_id and trained.count(tok.eos_token_id) == e.input_ids.count(tok.eos_token_id)
-    assert (out / "chat_template.jinja").read_text().startswith("{#- cardtune plain template")
+    from cardtune.demo.build import CHAT_TEMPLATE
+
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    saved = yaml.safe_load((out / "cardtune_card.yaml").read_text())
+    assert "template" not in saved.get("chat", {})  # the family's own (the default), not plain
+    assert json.loads((out / "cardtune_args.json").read_text())["template"] == "plain"
