@@ -11,6 +11,7 @@ REASONS: dict[str, str] = {
     "missing_media": "media file not found",
     "unreadable_media": "media file cannot be read",
     "corrupt_image": "image cannot be decoded",
+    "image_too_large": "image has more pixels than the limit (a decompression bomb, or a scan to downsize first)",
     "path_escape": "media path escapes its folder",
     "placeholder_mismatch": "media placeholders do not match the media given",
     "empty_turn": "a turn has no text",

@@ -218,7 +218,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     output_dir = t.output_dir
     split_kwargs = dict(card=card, image_folder=d.image_folder, video_folder=d.video_folder,
                         policy=d.bad_sample_policy, output_dir=output_dir if main_process else None,
-                        seed=t.seed, log=say)
+                        seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
+                        num_workers=d.validation_workers, cache=d.data_cache)
     train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
     eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
     if not train_split.samples:
@@ -234,7 +235,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     for line in notes:
         say(f"note: {line}")
 
-    media = media_config(card, d.image_folder, d.video_folder)
+    media = media_config(card, d.image_folder, d.video_folder, d.max_image_pixels)
     if d.packing:
         capacity = d.max_length or max(train_split.lengths)
         train_dataset: Any = PackedDataset(train_split, card, encoder, media, capacity)
@@ -242,10 +243,10 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         collator: Any = PackedCollator(encoder.handler, prepared.attention, mask_dtype=model.dtype)
         say(f"packing: {len(train_split.samples)} samples in {len(train_dataset)} rows of at most {capacity} tokens")
     else:
-        train_dataset = conversation_dataset(train_split, card, encoder, d.image_folder, d.video_folder)
+        train_dataset = conversation_dataset(train_split, card, encoder, d.image_folder, d.video_folder, d.max_image_pixels)
         lengths, media_flags = train_split.lengths, train_split.media_flags
         collator = encoder.handler
-    eval_dataset = (conversation_dataset(eval_split, card, encoder, d.image_folder, d.video_folder)
+    eval_dataset = (conversation_dataset(eval_split, card, encoder, d.image_folder, d.video_folder, d.max_image_pixels)
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
@@ -286,6 +287,10 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         if saved_processing.processor is None and saved_processing.image_processor is not None:
             saved_processing.image_processor.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
+    failed_in_training = train_dataset.failures.count()
+    if failed_in_training:
+        say(f"data: {failed_in_training} samples failed when decoded in training and were skipped "
+            f"(ids in {train_split.skipped_file})")
 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -299,6 +304,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "train_s": train_s,
+        "skipped_in_training": failed_in_training,
         "wall_s": time.perf_counter() - started,
         "metrics": metrics,
     }

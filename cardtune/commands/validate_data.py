@@ -19,7 +19,13 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--assistant-key", default="gpt", help="LLaVA 'from' value of assistant turns (default: gpt)")
     p.add_argument("--no-encode", action="store_true",
                    help="structure and media only: no tokenizer, so no length or label checks")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="check in N processes (decoding images is the slow part)")
+    p.add_argument("--check-media", "--check_media", dest="check_media", choices=("header", "full"), default="header",
+                   help="header (default): each image present, an image, under the pixel limit, and its token count "
+                   "from its size; full: decode every image and run the processor, as training will")
+    p.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int, metavar="N",
+                   help="refuse images with more pixels (image_too_large; default 89,478,485, Pillow's threshold)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="check in N processes (default: the machine's cores; 0: in this process)")
     p.add_argument("--limit", type=int, default=200, help="rows of the table to print (default 200; --json prints all)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -43,7 +49,10 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
         report = validate(
             samples, encoder, card=resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
             allow_absolute_paths=args.allow_absolute_paths, num_workers=args.workers,
+            check_media=args.check_media, max_image_pixels=args.max_image_pixels,
         )
+        for note in report.notes:
+            print(f"cardtune validate-data: {note}", file=sys.stderr)
         if args.json:
             json.dump({"model_id": resolved.model_id, "data": args.data, **report.to_dict()}, sys.stdout, indent=2)
             sys.stdout.write("\n")

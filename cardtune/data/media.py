@@ -3,7 +3,8 @@ orientation applied), videos sampled uniformly to ``num_frames`` with PyAV or re
 of frames. Families with ``load_image: false`` get the resolved paths instead of pixels.
 
 Every problem is a :class:`SampleError` naming the sample, the field (``images[1]``) and the
-reason (``missing_media``, ``unreadable_media``, ``corrupt_image``, ``path_escape``).
+reason (``missing_media``, ``unreadable_media``, ``corrupt_image``, ``image_too_large``,
+``path_escape``). An image over the pixel limit is refused from its header, before decoding.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class MediaConfig:
     allow_absolute_paths: bool = False
     load_image: bool = True
     num_frames: int = 8
+    max_image_pixels: int | None = None
+    """Images with more pixels are refused (``image_too_large``); None: :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels is None:
+            object.__setattr__(self, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
     @classmethod
     def from_card(cls, card: Any | None, **kwargs: Any) -> MediaConfig:
@@ -104,37 +111,147 @@ def media_path(ref: Any, kind: str, cfg: MediaConfig) -> Path:
 
 
 # -- images -------------------------------------------------------------------------------------
-def open_image(ref: Any, cfg: MediaConfig) -> Any:
-    """A decoded RGB PIL image with its EXIF orientation applied."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+"""Pillow's own warning threshold (about 9,459 x 9,459): a larger image is refused per sample
+(``image_too_large``) before any pixel is decoded, unless ``max_image_pixels`` allows it."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image as its file header describes it; no pixel decoded. ``width``/``height`` are as
+    displayed (EXIF orientation applied); ``frames`` > 1 for animated GIF/WebP/APNG and TIFF pages."""
+
+    format: str
+    width: int
+    height: int
+    frames: int
+    mode: str
+    path: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def _image_source(ref: Any, cfg: MediaConfig) -> Any:
+    """A path or an in-memory file for ``ref``, which is not a PIL image."""
+    if isinstance(ref, dict) and ref.get("bytes"):
+        return io.BytesIO(ref["bytes"])
+    if isinstance(ref, bytes):
+        return io.BytesIO(ref)
+    if isinstance(ref, str) and ref.startswith("data:"):
+        try:
+            return io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
+        except (IndexError, ValueError) as exc:
+            raise MediaProblem("corrupt_image", f"bad data URL: {exc}") from None
+    path = media_path(ref, "image", cfg)
+    if path.is_dir():
+        raise MediaProblem("unreadable_media", f"{path} is a folder, not an image")
+    return path
+
+
+def _open_lazily(source: Any) -> Any:
+    """``Image.open`` (the header only), with Pillow's own bomb check replaced by
+    :func:`_check_pixels`: Pillow raises past twice its limit, naming no file, and the limit is
+    ours to configure."""
+    from PIL import Image, UnidentifiedImageError
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(source)
+    except UnidentifiedImageError:
+        raise MediaProblem("corrupt_image", f"{_name(source)} is not an image Pillow can identify") from None
+    except PermissionError as exc:
+        raise MediaProblem("unreadable_media", f"{_name(source)}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaProblem("corrupt_image", f"{_name(source)} cannot be read: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(image: Any, source: Any, cfg: MediaConfig) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise MediaProblem("corrupt_image", f"{_name(source)} has a size of {width}x{height}")
+    limit = cfg.max_image_pixels
+    if limit is not None and width * height > limit:
+        raise MediaProblem(
+            "image_too_large",
+            f"{_name(source)} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+            "(downsize it, or raise max_image_pixels / --max_image_pixels)",
+        )
+
+
+def read_image_header(ref: Any, cfg: MediaConfig) -> ImageHeader:
+    """Format, displayed size and frame count from the header, checked against the pixel limit;
+    the cheap check validation makes of every image (decoding happens in the DataLoader)."""
+    from PIL import Image
 
     if isinstance(ref, Image.Image):
-        image = ref
-    else:
-        if isinstance(ref, dict) and ref.get("bytes"):
-            source: Any = io.BytesIO(ref["bytes"])
-        elif isinstance(ref, bytes):
-            source = io.BytesIO(ref)
-        elif isinstance(ref, str) and ref.startswith("data:"):
-            try:
-                source = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
-            except (IndexError, ValueError) as exc:
-                raise MediaProblem("corrupt_image", f"bad data URL: {exc}") from None
-        else:
-            source = media_path(ref, "image", cfg)
-            if source.is_dir():
-                raise MediaProblem("unreadable_media", f"{source} is a folder, not an image")
+        _check_pixels(ref, "embedded image", cfg)
+        return ImageHeader(ref.format or "", *ref.size, getattr(ref, "n_frames", 1), ref.mode)
+    source = _image_source(ref, cfg)
+    image = _open_lazily(source)
+    try:
+        _check_pixels(image, source, cfg)
+        width, height = image.size
         try:
-            image = Image.open(source)
+            orientation = _header_orientation(image)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: decoding will tell
+            orientation = 1
+        header = ImageHeader(image.format or "", *((height, width) if orientation in (5, 6, 7, 8) else (width, height)),
+                             getattr(image, "n_frames", 1), image.mode, str(source) if isinstance(source, Path) else "")
+    finally:
+        image.close()
+    return header
+
+
+def open_image(ref: Any, cfg: MediaConfig) -> Any:
+    """A decoded RGB PIL image with its EXIF orientation applied; 16-bit images keep their range."""
+    from PIL import Image, ImageOps
+
+    if isinstance(ref, Image.Image):
+        _check_pixels(ref, "embedded image", cfg)
+        image = ref
+        source: Any = "embedded image"
+    else:
+        source = _image_source(ref, cfg)
+        image = _open_lazily(source)
+        _check_pixels(image, source, cfg)
+        try:
             image.load()  # decode now: a truncated file fails here, not mid-epoch
-        except UnidentifiedImageError:
-            raise MediaProblem("corrupt_image", f"{_name(source)} is not an image Pillow can identify") from None
         except PermissionError as exc:
             raise MediaProblem("unreadable_media", f"{_name(source)}: {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise MediaProblem("corrupt_image", f"{_name(source)} cannot be decoded: {exc}") from None
     image = ImageOps.exif_transpose(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image, _name(source))
+
+
+def to_rgb(image: Any, name: str = "embedded image") -> Any:
+    """RGB for the image processor. 16-bit greyscale (PNG, TIFF: mode ``I;16``) keeps its range,
+    scaled to 8 bits (``convert`` would clip every value over 255 to white); 32-bit integer
+    images are scaled the same way when their values fit 16 bits, float images are refused."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        values = np.asarray(image)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise MediaProblem("unsupported_media", f"{name} is a 32-bit integer image with values {low}..{high}; "
+                                                    "save it as an 8- or 16-bit image")
+        if mode.startswith("I;16") or high > 255:
+            values = values >> 8
+        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        raise MediaProblem("unsupported_media", f"{name} is a 32-bit float image; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def _name(source: Any) -> str:
@@ -143,15 +260,7 @@ def _name(source: Any) -> str:
 
 def image_size(ref: Any, cfg: MediaConfig) -> tuple[int, int]:
     """(width, height) as displayed, from the file header only (no pixel decoding)."""
-    from PIL import Image
-
-    if isinstance(ref, Image.Image):
-        return ref.size
-    path = media_path(ref, "image", cfg)
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = _header_orientation(image)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return read_image_header(ref, cfg).size
 
 
 def _header_orientation(image: Any) -> int:
@@ -184,7 +293,7 @@ def load_video(ref: Any, cfg: MediaConfig) -> list[Any]:
         frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not frames:
             raise MediaProblem("unreadable_media", f"{path} holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
-        frame_cfg = MediaConfig(allow_absolute_paths=True)
+        frame_cfg = MediaConfig(allow_absolute_paths=True, max_image_pixels=cfg.max_image_pixels)
         return [open_image(frames[i], frame_cfg) for i in uniform_indices(len(frames), cfg.num_frames)]
     return _decode_video(path, cfg.num_frames)
 
@@ -262,6 +371,42 @@ def load_media_checked(sample: Sample, cfg: MediaConfig) -> tuple[list[SampleErr
         for i, ref in enumerate(refs):
             try:
                 loaded[kind].append(load_one(ref, kind, cfg))
+            except MediaProblem as exc:
+                errs.append(SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source))
+    if errs or not (sample.images or sample.videos):
+        return errs, None
+    return errs, Media(images=loaded["image"], videos=loaded["video"])
+
+
+def load_headers_checked(
+    sample: Sample, cfg: MediaConfig, memo: dict[Any, Any] | None = None,
+) -> tuple[list[SampleError], Any | None]:
+    """Like :func:`load_media_checked` without decoding: each image's :class:`ImageHeader` (or,
+    with ``load_image: false``, its path, the header read to check it is an image). Videos are
+    decoded as before. ``memo`` keeps headers per reference across samples that share a file."""
+    from cardtune.conversation import Media
+
+    memo = {} if memo is None else memo
+    errs: list[SampleError] = []
+    loaded: dict[str, list[Any]] = {"image": [], "video": []}
+    for kind, refs in (("image", sample.images), ("video", sample.videos)):
+        for i, ref in enumerate(refs):
+            try:
+                if kind == "video":
+                    loaded[kind].append(load_one(ref, kind, cfg))
+                    continue
+                key = ref if isinstance(ref, str) else None
+                found = memo.get(key) if key is not None else None
+                if found is None:
+                    try:
+                        found = read_image_header(ref, cfg)
+                    except MediaProblem as exc:
+                        found = exc
+                    if key is not None:
+                        memo[key] = found
+                if isinstance(found, MediaProblem):
+                    raise found
+                loaded[kind].append(found if cfg.load_image else load_one(ref, kind, cfg))
             except MediaProblem as exc:
                 errs.append(SampleError(sample.id, f"{kind}s[{i}]", exc.reason, exc.detail, sample.source))
     if errs or not (sample.images or sample.videos):

@@ -1,15 +1,18 @@
 """One pass over a dataset that reports every problem, per sample id and field, before step 1.
 
 ``validate`` checks structure (roles, turns, placeholders), media (found, inside its folder,
-decodable) and, given a :class:`~cardtune.collators.engine.ChatEncoder`, what training would
-see (length after media expansion, labels, template). ``apply_policy`` is what training does
-with the report: ``error`` stops with it, ``skip`` drops exactly the reported samples, prints
-the counts and writes their ids to ``skipped_samples.jsonl``.
+of sane size from its header, or fully decoded with ``check_media="full"``) and, given a
+:class:`~cardtune.collators.engine.ChatEncoder`, what training would see (the exact length
+after media expansion, labels, template), in several processes. ``apply_policy`` is what
+training does with the report: ``error`` stops with it, ``skip`` drops exactly the reported
+samples, prints the counts and writes their ids to ``skipped_samples.jsonl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -18,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardtune.conversation import ROLES, Sample
-from cardtune.data.media import MediaConfig, load_media_checked
+from cardtune.data.media import MediaConfig, load_headers_checked, load_media_checked
 from cardtune.errors import REASONS, SampleError
 
 Policy = Literal["error", "skip"]
+MediaCheck = Literal["header", "full", "none"]
 SKIPPED_FILE = "skipped_samples.jsonl"
 
 
@@ -41,6 +45,10 @@ class Report:
     """Samples kept with text cut after their last media token (``max_length``)."""
     num_records: int = 0
     """Samples plus records that could not be read as samples."""
+    lengths: list[int | None] = field(default_factory=list)
+    """Each sample's exact token count as training encodes it (None where it was not encoded)."""
+    notes: list[str] = field(default_factory=list)
+    """How the pass was made (header counts or decoding, processes), for the caller to print."""
 
     @property
     def ok(self) -> bool:
@@ -178,13 +186,19 @@ def _check_modalities(sample: Sample, card: Any) -> list[SampleError]:
     return out
 
 
-# -- media --------------------------------------------------------------------------------------
-def _decode_check_cfg(cfg: MediaConfig) -> MediaConfig:
-    """Families that take paths still get their files decoded once here, to catch corrupt ones."""
-    return MediaConfig(cfg.image_folder, cfg.video_folder, cfg.allow_absolute_paths, True, cfg.num_frames)
-
-
 # -- the pass -----------------------------------------------------------------------------------
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+AUTO_WORKERS_MIN_SAMPLES = 256
+"""Below this many samples, ``num_workers=None`` checks in-process: starting processes costs more."""
+
+
 def validate(
     samples: Sequence[Sample],
     encoder: Any | None = None,
@@ -195,87 +209,128 @@ def validate(
     allow_absolute_paths: bool = False,
     num_frames: int | None = None,
     media: bool = True,
-    num_workers: int = 0,
+    check_media: MediaCheck = "header",
+    max_image_pixels: int | None = None,
+    num_workers: int | None = None,
 ) -> Report:
     """Check every sample; all problems of a sample are reported, not only the first.
 
     ``samples`` may be a :class:`~cardtune.data.formats.SampleSet`: its unreadable records are
     reported first. With ``encoder``, samples that pass the structural and media checks are
     encoded (media expanded, ``encoder.max_length`` applied) to find over-length samples, empty
-    labels, template errors and label-contract failures. ``media=False`` skips opening files.
-    ``num_workers`` > 0 checks in forked processes (decoding every image is the slow part).
+    labels, template errors and label-contract failures; their exact lengths are in
+    ``Report.lengths``.
+
+    ``check_media``: ``header`` (default) reads each image's header only (present, readable, an
+    image, under ``max_image_pixels``) and counts its tokens from its size
+    (:mod:`cardtune.data.media_tokens`); pixels are decoded later, in the DataLoader workers.
+    ``full`` decodes every image and runs the real processor, as training will. ``none`` (or
+    ``media=False``) opens no file. Videos are decoded in ``header`` mode too.
+    ``num_workers``: processes (None: the machine's cores; 0 or 1: this process); the report is
+    the same whatever the number.
     """
+    if not media:
+        check_media = "none"
     card = card if card is not None else getattr(encoder, "card", None)
     extra: dict[str, Any] = {} if num_frames is None else {"num_frames": num_frames}
     cfg = MediaConfig.from_card(card, image_folder=image_folder, video_folder=video_folder,
-                                allow_absolute_paths=allow_absolute_paths, **extra)
+                                allow_absolute_paths=allow_absolute_paths, max_image_pixels=max_image_pixels, **extra)
     read_errors = list(getattr(samples, "errors", []))
     report = Report(num_samples=len(samples), problems=[Problem(None, e) for e in read_errors])
     report.num_records = len(samples) + len(read_errors)
+    header_encoder = None
+    if encoder is not None and check_media == "header":
+        from cardtune.data.media_tokens import HeaderEncoder
+
+        header_encoder, note = HeaderEncoder.from_encoder(encoder)
+        report.notes.append(note)
     # upsampled repeats of one record (a weighted mix) are checked once, reported each time
     storage_index = getattr(samples, "storage_index", None)
     first_of: dict[int, int] = {}
     owner = [first_of.setdefault(storage_index(i), i) if storage_index else i for i in range(len(samples))]
     unique = sorted(set(owner))
-    args = (samples, encoder, card, cfg, media)
-    if num_workers > 0 and len(unique) > 1:
-        results = dict(zip(unique, _check_in_workers(args, unique, num_workers), strict=True))
+    work = _Work(samples, encoder, header_encoder, card, cfg, check_media)
+    if num_workers is None:
+        num_workers = default_workers() if len(unique) >= AUTO_WORKERS_MIN_SAMPLES else 0
+    if num_workers > 1 and len(unique) > 1:
+        results = dict(zip(unique, _check_in_workers(work, unique, num_workers), strict=True))
+        report.notes.append(f"checked in {num_workers} processes")
     else:
-        results = {i: _check_sample(samples[i], *args[1:]) for i in unique}
+        results = {i: work.check(i) for i in unique}
+    report.lengths = [None] * len(samples)
     for index in range(len(samples)):
-        errs, truncated = results[owner[index]]
+        errs, truncated, length = results[owner[index]]
         report.problems += [Problem(index, e) for e in errs]
         report.num_truncated += truncated
+        report.lengths[index] = length
     return report
 
 
-_WORK: tuple[Any, ...] | None = None  # what forked workers check, inherited rather than pickled
+@dataclass
+class _Work:
+    """What each check needs; forked workers inherit it rather than unpickle it."""
+
+    samples: Sequence[Sample]
+    encoder: Any | None
+    header_encoder: Any | None
+    card: Any | None
+    cfg: MediaConfig
+    check_media: MediaCheck
+    headers: dict[Any, Any] = field(default_factory=dict)
+    """Image headers read so far in this process, by reference (records often share images)."""
+
+    def check(self, index: int) -> tuple[list[SampleError], bool, int | None]:
+        return self.check_sample(self.samples[index])
+
+    def check_sample(self, sample: Sample) -> tuple[list[SampleError], bool, int | None]:
+        errs = check_structure(sample, self.card)
+        loaded, encoder, cfg = None, self.encoder, self.cfg
+        has_media = bool(sample.images or sample.videos)
+        if self.check_media == "header" and not sample.videos and self.header_encoder is not None:
+            media_errs, loaded = load_headers_checked(sample, cfg, self.headers)
+            encoder = self.header_encoder
+        elif self.check_media == "header" and (encoder is None or not cfg.load_image):
+            media_errs, loaded = load_headers_checked(sample, cfg, self.headers)
+        elif self.check_media != "none":
+            # families that take paths still get their files decoded once here, to catch corrupt ones
+            media_errs, loaded = load_media_checked(sample, cfg if cfg.load_image else dataclasses.replace(cfg, load_image=True))
+            if loaded is not None and not cfg.load_image:
+                _, loaded = load_media_checked(sample, cfg)  # the paths the family takes
+        else:
+            media_errs = []
+        errs += media_errs
+        if errs or encoder is None or (self.check_media == "none" and has_media):
+            return errs, False, None
+        try:
+            encoded = encoder.encode(sample, loaded)
+        except SampleError as exc:
+            return [exc], False, None
+        except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
+            return [SampleError(sample.id, "messages", "template_error",
+                                f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False, None
+        return [], bool(encoded.num_truncated), len(encoded.input_ids)
 
 
-def _check_chunk(indices: list[int]) -> list[tuple[list[dict[str, str]], bool]]:
+_WORK: _Work | None = None  # what forked workers check, inherited rather than pickled
+
+
+def _check_chunk(indices: list[int]) -> list[tuple[list[SampleError], bool, int | None]]:
     assert _WORK is not None
-    samples, *rest = _WORK
-    out = []
-    for i in indices:
-        errs, truncated = _check_sample(samples[i], *rest)
-        out.append(([e.to_dict() for e in errs], truncated))  # SampleError does not pickle
-    return out
+    return [_WORK.check(i) for i in indices]
 
 
-def _check_in_workers(args: tuple[Any, ...], indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool]]:
+def _check_in_workers(work: _Work, indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool, int | None]]:
     import multiprocessing
 
     global _WORK
-    _WORK = args
+    _WORK = work
     size = max(1, min(256, len(indices) // (num_workers * 4) or 1))
     chunks = [indices[k : k + size] for k in range(0, len(indices), size)]
     try:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            done = [r for chunk in pool.imap(_check_chunk, chunks) for r in chunk]
+            return [r for chunk in pool.imap(_check_chunk, chunks) for r in chunk]
     finally:
         _WORK = None
-    return [([SampleError(d["id"], d["field"], d["reason"], d["detail"], d["source"]) for d in errs], t)
-            for errs, t in done]
-
-
-def _check_sample(sample: Sample, encoder: Any | None, card: Any | None, cfg: MediaConfig, media: bool) -> tuple[list[SampleError], bool]:
-    errs = check_structure(sample, card)
-    loaded = None
-    if media:
-        media_errs, loaded = load_media_checked(sample, cfg if cfg.load_image else _decode_check_cfg(cfg))
-        errs += media_errs
-        if loaded is not None and not cfg.load_image:
-            _, loaded = load_media_checked(sample, cfg)  # the paths the family takes
-    if errs or encoder is None or (not media and (sample.images or sample.videos)):
-        return errs, False
-    try:
-        encoded = encoder.encode(sample, loaded)
-    except SampleError as exc:
-        return [exc], False
-    except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
-        return [SampleError(sample.id, "messages", "template_error",
-                            f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False
-    return [], bool(encoded.num_truncated)
 
 
 # -- training's policy --------------------------------------------------------------------------

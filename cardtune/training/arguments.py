@@ -79,6 +79,23 @@ class DataArguments:
         default=False, metadata={"help": "batch samples of similar length together (less padding)"}
     )
     packing: bool = field(default=False, metadata={"help": "pack several samples into one sequence"})
+    check_media: Literal["header", "full"] = field(
+        default="header",
+        metadata={"help": "header: validation reads each image's header (present, an image, under the pixel limit) "
+                  "and counts its tokens from its size, pixels are decoded in the DataLoader; full: decode every "
+                  "image and run the processor before step 1"},
+    )
+    max_image_pixels: int | None = field(
+        default=None, metadata={"help": "images with more pixels are refused (image_too_large); default 89,478,485"}
+    )
+    validation_workers: int | None = field(
+        default=None, metadata={"help": "processes that validate and encode the data (default: the machine's cores)"}
+    )
+    data_cache: str | None = field(
+        default=None,
+        metadata={"help": "folder of the validated-data cache (default $CARDTUNE_DATA_CACHE or $CARDTUNE_CACHE/data); "
+                  "none: no cache"},
+    )
 
 
 @dataclass

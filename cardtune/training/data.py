@@ -1,16 +1,22 @@
-"""The run's data: samples read and validated before step 1 (with the policy), lengths for
-length grouping and packing taken from the validation pass itself, and the datasets and
-collators the Trainer gets.
+"""The run's data: samples read and validated before step 1 (with the policy; in several
+processes; kept in the data cache for the next run), lengths for length grouping and packing
+taken from the validation pass itself, and the datasets and collators the Trainer gets. A
+sample whose media fail only when decoded in a DataLoader worker is skipped and counted, or
+stops the run naming it, per the same policy.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cardtune.conversation import Sample
+from cardtune.data.validate import SKIPPED_FILE
 from cardtune.datasets import (
     ConversationDataset,
     DataValidationError,
@@ -21,13 +27,13 @@ from cardtune.datasets import (
     check_packing,
     collate_packed,
     estimate_lengths,
-    has_media,
     load_media,
     load_samples,
     pack,
     plan_packs,
     validate,
 )
+from cardtune.errors import SampleError
 
 
 class DataStop(RuntimeError):
@@ -41,21 +47,19 @@ class DataStop(RuntimeError):
         )
 
 
-class _LengthRecorder:
-    """Wraps the encoder during validation and keeps each encoded sample's exact length,
-    so length grouping and packing need no second pass."""
+class MediaFailedInTraining(DataStop):
+    """A sample whose media failed to decode in a DataLoader worker, under policy ``error``.
 
-    def __init__(self, encoder: Any) -> None:
-        self._encoder = encoder
-        self.lengths: dict[tuple[str, str], int] = {}
+    Built from one message, so the DataLoader can raise it again in the main process (it
+    rebuilds a worker's exception from its text, traceback included: only the last line is kept).
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._encoder, name)
-
-    def encode(self, sample: Sample, media: Any = None) -> Any:
-        encoded = self._encoder.encode(sample, media)
-        self.lengths[(sample.id, sample.source)] = len(encoded.input_ids)
-        return encoded
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        self.report = None  # type: ignore[assignment]
+        RuntimeError.__init__(self, message)
 
 
 @dataclass
@@ -64,6 +68,11 @@ class SplitData:
     lengths: list[int]
     report: Report
     media_flags: list[bool] = field(default_factory=list)
+    policy: str = "error"
+    skipped_file: Path | None = None
+    """Where samples that fail only in training (decoding in the DataLoader) are added."""
+    cached: bool = False
+    """The split came from the data cache."""
 
 
 def prepare_split(
@@ -78,32 +87,123 @@ def prepare_split(
     output_dir: str | None,
     seed: int,
     log: Any = print,
+    check_media: str = "header",
+    max_image_pixels: int | None = None,
+    num_workers: int | None = None,
+    cache: str | None = None,
 ) -> SplitData:
-    """Read, validate (every sample encoded once) and apply the policy to one split."""
-    samples = load_samples(data_path, seed=seed)
-    recorder = _LengthRecorder(encoder)
-    report = validate(samples, recorder, card=card, image_folder=image_folder, video_folder=video_folder)
+    """Read, validate (every sample encoded once, in ``num_workers`` processes, default the
+    cores) and apply the policy to one split. The validated split is kept in the data cache
+    (``cache``: a folder, or ``none``; default ``$CARDTUNE_DATA_CACHE`` or ``$CARDTUNE_CACHE/data``)
+    and read back from it while nothing that shapes it has changed."""
+    from accelerate import PartialState
+
+    from cardtune.training import data_cache
+
+    settings = {"split": split, "seed": seed, "image_folder": _abs(image_folder), "video_folder": _abs(video_folder),
+                "max_length": encoder.max_length, "check_media": check_media, "max_image_pixels": max_image_pixels}
+    root = data_cache.cache_root(cache)
+    key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
+    folder = root / key if root is not None and key is not None else None
+    state = PartialState()
+    with state.main_process_first():  # one process validates and writes the cache; the other ranks read it
+        kept_before = data_cache.load(folder) if folder is not None else None
+        if kept_before is not None:
+            samples, report, flags = kept_before
+            log(f"data ({split}): {data_path}: validated before; read from the cache {folder}")
+        else:
+            samples = load_samples(data_path, seed=seed)
+            report = validate(samples, encoder, card=card, image_folder=image_folder, video_folder=video_folder,
+                              check_media=check_media, max_image_pixels=max_image_pixels,  # type: ignore[arg-type]
+                              num_workers=num_workers)
+            manifest = data_cache.media_manifest(samples, image_folder, video_folder)
+            flags = manifest[2]
+            if folder is not None and state.is_main_process:
+                data_cache.save(folder, samples, report, manifest)
+                log(f"data ({split}): kept in the cache {folder}")
+    for note in report.notes:
+        log(f"data ({split}): {note}")
     log(f"data ({split}): {data_path}: {report.summary()}")
+    skip_dir = (Path(output_dir) if split == "train" else Path(output_dir) / "eval") if output_dir else None
     try:
-        kept = apply_policy(report, samples, policy, output_dir if split == "train" else
-                            (Path(output_dir) / "eval" if output_dir else None), log=log)
+        kept = apply_policy(report, samples, policy, skip_dir, log=log)
     except DataValidationError as exc:
         raise DataStop(split, exc.report) from None
-    missing = [s for s in kept if (s.id, s.source) not in recorder.lengths]
+    bad = report.bad_indices
+    kept_indices = [i for i in range(len(samples)) if i not in bad] if bad else range(len(samples))
+    lengths = [report.lengths[i] for i in kept_indices]
+    missing = [k for k, n in enumerate(lengths) if n is None]
     if missing:  # not encoded by validation (should not happen): estimate them
-        estimated = dict(zip(((s.id, s.source) for s in missing), estimate_lengths(missing, encoder.tokenizer), strict=True))
-        recorder.lengths.update(estimated)
-    lengths = [recorder.lengths[(s.id, s.source)] for s in kept]
-    return SplitData(kept, lengths, report, [has_media(s) for s in kept])
+        for k, n in zip(missing, estimate_lengths([kept[k] for k in missing], encoder.tokenizer), strict=True):
+            lengths[k] = n
+    return SplitData(kept, lengths, report, [flags[i] for i in kept_indices], policy,  # type: ignore[arg-type]
+                     skip_dir / SKIPPED_FILE if skip_dir else None, cached=kept_before is not None)
 
 
-def media_config(card: Any, image_folder: str | None, video_folder: str | None) -> MediaConfig:
-    return MediaConfig.from_card(card, image_folder=image_folder, video_folder=video_folder)
+def _abs(folder: str | None) -> str | None:
+    return os.path.abspath(folder) if folder else None
+
+
+def media_config(card: Any, image_folder: str | None, video_folder: str | None,
+                 max_image_pixels: int | None = None) -> MediaConfig:
+    return MediaConfig.from_card(card, image_folder=image_folder, video_folder=video_folder,
+                                 max_image_pixels=max_image_pixels)
+
+
+class FailurePolicy:
+    """What a sample failing in a DataLoader worker (media found bad only when decoded) does:
+    ``error`` stops the run naming it; ``skip`` adds it to ``skipped_samples.jsonl`` (marked
+    ``"found": "training"``), says so on stderr, and the next sample that loads takes its place."""
+
+    def __init__(self, policy: str, skipped_file: Path | None) -> None:
+        self.policy = policy
+        self.skipped_file = skipped_file
+
+    def failed(self, sample: Sample, exc: Exception) -> None:
+        error = exc if isinstance(exc, SampleError) else SampleError(
+            sample.id, "messages", "template_error", f"encoding failed: {type(exc).__name__}: {exc}", sample.source)
+        if self.policy != "skip":
+            raise MediaFailedInTraining(
+                f"sample {error.sample_id} ({error.source}) failed in training: {error.field}: {error.reason}: "
+                f"{error.detail} (found when decoding, which validation's header check does not do: "
+                "--check_media full finds it before step 1, --bad_sample_policy skip drops it)")
+        print(f"data: skipped in training: {error}", file=sys.stderr, flush=True)
+        if self.skipped_file is not None:
+            line = json.dumps({"id": error.sample_id, "source": error.source, "index": None, "found": "training",
+                               "errors": [{"field": error.field, "reason": error.reason, "detail": error.detail}]})
+            self.skipped_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.skipped_file.open("a", encoding="utf-8") as f:  # one short append per line: workers share it
+                f.write(line + "\n")
+
+    def count(self) -> int:
+        """Samples recorded as failed in training so far."""
+        if self.skipped_file is None or not self.skipped_file.is_file():
+            return 0
+        lines = self.skipped_file.read_text(encoding="utf-8").splitlines()
+        return sum(1 for line in lines if json.loads(line).get("found") == "training")
+
+
+class TrainingDataset(ConversationDataset):
+    """The dataset the Trainer reads: a sample that fails here goes to its :class:`FailurePolicy`."""
+
+    def __init__(self, samples: Sequence[Sample], media: MediaConfig, encoder: Any, failures: FailurePolicy) -> None:
+        super().__init__(samples, media, encoder)
+        self.failures = failures
+
+    def __getitem__(self, index: int) -> Any:
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            try:
+                return super().__getitem__(i)
+            except Exception as exc:  # noqa: BLE001 - a processor failing on one sample's media
+                self.failures.failed(self.samples[i], exc)
+        raise MediaFailedInTraining("every sample failed in training; see skipped_samples.jsonl")
 
 
 def conversation_dataset(split: SplitData, card: Any, encoder: Any, image_folder: str | None,
-                         video_folder: str | None) -> ConversationDataset:
-    return ConversationDataset(split.samples, media_config(card, image_folder, video_folder), encoder)
+                         video_folder: str | None, max_image_pixels: int | None = None) -> ConversationDataset:
+    return TrainingDataset(split.samples, media_config(card, image_folder, video_folder, max_image_pixels), encoder,
+                           FailurePolicy(split.policy, split.skipped_file))
 
 
 class PackedDataset:
@@ -113,6 +213,7 @@ class PackedDataset:
     def __init__(self, split: SplitData, card: Any, encoder: Any, media: MediaConfig, max_length: int) -> None:
         check_packing(card)
         self.samples = split.samples
+        self.failures = FailurePolicy(split.policy, split.skipped_file)
         self.encoder = encoder
         self.media = media
         self.max_length = max_length
@@ -125,8 +226,15 @@ class PackedDataset:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> PackedRow:
-        encoded = [self.encoder.encode(self.samples[i], load_media(self.samples[i], self.media))
-                   for i in self.rows[index]]
+        encoded = []
+        for i in self.rows[index]:  # a sample failing here leaves the row shorter (policy skip)
+            sample = self.samples[i]
+            try:
+                encoded.append(self.encoder.encode(sample, load_media(sample, self.media)))
+            except Exception as exc:  # noqa: BLE001 - a processor failing on one sample's media
+                self.failures.failed(sample, exc)
+        if not encoded:
+            raise MediaFailedInTraining(f"every sample of packed row {index} failed in training; see skipped_samples.jsonl")
         (row,) = pack(encoded, self.max_length)
         return row
 
