@@ -77,3 +77,27 @@ def test_two_process_cpu_run_completes_and_ranks_see_different_data(tmp_path: Pa
     # 2 ranks x 4 samples per step over the 320 demo samples: the epoch counter is global
     assert [h for h in history if "loss" in h][0]["epoch"] == pytest.approx(8 / 320)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_parse_with_deepspeed(stage: int, tmp_path: Path) -> None:
+    """The shipped ZeRO JSONs, their "auto" values filled by the Trainer's own code, are accepted
+    by DeepSpeed's config parser (deepspeed installs on a CPU machine: pip install 'cardtune[gpu]'
+    builds no ops)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed; no GPU needed to parse)")
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    hf = HfTrainerDeepSpeedConfig(str(REPO / "configs" / "deepspeed" / f"zero{stage}.json"))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             learning_rate=1e-4, max_grad_norm=0.5, report_to="none")
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=64)), num_training_steps=10)
+    parsed = DeepSpeedConfig(hf.config)
+    assert parsed.zero_optimization_stage == stage
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps, parsed.train_batch_size) == (4, 2, 8)
+    assert parsed.gradient_clipping == 0.5
+    assert parsed.zero_config.gather_16bit_weights_on_model_save is (stage == 3)
