@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from cardtune.registry import CapabilityError, CardError, FamilyCard, UnknownModelError
-from cardtune.training.arguments import ArgumentError, Arguments, parse_arguments
+from cardtune.training.arguments import ArgumentError, Arguments, check_media_folders, parse_arguments
+from cardtune.training.template import card_with_template
+from cardtune.training.writes import DiskFullError, writing
 
 log = logging.getLogger("cardtune.train")
 
@@ -37,25 +40,6 @@ def _say(args: Arguments | None, message: str) -> None:
 
 
 # -- card -----------------------------------------------------------------------------------------
-def card_with_template(card: FamilyCard, template: str | None) -> FamilyCard:
-    """``--template``: a kind the card schema knows (own, plain, declarative) or a Jinja file."""
-    if not template:
-        return card
-    chat = card.chat.model_dump()
-    kinds = ("own", "plain", "declarative")
-    if template in kinds:
-        chat.update(template=template, jinja=None)
-        if template != "declarative":
-            chat["declarative"] = None
-        if template == "plain":
-            chat["end_of_turn"] = None  # the plain template writes eos itself
-    elif Path(template).is_file():
-        chat.update(template="jinja", jinja=Path(template).read_text(encoding="utf-8"), declarative=None)
-    else:
-        raise ArgumentError(f"--template {template}: neither a template kind ({', '.join(kinds)}) nor a Jinja file")
-    return FamilyCard.model_validate({**card.model_dump(), "chat": chat})
-
-
 def resolve(args: Arguments) -> tuple[Any, dict[str, Any]]:
     """The model's card with ``--template`` applied, its folder, and its config overrides."""
     resolved, overrides = resolve_family(args)
@@ -113,7 +97,52 @@ def settle_training_arguments(args: Arguments) -> list[str]:
         if missing:
             t.report_to = [r for r in requested if r not in missing] or ["none"]
             notes.append(f"report_to: {', '.join(missing)} not installed; not reporting to it")
+    notes += settle_evaluation(args)
+    if "dataloader_num_workers" not in args.sources:
+        workers, why = default_num_workers(_cuda() and not t.use_cpu, _usable_cpus(), _local_processes())
+        t.dataloader_num_workers = workers
+        if workers:
+            notes.append(f"dataloader_num_workers: {workers} ({why})")
     return notes
+
+
+def settle_evaluation(args: Arguments) -> list[str]:
+    """Evaluation follows the data given: a recipe's evaluation schedule without eval data is
+    turned off (the demo recipe evaluates on the demo's own eval split); one asked for on
+    the command line is an error."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    t = args.training
+    if args.data.eval_data_path is not None or t.eval_strategy == IntervalStrategy.NO:
+        return []
+    source = args.sources.get("eval_strategy", "the defaults")
+    if source == "command line" or t.load_best_model_at_end:
+        asked = "--load_best_model_at_end" if t.load_best_model_at_end else f"--eval_strategy {t.eval_strategy.value}"
+        raise ArgumentError(f"{asked} evaluates on --eval_data_path, which is not given: give it, or drop {asked}")
+    t.eval_strategy = IntervalStrategy.NO
+    t.do_eval = False
+    return [f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
+
+
+def default_num_workers(accelerator: bool, cpus: int, processes: int) -> tuple[int, str]:
+    """Data-loading processes when nothing sets them: on an accelerator, the cores each
+    training process can spare (at most 4); on CPU none, as training itself needs the cores."""
+    if not accelerator:
+        return 0, "training on CPU"
+    spare = max(0, cpus // max(processes, 1) - 1)
+    return min(4, spare), f"{cpus} CPU cores for {processes} training process{'es' if processes > 1 else ''}"
+
+
+def _usable_cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _local_processes() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _cuda() -> bool:
@@ -143,7 +172,8 @@ def demo_data(args: Arguments, card: FamilyCard) -> str | None:
 # -- the run ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class RunResult:
-    """What a run wrote and measured; ``trainer`` holds the trained model."""
+    """What a run wrote and measured; ``trainer`` holds the trained model (None when a resume
+    found the run already at its last step)."""
 
     summary: dict[str, Any]
     trainer: Any
@@ -164,10 +194,27 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         from cardtune.training.model import check_capability
 
         check_capability(card, "packing", "packing")  # unsupported: an error; experimental: a warning
+    check_media_folders(args)
     demo_folder = demo_data(args, card)
     notes = settle_training_arguments(args)
     for line in resolved.notes:
         notes.append(line)
+
+    t = args.training
+    output_dir = t.output_dir
+    say = lambda message: _say(args, message)  # noqa: E731
+    # plain is this run's pretraining format: the output keeps the family's chat template, so
+    # the next stage (conversations) loads the folder with the template it needs.
+    family = resolve_family(args)[0] if args.model.template == "plain" else None
+    saved_card = family.card if family is not None else card
+    # Where the run starts, decided before anything is written into output_dir.
+    resume, resume_lines = start_point(args, _card_data(saved_card, resolved.model_id))
+    from cardtune.training.checkpoints import checkpoint_step, run_is_finished
+
+    if resume and run_is_finished(resume, t.max_steps, t.num_train_epochs):
+        for line in resume_lines:
+            say(line)
+        return finish_from_last_checkpoint(args, resume, started)
 
     from transformers import set_seed
 
@@ -180,17 +227,9 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         prepare_split,
     )
     from cardtune.training.model import format_parameter_table, load_and_prepare, parameter_table
-    from cardtune.training.trainer import (
-        CardFilesCallback,
-        CardtuneTrainer,
-        LossPlotCallback,
-        complete_checkpoints,
-        resolve_resume,
-    )
+    from cardtune.training.trainer import CardFiles, CardtuneTrainer, LossPlotCallback
 
-    t = args.training
     main_process = t.process_index == 0
-    say = lambda message: _say(args, message)  # noqa: E731
     set_seed(t.seed)
     if args.model.cpu_threads and (t.use_cpu or not _cuda()):
         import torch
@@ -198,30 +237,33 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         torch.set_num_threads(args.model.cpu_threads)
     loader = folder_loader(resolved)
     say(f"cardtune: {resolved.model_id} (family {card.family}) from {loader.path}")
+    if card.status == "experimental":
+        say(f"warning: family {card.family} is experimental (card: status: experimental)"
+            + (f": {card.status_note}" if card.status_note else ""))
     if demo_folder:
         say(f"data: the demo dataset in {demo_folder}")
     for source in sorted(set(args.sources.values())):
         keys = sorted(k for k, v in args.sources.items() if v == source)
         say(f"arguments from {source}: {', '.join(keys)}")
+    for line in resume_lines:
+        say(line)
 
     processing = loader.load_processing()
     for line in processing.notes:
         notes.append(line)
-    saved_card, saved_processing = card, processing
-    if args.model.template == "plain":
-        # plain is this run's pretraining format: the output keeps the family's chat template,
-        # so the next stage (conversations) loads the folder with the template it needs.
-        family, _ = resolve_family(args)
-        saved_card, saved_processing = family.card, folder_loader(family).load_processing()
+    saved_processing = folder_loader(family).load_processing() if family is not None else processing
     d = args.data
     encoder = ChatEncoder(card, processing, max_length=d.max_length)
-    output_dir = t.output_dir
     split_kwargs = dict(card=card, image_folder=d.image_folder, video_folder=d.video_folder,
                         policy=d.bad_sample_policy, output_dir=output_dir if main_process else None,
                         seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
                         num_workers=d.validation_workers, cache=d.data_cache)
-    train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
-    eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
+    with writing(output_dir, "the list of skipped samples"):
+        train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
+        check_skipped_share("train", train_split.report, d.bad_sample_policy, d.max_skipped_share)
+        eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
+        if eval_split is not None:
+            check_skipped_share("eval", eval_split.report, d.bad_sample_policy, d.max_skipped_share)
     if not train_split.samples:
         raise ArgumentError("no training sample left after validation")
 
@@ -250,9 +292,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
-    card_yaml = _card_yaml(saved_card, resolved.model_id, loader.path)
-    arguments = args.to_dict()
-    card_files = CardFilesCallback(card_yaml, arguments)
+    card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict())
+    loss_plot = LossPlotCallback()
     trainer = CardtuneTrainer(
         model=model,
         args=t,
@@ -260,32 +301,32 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=saved_processing.processor or saved_processing.tokenizer,
-        callbacks=[card_files, LossPlotCallback()],
+        callbacks=[loss_plot],
         lengths=lengths,
         media_flags=media_flags,
         group_by_length=d.group_by_length,
+        card_files=card_files,
     )
-    resume, resume_note = resolve_resume(t.resume_from_checkpoint, output_dir)
-    if resume_note:
-        say(resume_note)
-    elif complete_checkpoints(output_dir):
-        say(f"note: {output_dir} holds checkpoints from an earlier run; this run starts from step 0 "
-            "(--resume_from_checkpoint auto continues the latest)")
+    start_step = checkpoint_step(resume) if resume else 0
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    train_s = time.perf_counter() - train_started
-    metrics: dict[str, Any] = dict(result.metrics)
-    evaluated = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if eval_dataset is not None and (not evaluated or evaluated[-1].get("step") != trainer.state.global_step):
-        metrics.update(trainer.evaluate())
-    elif evaluated:
-        metrics["eval_loss"] = evaluated[-1]["eval_loss"]
+    try:
+        with writing(output_dir, lambda: _being_written(output_dir, trainer.state.global_step)):
+            result = trainer.train(resume_from_checkpoint=resume)
+        train_s = time.perf_counter() - train_started
+        metrics: dict[str, Any] = dict(result.metrics)
+        evaluated = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if eval_dataset is not None and (not evaluated or evaluated[-1].get("step") != trainer.state.global_step):
+            metrics.update(trainer.evaluate())
+        elif evaluated:
+            metrics["eval_loss"] = evaluated[-1]["eval_loss"]
 
-    trainer.save_model(output_dir)
-    if main_process:
-        card_files.write(output_dir)
-        if saved_processing.processor is None and saved_processing.image_processor is not None:
-            saved_processing.image_processor.save_pretrained(output_dir)
+        trainer.save_model(output_dir)  # with the card files
+        if main_process and saved_processing.processor is None and saved_processing.image_processor is not None:
+            with writing(output_dir, "the image processor"):
+                saved_processing.image_processor.save_pretrained(output_dir)
+    except DiskFullError as exc:
+        exc.hint = _after_disk_full(output_dir)
+        raise
     trainer.accelerator.wait_for_everyone()
     failed_in_training = train_dataset.failures.count()
     if failed_in_training:
@@ -298,9 +339,11 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     summary = {
         "output_dir": str(out),
         "checkpoint": str(out),
-        "plot": str(out / "loss.png"),
+        "plot": str(loss_plot.plot) if loss_plot.plot else None,
         "logs": str(out / "log_history.json"),
         "global_step": trainer.state.global_step,
+        "steps_run": trainer.state.global_step - start_step,
+        "resumed_from": resume,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "train_s": train_s,
@@ -312,25 +355,120 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     return RunResult(summary, trainer, args)
 
 
-def _card_yaml(card: FamilyCard, model_id: str, weights: str) -> str:
-    """The card as trained: the family with only this model's entry."""
-    import yaml
+# -- the output folder --------------------------------------------------------------------------
+def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float) -> RunResult:
+    """A resume from the run's last step (its final save failed, say) trains nothing: the
+    final folder is the checkpoint's model files, with the loss curve of its history."""
+    from cardtune.training.checkpoints import finish_from, trainer_state
+    from cardtune.training.trainer import LOG_FILE, LOSS_PLOT, plot_loss
 
+    t = args.training
+    out = Path(t.output_dir)
+    state = trainer_state(checkpoint)
+    if t.process_index == 0:
+        copied = finish_from(checkpoint, out)
+        history = state.get("log_history", [])
+        with writing(out, f"{LOG_FILE} and {LOSS_PLOT}"):
+            (out / LOG_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+            plot = plot_loss(history, out / LOSS_PLOT)
+        _say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
+             f"left to train; the final folder is written from it ({', '.join(copied)})")
+    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
+    summary = {
+        "output_dir": str(out), "checkpoint": str(out), "plot": str(plot) if t.process_index == 0 and plot else None,
+        "logs": str(out / LOG_FILE), "global_step": state["global_step"], "steps_run": 0, "resumed_from": checkpoint,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "train_s": 0.0, "skipped_in_training": 0, "wall_s": time.perf_counter() - started, "metrics": {},
+    }
+    _say(args, _closing(summary, t))
+    return RunResult(summary, None, args)
+
+
+def start_point(args: Arguments, card_data: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(checkpoint to resume from, lines to print): ``--resume_from_checkpoint`` checked against
+    this run, or a fresh start, refused in a folder holding an earlier run unless
+    ``--overwrite_output_dir`` (which moves the earlier run aside first)."""
+    from cardtune.training.arguments import resume_requested
+    from cardtune.training.checkpoints import check_fresh_start, move_earlier_run, resolve_resume
+
+    t = args.training
+    resume, lines = resolve_resume(t.resume_from_checkpoint, t.output_dir, args.to_dict(), card_data)
+    if resume is not None:
+        return resume, lines
+    # `auto` with nothing complete to resume starts over; what an interrupted save left is no run.
+    check_fresh_start(t.output_dir, args.run.overwrite_output_dir,
+                      with_incomplete=not resume_requested(t.resume_from_checkpoint))
+    if args.run.overwrite_output_dir:
+        with t.main_process_first(local=t.save_on_each_node, desc="moving the earlier run aside"):
+            moved = move_earlier_run(t.output_dir) if t.should_save else None
+        if moved is not None:
+            lines.append(f"--overwrite_output_dir: the earlier run in {t.output_dir} was moved to {moved}")
+    return None, lines
+
+
+def _being_written(output_dir: str, step: int) -> str:
+    from cardtune.training.checkpoints import checkpoint_problem
+
+    folder = Path(output_dir) / f"checkpoint-{step}"
+    if folder.is_dir() and checkpoint_problem(folder):
+        return f"{folder.name} (left incomplete: it is never resumed; delete it to free its space)"
+    return "the run's logs and checkpoints"
+
+
+def _after_disk_full(output_dir: str) -> str:
+    from cardtune.training.checkpoints import complete_checkpoints
+
+    done = complete_checkpoints(output_dir)
+    start = f"continues from {done[-1].name}" if done else "starts over (no checkpoint was completed)"
+    return f"Free some space there, then the same command with --resume_from_checkpoint auto {start}."
+
+
+class SkipLimitError(RuntimeError):
+    """``--bad_sample_policy skip`` would drop more of a split than ``--max_skipped_share``."""
+
+
+def check_skipped_share(split: str, report: Any, policy: str, share: float) -> None:
+    """Skipping is for the odd broken sample: a share above ``share`` means the data or an
+    argument is wrong (a mistyped --image_folder loses every image), and nothing is trained."""
+    if policy != "skip" or not report.num_records or report.num_bad / report.num_records <= share:
+        return
+    raise SkipLimitError(
+        f"the {split} data: {report.num_bad} of {report.num_records} records have problems "
+        f"({report.num_bad / report.num_records:.0%}), more than --max_skipped_share {share:g} ({share:.0%}) lets "
+        "--bad_sample_policy skip drop; nothing was trained. Fix the data or the media folders, or raise "
+        f"--max_skipped_share:\n{report.format_table(limit=20)}"
+    )
+
+
+def _card_data(card: FamilyCard, model_id: str) -> dict[str, Any]:
+    """The card as trained: the family with only this model's entry."""
     data = card.model_dump(mode="json", exclude_defaults=True)
     data["models"] = [m for m in data["models"] if m["model_id"] == model_id] or data["models"][:1]
+    return data
+
+
+def _card_yaml(card: FamilyCard, model_id: str, weights: str) -> str:
+    import yaml
+
     header = f"# The card this model was trained with: model id {model_id}, base weights from {weights}.\n"
-    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return header + yaml.safe_dump(_card_data(card, model_id), sort_keys=False, allow_unicode=True)
 
 
 def _closing(summary: dict[str, Any], t: Any) -> str:
-    lines = ["", f"done: {summary['global_step']} steps in {summary['train_s']:.1f}s "
-             f"(wall {summary['wall_s']:.1f}s)"]
+    run, step = summary["steps_run"], summary["global_step"]
+    steps = f"{run} step{'s' if run != 1 else ''}"
+    if summary["resumed_from"]:
+        steps += f" (global step {step}, resumed from {Path(summary['resumed_from']).name})"
+    lines = ["", f"done: {steps} in {summary['train_s']:.1f}s (wall {summary['wall_s']:.1f}s)"]
     if summary["loss_first"] is not None:
         lines.append(f"loss: {summary['loss_first']:.3f} (first logged) -> {summary['loss_last']:.3f} (last logged)")
     if "eval_loss" in summary["metrics"]:
         lines.append(f"eval loss: {summary['metrics']['eval_loss']:.3f}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
-    lines.append(f"loss plot:  {summary['plot']}")
+    if summary["plot"]:
+        lines.append(f"loss plot:  {summary['plot']}")
+    else:
+        lines.append(f"loss plot:  none (no loss was logged: --logging_steps {t.logging_steps:g})")
     logs = summary["logs"]
     if t.report_to and "tensorboard" in t.report_to:
         logs += f" (tensorboard: {t.logging_dir or Path(summary['output_dir']) / 'runs'})"
@@ -345,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter("default", category=UserWarning)
     try:
         run(argv)
-    except DataStop as exc:
+    except (DataStop, SkipLimitError, DiskFullError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
     except (ArgumentError, CardError, UnknownModelError, CapabilityError) as exc:

@@ -114,7 +114,7 @@ def test_train_skip_drops_the_bomb_and_trains(bomb_data, tmp_path: Path, capsys)
     rc = train_main(["--model_id", "tiny-llava-demo", "--data_path", str(data), "--image_folder", str(imgs),
                      "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "1",
                      "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-                     "--bad_sample_policy", "skip", "--data_cache", "none"])
+                     "--bad_sample_policy", "skip", "--max_skipped_share", "0.5", "--data_cache", "none"])
     assert rc == 0
     skipped = [json.loads(line) for line in (out / "skipped_samples.jsonl").read_text().splitlines()]
     assert [(s["id"], [e["reason"] for e in s["errors"]]) for s in skipped] == [("bomb", ["image_too_large"])]

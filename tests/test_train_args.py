@@ -122,7 +122,7 @@ def test_template_override_switches_the_card() -> None:
 
 
 def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path: Path) -> None:
-    from cardtune.training.trainer import resolve_resume
+    from cardtune.training.checkpoints import resolve_resume
 
     assert resolve_resume("auto", tmp_path)[0] is None
     for step, complete in ((2, True), (10, True), (12, False)):
@@ -132,10 +132,16 @@ def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path: Path) -> Non
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (tmp_path / "checkpoint-14").mkdir()
     (tmp_path / "checkpoint-14" / "trainer_state.json").write_text("{truncated")
-    path, note = resolve_resume("auto", tmp_path)
-    assert path == str(tmp_path / "checkpoint-10") and "checkpoint-10" in note
-    assert resolve_resume(None, tmp_path) == (None, None)
-    with pytest.raises(FileNotFoundError):
+    path, lines = resolve_resume("auto", tmp_path)
+    assert path == str(tmp_path / "checkpoint-10")
+    assert lines == [
+        "resume: auto: passing over checkpoint-12: no trainer_state.json (its save did not finish)",
+        "resume: auto: passing over checkpoint-14: trainer_state.json: not readable "
+        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        f"resume: auto: {tmp_path / 'checkpoint-10'} (the latest complete checkpoint)",
+    ]
+    assert resolve_resume(None, tmp_path) == (None, [])
+    with pytest.raises(ArgumentError, match="--resume_from_checkpoint .*nope: no such checkpoint folder"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
 
 

@@ -50,7 +50,8 @@ def test_policy_skip_drops_exactly_the_reported_samples(tmp_path: Path) -> None:
     data, images = _dirty_data(tmp_path)
     out = tmp_path / "out"
     result = train([*DEMO, "--data_path", str(data), "--image_folder", str(images), "--output_dir", str(out),
-                    "--bad_sample_policy", "skip", "--max_steps", "2", "--per_device_train_batch_size", "2"])
+                    "--bad_sample_policy", "skip", "--max_skipped_share", "0.5", "--max_steps", "2",
+                    "--per_device_train_batch_size", "2"])
     skipped = [json.loads(line) for line in (out / "skipped_samples.jsonl").read_text().splitlines()]
     assert sorted(s["id"] for s in skipped) == ["bad-empty", "bad-missing"]
     kept = result.trainer.train_dataset

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cardtune.training.trainer import complete_checkpoints
+from cardtune.training.checkpoints import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo model on the demo data, every step logged, no eval: a few seconds per run.

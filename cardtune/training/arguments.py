@@ -75,6 +75,11 @@ class DataArguments:
         metadata={"help": "error: stop before step 1 and print the data report; skip: drop bad samples, "
                   "count them and write their ids to output_dir"},
     )
+    max_skipped_share: float = field(
+        default=0.1,
+        metadata={"help": "with --bad_sample_policy skip: the largest share of a split's records that may be "
+                  "dropped (0.1: 10%%); more stops the run before step 1 (a wrong --image_folder, say)"},
+    )
     group_by_length: bool = field(
         default=False, metadata={"help": "batch samples of similar length together (less padding)"}
     )
@@ -113,7 +118,16 @@ class TuneArguments:
     train_llm: bool = field(default=True, metadata={"help": "train the language model (fully, or via LoRA)"})
 
 
-ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments)
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start from step 0 in an output_dir that holds an earlier run: the earlier run is moved "
+                  "into output_dir/earlier-run-N (nothing is deleted)"},
+    )
+
+
+ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments, RunArguments)
 
 
 @dataclass
@@ -125,11 +139,12 @@ class Arguments:
     config_file: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
     """Where each non-default value came from: ``command line``, the config file, or ``demo recipe``."""
+    run: RunArguments = field(default_factory=RunArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, JSON-serialisable (saved as ``cardtune_args.json``)."""
         out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.tune):
+        for part in (self.model, self.data, self.tune, self.run):
             out.update(dataclasses.asdict(part))
         out.update(self.training.to_dict())
         out["config"] = self.config_file
@@ -208,7 +223,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
 
     values = vars(namespace)
     config_file = values.pop("config")
-    model, data, tune = (
+    model, data, tune, run = (
         cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES
     )
     if values.get("output_dir") is None:
@@ -222,7 +237,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
     from transformers import TrainingArguments
 
     training = TrainingArguments(**values)
-    args = Arguments(model, data, tune, training, config_file, sources)
+    args = Arguments(model, data, tune, training, config_file, sources, run)
     check_arguments(args)
     return args
 
@@ -246,6 +261,21 @@ def _given_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> 
     return given
 
 
+def check_media_folders(args: Arguments) -> None:
+    """The media folders exist: checked first thing in a run (a mistyped folder would otherwise
+    show up as every media sample failing validation)."""
+    d = args.data
+    for option, folder in (("--image_folder", d.image_folder), ("--video_folder", d.video_folder)):
+        if folder is not None and not Path(folder).is_dir():
+            what = "not a folder" if Path(folder).exists() else "no such folder"
+            raise ArgumentError(f"{option} {folder}: {what} (media paths in the data are relative to it)")
+
+
+def resume_requested(value: Any) -> bool:
+    """``--resume_from_checkpoint``: anything but unset/false asks for a resume."""
+    return value is not None and str(value).lower() not in ("", "false", "no", "none")
+
+
 def check_arguments(args: Arguments) -> None:
     """Combinations that cannot work, reported before anything loads."""
     m, t = args.model, args.tune
@@ -259,5 +289,10 @@ def check_arguments(args: Arguments) -> None:
         raise ArgumentError("--use_vision_lora needs --train_vision_encoder")
     if not (t.train_llm or t.train_vision_encoder or t.train_vision_projector):
         raise ArgumentError("nothing to train: --train_llm, --train_vision_encoder and --train_vision_projector are all false")
-    if args.data.group_by_length and args.data.packing:
+    d = args.data
+    if d.group_by_length and d.packing:
         raise ArgumentError("--group_by_length and --packing are alternatives; choose one")
+    if not 0 <= d.max_skipped_share <= 1:
+        raise ArgumentError(f"--max_skipped_share {d.max_skipped_share}: a share between 0 and 1 (0.1: 10%)")
+    if args.run.overwrite_output_dir and resume_requested(args.training.resume_from_checkpoint):
+        raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one")

@@ -208,7 +208,10 @@ def apply_plan(model: Any, card: FamilyCard, plan: TrainPlan, args: Arguments) -
             bias="none",
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
+        from cardtune.training.peft_compat import peft_reading_checkpointing_alias
+
+        with peft_reading_checkpointing_alias():
+            return get_peft_model(model, config)
     for name, param in model.named_parameters():
         group = group_of(name, card) or "others"
         param.requires_grad_(plan.modes[group] == "full")

@@ -8,7 +8,11 @@ model) gets a card derived from its config, as ``--model_path`` does.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,16 +72,21 @@ def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) 
 
     folder = Path(folder)
     card = read_card(folder)
+    base_loader = LOADERS[card.loader](card, adapter_base(folder)) if is_adapter(folder) else None
     # The folder's own tokenizer/processor: the one training saved, fix-ups included.
-    processing = GenericLoader(card, folder).load_processing()
-    if is_adapter(folder):
+    with processing_folder(folder, base_loader.path if base_loader else None) as files:
+        processing = GenericLoader(card, files).load_processing()
+    if base_loader is not None:
         from peft import PeftModel
 
-        base = LOADERS[card.loader](card, adapter_base(folder)).load_model(dtype=dtype)
+        base = base_loader.load_model(dtype=dtype)
         rows = base.get_input_embeddings().weight.shape[0]
         if len(processing.tokenizer) > rows:
             base.resize_token_embeddings(len(processing.tokenizer))
-        model = PeftModel.from_pretrained(base, str(folder))
+        from cardtune.training.peft_compat import peft_reading_checkpointing_alias
+
+        with peft_reading_checkpointing_alias():
+            model = PeftModel.from_pretrained(base, str(folder))
         if merge:
             model = model.merge_and_unload()
     else:
@@ -88,18 +97,50 @@ def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) 
     return Trained(model, card, processing, is_adapter(folder) and not merge)
 
 
-def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
-    """Tokenizer, processor, template and card files of ``source`` into ``target`` (no weights,
-    no adapter, no training state)."""
-    source, target = Path(source), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for item in sorted(source.iterdir()):
+def side_files(source: str | Path) -> list[Path]:
+    """Tokenizer, processor, template and card files of ``source`` (no weights, no adapter, no
+    training state, no model config): what a merged folder takes from its adapter."""
+    out = []
+    for item in sorted(Path(source).iterdir()):
         name = item.name
         if (not item.is_file() or name in _NOT_MODEL_FILES or name.startswith("adapter_")
                 or name.startswith("rng_state") or name.endswith((".safetensors", ".bin", ".pt", ".pth"))
-                or name in ("config.json", "generation_config.json") or (target / name).exists()):
+                or name in ("config.json", "generation_config.json")):
             continue
-        shutil.copy2(item, target / name)
-        copied.append(name)
+        out.append(item)
+    return out
+
+
+def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
+    """:func:`side_files` of ``source`` into ``target``, where not already there."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in side_files(source):
+        if not (target / item.name).exists():
+            shutil.copy2(item, target / item.name)
+            copied.append(item.name)
     return copied
+
+
+@contextmanager
+def processing_folder(folder: str | Path, base: str | None) -> Iterator[Path]:
+    """Where ``folder``'s tokenizer/processor load from exactly as from its merged folder.
+
+    A full model folder is its own. An adapter folder lacks the model's ``config.json``, by
+    which ``AutoProcessor`` picks the processor class; without it a processor that cannot be
+    built falls back to returning the bare tokenizer, so images would go unexpanded. The
+    adapter's files are loaded from a temporary folder holding them (linked) and the base's
+    ``config.json``: the files ``cardtune merge`` writes, minus the weights.
+    """
+    if base is None:
+        yield Path(folder)
+        return
+    from transformers.utils import cached_file
+
+    config = cached_file(base, "config.json")
+    with tempfile.TemporaryDirectory(prefix="cardtune-adapter-processing-") as view:
+        for item in side_files(folder):
+            os.symlink(item.resolve(), Path(view) / item.name)
+        os.symlink(Path(config).resolve(), Path(view) / "config.json")
+        yield Path(view)

@@ -1,20 +1,19 @@
 """The Trainer: ``transformers.Trainer`` fed by cardtune's batch sampler, plus the callbacks a
-run needs (loss curve, card and arguments in every checkpoint), and ``auto`` resumption.
+run needs (loss curve, card and arguments in every checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cardtune.datasets import LengthGroupedBatchSampler
 from cardtune.training.output import ARGS_FILE, CARD_FILE
+from cardtune.training.writes import writing
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,8 @@ LOG_FILE = "log_history.json"
 
 
 class CardtuneTrainer(Trainer):
-    """A Trainer whose training batches come from :class:`LengthGroupedBatchSampler`.
+    """A Trainer whose training batches come from :class:`LengthGroupedBatchSampler`, and
+    whose saved folders carry the card files.
 
     ``lengths`` are the items' exact token counts (length grouping; ignored otherwise) and
     ``media_flags`` which items carry media (DeepSpeed ZeRO-3 needs no text-only batch).
@@ -32,11 +32,21 @@ class CardtuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, lengths: list[int], media_flags: list[bool], group_by_length: bool,
-                 **kwargs: Any) -> None:
+                 card_files: CardFiles | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cardtune_lengths = lengths
         self.cardtune_media_flags = media_flags
         self.cardtune_group_by_length = group_by_length
+        self.cardtune_card_files = card_files
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The weights, then the card files: in a checkpoint both land before its trainer state,
+        which the Trainer writes last, so a checkpoint with a trainer state has its arguments."""
+        folder = output_dir or self.args.output_dir
+        with writing(folder, "the model weights"):
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if self.cardtune_card_files is not None and self.args.should_save:
+            self.cardtune_card_files.write(folder)
 
     def _modality(self) -> str:
         flags = self.cardtune_media_flags
@@ -71,9 +81,10 @@ class CardtuneTrainer(Trainer):
 
 
 # -- callbacks ----------------------------------------------------------------------------------
-class CardFilesCallback(TrainerCallback):
-    """Writes the resolved card and the arguments into every checkpoint, so each one is a
-    complete, self-describing folder (``cardtune chat``/``merge`` read the card from it)."""
+class CardFiles:
+    """The resolved card and the arguments, written beside the weights of every checkpoint and
+    of the final folder, so each one is complete and self-describing (``cardtune chat``/``merge``
+    read the card from it; ``auto`` resumes only a checkpoint whose arguments match)."""
 
     def __init__(self, card_yaml: str, arguments: dict[str, Any]) -> None:
         self.card_yaml = card_yaml
@@ -81,28 +92,28 @@ class CardFilesCallback(TrainerCallback):
 
     def write(self, folder: str | Path) -> None:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CARD_FILE).write_text(self.card_yaml, encoding="utf-8")
-        (folder / ARGS_FILE).write_text(json.dumps(self.arguments, indent=2, default=str) + "\n", encoding="utf-8")
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if folder.is_dir():
-                self.write(folder)
+        with writing(folder, f"{CARD_FILE} and {ARGS_FILE}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / CARD_FILE).write_text(self.card_yaml, encoding="utf-8")
+            (folder / ARGS_FILE).write_text(json.dumps(self.arguments, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 class LossPlotCallback(TrainerCallback):
     """At the end of training: ``loss.png`` (train loss, and eval loss when there is one) and
-    ``log_history.json`` in the output dir. A resumed run's history includes the earlier steps."""
+    ``log_history.json`` in the output dir. A resumed run's history includes the earlier steps.
+    ``plot`` is the plot written, None when nothing was logged to plot."""
+
+    def __init__(self) -> None:
+        self.plot: Path | None = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LOG_FILE).write_text(json.dumps(state.log_history, indent=1) + "\n", encoding="utf-8")
-        plot_loss(state.log_history, out / LOSS_PLOT)
+        with writing(out, f"{LOG_FILE} and {LOSS_PLOT}"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / LOG_FILE).write_text(json.dumps(state.log_history, indent=1) + "\n", encoding="utf-8")
+            self.plot = plot_loss(state.log_history, out / LOSS_PLOT)
 
 
 def plot_loss(history: list[dict[str, Any]], path: str | Path) -> Path | None:
@@ -128,41 +139,3 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
-
-
-# -- resume -------------------------------------------------------------------------------------
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders whose trainer state was written (the Trainer writes it last),
-    oldest first: a run killed while saving leaves a folder without it, which is skipped."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found: list[tuple[int, Path]] = []
-    for child in folder.iterdir():
-        if not (child.is_dir() and child.name.startswith(PREFIX_CHECKPOINT_DIR + "-")):
-            continue
-        step = child.name.rsplit("-", 1)[-1]
-        state = child / "trainer_state.json"
-        if not step.isdigit() or not state.is_file():
-            continue
-        try:
-            json.loads(state.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        found.append((int(step), child))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(value: str | None, output_dir: str | Path) -> tuple[str | None, str | None]:
-    """(checkpoint to resume from, note). ``auto``: the latest complete checkpoint in
-    ``output_dir``, or a fresh start when there is none."""
-    if value is None or value == "" or str(value).lower() in ("false", "no", "none"):
-        return None, None
-    if str(value).lower() in ("auto", "true", "latest"):
-        done = complete_checkpoints(output_dir)
-        if not done:
-            return None, f"resume: auto: no complete checkpoint in {output_dir}; starting from step 0"
-        return str(done[-1]), f"resume: auto: {done[-1]}"
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    return str(value), f"resume: {value}"
