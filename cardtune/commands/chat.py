@@ -13,6 +13,10 @@ from typing import Any
 from cardtune.cli import Handler, command
 
 
+class ChatError(RuntimeError):
+    """The model cannot be asked this (its processing here cannot take the images)."""
+
+
 class ChatSession:
     """A conversation with one model: render with its template, generate, keep the turns."""
 
@@ -21,6 +25,7 @@ class ChatSession:
         from cardtune.collators.engine import ChatEncoder
         from cardtune.training.output import load_trained
 
+        self.folder = folder
         trained = load_trained(folder, merge=True)
         self.model = trained.model
         self.card = trained.card
@@ -48,6 +53,7 @@ class ChatSession:
         from PIL import Image
 
         from cardtune.conversation import Media, Sample
+        from cardtune.errors import SampleError
 
         images = [Image.open(p).convert("RGB") for p in image_paths or []]
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
@@ -62,7 +68,19 @@ class ChatSession:
         normalised = self.encoder.normalise(sample)[:-1]
         text = self.processing.renderer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True)
         media = Media(images=list(self.images)) if self.images else None
-        ids, tensors = self.encoder.tokenize(text, sample, media)
+        try:
+            ids, tensors = self.encoder.tokenize(text, sample, media)
+            if self.images and self.card.load_image and not tensors:
+                # Generating now would answer from one unexpanded placeholder token and no pixels.
+                why = "; ".join(self.processing.notes) or "its processor returned no image tensors"
+                raise ChatError(f"{self.folder}: the image(s) were not turned into pixel values, so the model "
+                                f"would not see them ({why})")
+        except (SampleError, ChatError) as exc:
+            self.messages.pop()  # the turn was not asked: the conversation stays as it was
+            del self.images[len(self.images) - len(images):]
+            if isinstance(exc, ChatError):
+                raise
+            raise ChatError(f"{self.folder}: {exc.detail or exc.reason}") from None
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         inputs.update({k: v.to(self.model.device) for k, v in tensors.items()})
@@ -93,7 +111,11 @@ def _configure_chat(p: argparse.ArgumentParser) -> Handler:
         session = ChatSession(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               system=args.system)
         if args.prompt is not None:
-            print(session.ask(args.prompt, args.image))
+            try:
+                print(session.ask(args.prompt, args.image))
+            except ChatError as exc:
+                print(f"cardtune chat: {exc}", file=sys.stderr)
+                return 1
             return 0
         pending = list(args.image)
         print(f"chatting with {args.model} ({session.card.family}); /image PATH, /reset, Ctrl-D to quit", file=sys.stderr)
@@ -111,7 +133,10 @@ def _configure_chat(p: argparse.ArgumentParser) -> Handler:
             if line == "/reset":
                 session.reset()
                 continue
-            print(f"model> {session.ask(line, pending)}")
+            try:
+                print(f"model> {session.ask(line, pending)}")
+            except ChatError as exc:
+                print(f"cardtune chat: {exc}", file=sys.stderr)
             pending = []
 
     return run
