@@ -8,6 +8,8 @@ Tests that need them skip, saying why, only when the folder is absent (a user's 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The demo model and data are built into a cache of this session's own, never the user's
+# ~/.cache/cardtune (nor a $CARDTUNE_CACHE they set); subprocesses inherit it.
+# (Made once per process: a test importing ``tests.conftest`` runs this module a second time.)
+_OWNER = "_CARDTUNE_TEST_CACHE_OF_PID"
+if os.environ.get(_OWNER) != str(os.getpid()):
+    os.environ["CARDTUNE_CACHE"] = tempfile.mkdtemp(prefix="cardtune-test-cache-")
+    os.environ[_OWNER] = str(os.getpid())
+SESSION_CACHE = Path(os.environ["CARDTUNE_CACHE"])
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("CARDTUNE_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
@@ -46,3 +56,7 @@ def fixtures_present() -> Path:
     if not MODELS.is_dir():
         pytest.skip(f"fixtures not found at {FIXTURES} (set CARDTUNE_FIXTURES)")
     return MODELS
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -49,7 +50,8 @@ def _configure_list(p: argparse.ArgumentParser) -> Handler:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{len(rows)} models in {len({r['family'] for r in rows})} families")
+        families = len({r["family"] for r in rows})
+        table = Table(title=f"{plural(len(rows), 'model')} in {plural(families, 'family', 'families')}")
         for col in ("model id", "family", "hf path", "modalities", "lora", "qlora", "flash-attn", "packing", "video"):
             table.add_column(col, overflow="fold")
         for r in rows:
@@ -62,10 +64,21 @@ def _configure_list(p: argparse.ArgumentParser) -> Handler:
                 ",".join(r["modalities"]),
                 *(_state(caps[k]) for k in ("lora", "qlora", "flash_attention", "packing", "video")),
             )
-        Console().print(table)
+        # Piped or redirected, rich would fold every cell to 80 columns: each row keeps its full
+        # width there (unless $COLUMNS asks for a width).
+        piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+        console = Console(width=_UNWRAPPED, soft_wrap=True) if piped else Console()
+        console.print(table)
         return 0
 
     return run
+
+
+_UNWRAPPED = 10_000
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _state(state: str) -> str:
@@ -133,7 +146,7 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
             return 1
         if args.model_path is None and args.models_dir is None:
             checked = args.model_ids or list(registry.models)
-            print(f"ok: {len(checked)} model ids in {len(registry.families)} families")
+            print(f"ok: {plural(len(checked), 'model id')} in {plural(len(registry.families), 'family', 'families')}")
             return 0
         return _check_folders(args, registry)
 

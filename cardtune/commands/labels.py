@@ -19,6 +19,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a local Hugging Face model folder; alone, its card is derived from the folder; "
         "with --model_id, the registered card is applied to it",
     )
+    p.add_argument(
+        "--template", help="the chat template to render with, as train's --template: own, plain (projector "
+        "pretraining), declarative, or a Jinja file",
+    )
+
+
+def resolve_with_template(args: argparse.Namespace) -> Any:
+    """The model, its card switched to ``--template`` exactly as a training run switches it."""
+    import dataclasses
+
+    from cardtune.loaders.resolve import resolve_model
+    from cardtune.registry import CardError
+    from cardtune.training.arguments import ArgumentError
+    from cardtune.training.template import card_with_template
+
+    resolved = resolve_model(args.model_id, args.model_path, args.cards)
+    try:
+        return dataclasses.replace(resolved, card=card_with_template(resolved.card, args.template))
+    except ArgumentError as exc:
+        raise CardError(str(exc)) from None
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +51,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
     """(resolved model, ChatEncoder); says on stderr what was derived for an unregistered folder."""
     from cardtune.collators.engine import ChatEncoder
-    from cardtune.loaders.resolve import load_processing, resolve_model
+    from cardtune.loaders.resolve import load_processing
 
-    resolved = resolve_model(args.model_id, args.model_path, args.cards)
+    resolved = resolve_with_template(args)
     processing = load_processing(resolved)
     encoder = ChatEncoder(resolved.card, processing, max_length=getattr(args, "max_length", None))
     if resolved.derived or processing.notes:

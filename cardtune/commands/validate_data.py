@@ -7,7 +7,7 @@ import json
 import sys
 
 from cardtune.cli import Handler, command
-from cardtune.commands.labels import add_data_args, add_model_args, open_encoder
+from cardtune.commands.labels import add_data_args, add_model_args, open_encoder, resolve_with_template
 
 
 @command("validate-data", "check a dataset against a model before training; non-zero exit on any problem")
@@ -32,13 +32,12 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from cardtune.data.formats import load_samples
         from cardtune.data.validate import validate
-        from cardtune.loaders.resolve import resolve_model
 
         if not args.model_id and not args.model_path:
             print("cardtune validate-data: give --model_id or --model-path", file=sys.stderr)
             return 2
         if args.no_encode:
-            resolved, encoder = resolve_model(args.model_id, args.model_path, args.cards), None
+            resolved, encoder = resolve_with_template(args), None
         else:
             resolved, encoder = open_encoder(args)
         try:

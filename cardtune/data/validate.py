@@ -125,6 +125,11 @@ def _media_parts(content: Any) -> int:
     return 0 if isinstance(content, str) else sum(1 for p in content if p.get("type") in ("image", "video"))
 
 
+# Where a LLaVA `from` value other than human/gpt/system gets its role.
+ROLE_KEYS_HINT = ("a LLaVA 'from' value maps to a role with --user-key/--assistant-key in cardtune validate-data, "
+                  "or user_key/assistant_key/system_key of a source in a mix YAML")
+
+
 def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError]:
     """Roles, turns, answers and placeholder counts; with a card, the media kinds it takes."""
     errs: list[SampleError] = []
@@ -137,7 +142,7 @@ def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ROLES:
-            err(f"messages[{i}].role", "unknown_role", f"role {role!r} (known: {', '.join(ROLES)})")
+            err(f"messages[{i}].role", "unknown_role", f"role {role!r} (known: {', '.join(ROLES)}; {ROLE_KEYS_HINT})")
         texts = _texts(m.get("content") or [])
         bad = [t for t in texts if not isinstance(t, str)]
         if bad:

@@ -25,27 +25,53 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:10]
 
 
+COMPLETE_MARKER = ".cardtune-complete"
+
+
+def is_complete(folder: Path) -> bool:
+    """A built folder: its marker, written after everything else, is there."""
+    return (folder / COMPLETE_MARKER).is_file()
+
+
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, building it first with ``build(staging_dir)`` when it does not exist.
+    """Return ``target``, building it first with ``build(staging_dir)`` unless it is complete.
 
     The build runs in a staging folder beside ``target`` that is renamed into place only once
     complete, so an interrupted build never leaves a half-written folder, and processes that
-    race (the ranks of a multi-process run) all end up with the one folder that won.
+    race (the ranks of a multi-process run) all end up with the one folder that won. The last
+    file written is :data:`COMPLETE_MARKER`: a ``target`` without it (files written into the
+    cache folder by hand or by other code, a build from before the marker) is moved away and
+    rebuilt, never used.
     """
-    if target.is_dir():
+    if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not is_complete(target):  # checked again: a racing build may have just won
+        _discard(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         os.chmod(staging, 0o755)
         build(staging)
+        (staging / COMPLETE_MARKER).write_text("built by cardtune\n", encoding="utf-8")
         try:
             os.rename(staging, target)
         except OSError:
-            if not target.is_dir():
+            if not is_complete(target):
                 raise
             # Another process finished the same build first; its folder is identical.
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Move an incomplete ``folder`` out of the way (a rename, so a racing process that already
+    discarded it is no error), then delete it."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.incomplete.", dir=folder.parent))
+    try:
+        os.rename(folder, trash / folder.name)
+    except OSError:
+        if folder.exists() and not is_complete(folder):
+            raise
+    shutil.rmtree(trash, ignore_errors=True)
