@@ -245,20 +245,35 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
     ], images=["cardtune-probe.png"])
     try:
         encoded = encoder.encode(sample, Media(images=images) if images else None)
+        want = _processor_image_tokens(processing, card, images[0], encoder.media_token_ids) if images else None
     except SampleError as exc:
         result.add("image", False, exc.detail or str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - the processor's own failure, said in one line
+        result.add("image", False, f"the processor fails on an image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         return
     media_ids = encoder.media_token_ids
     n_media = sum(1 for t in encoded.input_ids if t in media_ids)
     trained_media = sum(1 for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if t in media_ids and lab != IGNORE_INDEX)
     answer_ok = _answers(encoder.tokenizer, encoded, len(encoder.roles.end_of_turn)) == [IMAGE_ANSWER]
     if card.load_image:
-        ok = n_media > 1 and trained_media == 0 and answer_ok
-        detail = f"1 image gives {n_media} image tokens, {trained_media} trained; answer supervised exactly"
+        # the processor's own count for the image (one token for a cross-attention model)
+        ok = n_media == want and n_media >= 1 and trained_media == 0 and answer_ok
+        detail = (f"1 image gives {n_media} image tokens (the processor's count: {want}), {trained_media} trained; "
+                  "answer supervised exactly")
     else:
         ok = trained_media == 0 and answer_ok
         detail = "image given by path in the prompt; answer supervised exactly"
     result.add("image", ok, detail if ok else detail.replace("exactly", "exactly: NO"))
+
+
+def _processor_image_tokens(processing: Any, card: Any, image: Any, media_ids: set[int]) -> int | None:
+    """How many media tokens the processor itself gives one image (None without a processor)."""
+    processor, token = processing.processor, card.media.image_token
+    if processor is None or not token or "{" in token:
+        return None
+    out = processor(text=[f"{token}\n"], images=[image], add_special_tokens=False)
+    return sum(1 for t in out["input_ids"][0] if int(t) in media_ids)
 
 
 def format_report(check: ModelCheck) -> str:

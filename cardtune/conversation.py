@@ -61,6 +61,8 @@ class Processing:
     processor: Any | None = None
     image_processor: Any | None = None
     notes: tuple[str, ...] = ()
+    video_unavailable: str | None = None
+    """Why videos cannot be encoded on this machine (no video processor), or None."""
 
     @property
     def renderer(self) -> Any:

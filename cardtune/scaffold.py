@@ -1,12 +1,13 @@
 """``cardtune add-model``: a model card scaffolded from a model folder, then checked.
 
-What can be read off the folder is: the model class (``config.json`` architectures), whether
-it runs remote code, its modalities and media tokens, the module keywords (the model built
-on the meta device, no weights), whether its tokenizer ships a chat template that renders a
-conversation, and which special tokens it lacks. What cannot (a template for a folder that
-ships none, keywords of a remote-code model whose code is absent) is taken from ``--like
-FAMILY`` when given, and otherwise stops with a message that says so. Everything uncertain is
-listed for a human to review.
+What the folder says about itself is read by :mod:`cardtune.loaders.discover` (the same
+discovery ``--model-path`` alone uses): the model class, the remote code it declares, its
+modalities and media tokens, the module keywords (the model built on the meta device, no
+weights). Here, on top: whether its chat template renders a conversation the engine can
+mask, and which special tokens it lacks. What cannot be read (a template for a folder that
+ships none, keywords of a remote-code model whose code is absent or not trusted) is taken from
+``--like FAMILY`` when given, and otherwise stops with a message that says so. Remote code
+runs only with ``--trust-remote-code``. Everything uncertain is listed for a human to review.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cardtune.loaders.discover import media_tokens, module_keywords, read_folder, read_json
 from cardtune.registry.errors import CardError
 from cardtune.registry.schema import FamilyCard
 
-# Module names, classified by their last dotted component (lower case).
-_VISION = re.compile(r"vision|visual|image_encoder|img_processor|vit\b|siglip|clip")
-_PROJECTOR = re.compile(r"projector|projection|merger|mm_proj|attn_pool|connector|aligner|resampler|adapter")
 # Unused tokens a vocabulary keeps for later: candidates for a missing pad (MoE-LLaVA's practice).
 _RESERVED = re.compile(r"^<\|?(extra|reserved|unused|reg)[_a-z]*\d+\|?>$")
-# Loaders chosen by a file that only their family ships.
-_LOADER_MARKERS = {"qwen.tiktoken": "qwen-vl"}
 _TEMPLATE_FIELDS = ("template", "jinja", "declarative", "end_of_turn", "assistant_header", "system", "content")
 
 
@@ -49,10 +46,6 @@ class Scaffold:
 
     def validated(self) -> FamilyCard:
         return FamilyCard.model_validate(self.card)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def fetch_folder(source: str) -> Path:
@@ -80,67 +73,15 @@ def hub_name(folder: Path, source: str) -> tuple[str, bool]:
     """(hf_path for the entry, whether it is a real hub id)."""
     if not Path(source).is_dir():
         return source, True
-    name = _read(folder / "config.json").get("_name_or_path") or ""
+    name = read_json(folder / "config.json").get("_name_or_path") or ""
     if name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/")):
         return name, True
     return str(folder.resolve()), False
 
 
-# -- modules ---------------------------------------------------------------------------------
-def build_on_meta(folder: Path, model_class: str, trust_remote_code: bool) -> Any:
-    """The model of ``folder`` built on the meta device (no memory, no weights)."""
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    cls = getattr(transformers, model_class, None)
-    with torch.device("meta"):
-        if cls is None:
-            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        return cls(config)
-
-
-def _has_params(module: Any) -> bool:
-    return any(True for _ in module.parameters())
-
-
-def discover_modules(model: Any) -> dict[str, list[str]]:
-    """Module keywords per component, from the names of the model's sub-modules.
-
-    The base model (``model.model``) is opened; a vision module holding a projector-like child
-    (Qwen-VL's ``visual.merger``) is split into that child and the rest. Names are written
-    relative to the base model, the way a keyword matches (a dotted run of a parameter name).
-    A model with no vision part gives ``llm: [<base>, lm_head]``.
-    """
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    base = getattr(model, prefix, None) if prefix else None
-    top = [(name, child) for name, child in model.named_children() if child is not base]
-    inner = list(base.named_children()) if base is not None else []
-    groups: dict[str, list[str]] = {"vision_encoder": [], "vision_projector": [], "llm": []}
-    for name, child in inner:
-        last = name.lower()
-        if _VISION.search(last):
-            parts = list(child.named_children())
-            if any(_PROJECTOR.search(n.lower()) for n, _ in parts):
-                for sub, grandchild in parts:
-                    if _has_params(grandchild):
-                        key = "vision_projector" if _PROJECTOR.search(sub.lower()) else "vision_encoder"
-                        groups[key].append(f"{name}.{sub}")
-            elif _has_params(child):
-                groups["vision_encoder"].append(name)
-        elif _PROJECTOR.search(last):
-            groups["vision_projector"].append(name)
-        elif _has_params(child):
-            groups["llm"].append(name)
-    if not groups["vision_encoder"] and base is not None:
-        groups["llm"] = [prefix]
-    groups["llm"] += [name for name, child in top if _has_params(child)]
-    return groups
-
-
 # -- special tokens --------------------------------------------------------------------------
 def _config_token(tokenizer: Any, folder: Path, key: str) -> str | None:
-    for source in (_read(folder / "generation_config.json"), _read(folder / "config.json")):
+    for source in (read_json(folder / "generation_config.json"), read_json(folder / "config.json")):
         value = source.get(key)
         if isinstance(value, list):
             value = value[0] if value else None
@@ -192,27 +133,6 @@ def recommend_special_tokens(tokenizer: Any, folder: Path) -> tuple[dict[str, An
 
 
 # -- the card --------------------------------------------------------------------------------
-def _multimodal(config: dict[str, Any]) -> bool:
-    return "vision_config" in config or "visual" in config or "img_processor" in config or "embd_layer" in config
-
-
-def _media(config: dict[str, Any], folder: Path, tokenizer: Any) -> dict[str, Any]:
-    tok_config = _read(folder / "tokenizer_config.json")
-    proc_config = _read(folder / "processor_config.json")
-    media: dict[str, Any] = {}
-    for kind in ("image", "video"):
-        token = tok_config.get(f"{kind}_token") or proc_config.get(f"{kind}_token") or getattr(tokenizer, f"{kind}_token", None)
-        if token is None:
-            for key in (f"{kind}_token_id", f"{kind}_token_index"):
-                tid = config.get(key)
-                if isinstance(tid, int) and 0 <= tid < len(tokenizer):
-                    token = tokenizer.convert_ids_to_tokens(tid)
-                    break
-        if token:
-            media[f"{kind}_token"] = token
-    return media
-
-
 def _template_renders(card: FamilyCard, folder: Path) -> tuple[bool, str]:
     """Whether the folder's own template renders a conversation the engine can mask."""
     from cardtune.collators.roles import derive_role_tokens
@@ -236,13 +156,15 @@ def scaffold(
     family: str | None = None,
     like: str | None = None,
     model_class: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Scaffold:
     """The card for ``source`` (a folder or hub id) registered as ``model_id``.
 
     ``family`` naming a registered family adds an entry to it (its card decides everything);
     otherwise a new family (named ``family`` or ``model_id``) is written. ``like`` names a
     registered family to take what the folder cannot tell: its chat template when the folder
-    ships none, its module keywords when the model cannot be built here.
+    ships none, its module keywords when the model cannot be built here. The folder's remote
+    code runs only with ``trust_remote_code`` (and the card then says so).
     """
     from pydantic import ValidationError
 
@@ -256,8 +178,7 @@ def scaffold(
         src = registry.family_sources[registry.models[model_id].family.family]
         raise CardError(f"model id '{model_id}' is already registered (in {src})")
     folder = fetch_folder(source)
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise CardError(f"{folder}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
+    facts = read_folder(folder)
     hf_path, real_hub = hub_name(folder, source)
     entry = {"model_id": model_id, "hf_path": hf_path}
     review: list[str] = []
@@ -278,32 +199,32 @@ def scaffold(
         liked = registry.families[like]
 
     derived: list[str] = []
-    config = _read(folder / "config.json")
-    archs = config.get("architectures") or []
-    remote = "auto_map" in config
+    config, loader, multimodal = facts.config, facts.loader, facts.multimodal
     import transformers
 
     if model_class:
         derived.append(f"model class {model_class} (given)")
-    elif archs:
-        model_class = archs[0]
-        derived.append(f"model class {model_class} (config.json architectures)")
+    elif facts.model_class:
+        model_class = facts.model_class
+        derived += [n for n in facts.notes if n.startswith("model class ")]
     else:
         model_class = liked.model_class if liked else "AutoModelForCausalLM"
         derived.append(f"model class {model_class} ({'from --like ' + like if liked else 'config.json names none'})")
         review.append(f"{'no config.json' if not config else 'config.json names no architecture'}: "
                       f"model_class {model_class} is a guess")
     native = getattr(transformers, model_class, None) is not None
-    trust = not native and (remote or model_class.startswith("Auto"))
-    if not native and not model_class.startswith("Auto"):
+    remote = bool(facts.remote_code) and (not native or model_class.startswith("Auto"))
+    if remote and trust_remote_code:
+        derived.append(f"trust_remote_code: true (--trust-remote-code; the folder's remote code: {', '.join(facts.remote_code)})")
+        review.append("the card trusts the folder's remote code: read it; if transformers has a native class now, "
+                      "set model_class to that and drop trust_remote_code")
+    elif remote or not native:
         review.append(
-            f"{model_class} is not a transformers class: the model runs remote code from its folder "
-            "(trust_remote_code: true); if transformers has a native class for it now, set model_class to that"
+            f"{model_class} is remote code{' (' + ', '.join(facts.remote_code) + ')' if facts.remote_code else ''}, "
+            "not run and not trusted by the card: give --trust-remote-code to use it (after reading it), or "
+            "--model-class with the native transformers class (e.g. PhiForCausalLM for phi-2)"
         )
-        trust = True
-    loader = next((name for marker, name in _LOADER_MARKERS.items() if (folder / marker).is_file()), "generic")
-    if loader != "generic":
-        derived.append(f"loader {loader} (the folder ships {next(m for m, n in _LOADER_MARKERS.items() if n == loader)})")
+    derived += [n for n in facts.notes if n.startswith("loader ")]
 
     card: dict[str, Any] = {
         "family": family or model_id,
@@ -314,7 +235,7 @@ def scaffold(
     }
     if loader != "generic":
         card["loader"] = loader
-    if trust:
+    if remote and trust_remote_code:
         card["trust_remote_code"] = True
 
     # tokenizer (as shipped, no fix-ups) for media tokens and special tokens
@@ -325,67 +246,54 @@ def scaffold(
     })
     tokenizer = LOADERS[loader](probe_card, folder).load_tokenizer()
 
-    multimodal = _multimodal(config)
     if multimodal:
         modalities = ["text", "image", "multi_image"]
-        media = _media(config, folder, tokenizer)
+        media, found = media_tokens(facts, tokenizer)
         if "video_token" in media:
             modalities.append("video")
             card["capabilities"] = {"video": "experimental"}
             review.append("video: the video token is known but video training is experimental until checked")
         card["modalities"] = modalities
-        if config.get("model_type", "").startswith("qwen2") and "image_token" in media:
-            card["collator"] = "qwen2-vl"
-            derived.append("collator qwen2-vl (Qwen2-VL layout: image tokens expanded from the grid)")
         if loader == "qwen-vl":
             card["load_image"] = False
             media = {}
             derived.append("images are given by path in the prompt (the tokenizer reads the path): load_image false")
-        elif "image_token" not in media and liked is not None and liked.media.image_token:
-            media["image_token"] = liked.media.image_token
-            derived.append(f"image token {liked.media.image_token!r} from --like {like}")
-        elif "image_token" not in media:
-            review.append("no image token found in tokenizer_config/processor_config/config: set media.image_token")
-        processor_class = _read(folder / "preprocessor_config.json").get("processor_class")
-        if processor_class and not _read(folder / "processor_config.json").get("processor_class"):
+        else:
+            derived += found
+            if "image_token" not in media and liked is not None and liked.media.image_token:
+                media["image_token"] = liked.media.image_token
+                derived.append(f"image token {liked.media.image_token!r} from --like {like}")
+            elif "image_token" not in media:
+                review.append("no image token found in the processor, tokenizer, configs or template: set media.image_token")
+        processor_class = read_json(folder / "preprocessor_config.json").get("processor_class")
+        if processor_class and not read_json(folder / "processor_config.json").get("processor_class"):
             card["processor_class"] = processor_class
             derived.append(f"processor class {processor_class} (preprocessor_config.json)")
         if media:
             card["media"] = media
-            derived.append("media " + ", ".join(f"{k} {v!r}" for k, v in media.items()))
         derived.append(f"modalities {', '.join(modalities)}")
 
     # modules: the model on the meta device
-    try:
-        if not config:
-            raise CardError("no config.json")
-        if trust and not any(folder.glob("*.py")):
-            files = sorted({str(v).split(".")[0] + ".py" for v in config.get("auto_map", {}).values()})
-            raise CardError(f"its remote code ({', '.join(files) or 'auto_map'}) is not in the folder")
-        model = build_on_meta(folder, model_class, trust)
-        modules = discover_modules(model)
-        if not multimodal:
-            modules = {"llm": modules["llm"]}
-        derived.append("module keywords from the model built on the meta device: "
-                       + "; ".join(f"{k} {v}" for k, v in modules.items() if v))
-        if multimodal and not (modules["vision_encoder"] and modules["vision_projector"]):
+    modules, how = module_keywords(facts, model_class, trust_remote_code=remote and trust_remote_code)
+    if modules is not None:
+        derived.append(how)
+        if multimodal and not (modules.get("vision_encoder") and modules.get("vision_projector")):
             review.append(f"vision modules not told apart by name ({modules}): write modules by hand")
-    except Exception as exc:  # noqa: BLE001 - remote code absent, unknown class, no config
-        why = str(exc) if isinstance(exc, CardError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if liked is not None:
-            modules = liked.modules.model_dump(exclude_defaults=True)
-            derived.append(f"module keywords from --like {like} (the model cannot be built here: {why})")
-            review.append(f"module keywords come from {like}: check them against the model's parameter names")
-        elif not multimodal:
-            modules = {"llm": ["model", "lm_head"]}
-            derived.append(f"module keywords llm [model, lm_head] (the usual causal-LM layout; cannot build: {why})")
-            review.append("module keywords are the usual causal-LM layout, not read off the model: check them")
-        else:
-            raise CardError(
-                f"{folder}: the model cannot be built on the meta device ({why}), so its vision, "
-                "projector and language-model modules are unknown; give --like FAMILY to take a family's "
-                "keywords, or write the card by hand"
-            ) from None
+    elif liked is not None:
+        modules = liked.modules.model_dump(exclude_defaults=True)
+        derived.append(f"module keywords from --like {like} (the model cannot be built here: {how})")
+        review.append(f"module keywords come from {like}: check them against the model's parameter names")
+    elif not multimodal:
+        modules = {"llm": ["model", "lm_head"]}
+        derived.append(f"module keywords llm [model, lm_head] (the usual causal-LM layout; cannot build: {how})")
+        review.append("module keywords are the usual causal-LM layout, not read off the model: check them")
+    else:
+        raise CardError(
+            f"{folder}: the model cannot be built on the meta device ({how}), so its vision, "
+            "projector and language-model modules are unknown; give --like FAMILY to take a family's "
+            "keywords" + ("" if trust_remote_code or not remote else ", or --trust-remote-code to build it with its code")
+            + ", or write the card by hand"
+        )
     card["modules"] = {k: v for k, v in modules.items() if v}
 
     # special tokens

@@ -25,9 +25,16 @@ FOLDERS: dict[str, tuple[str, str | None]] = {
     "mistral-7b-instruct-v0.3": ("mistral-7b-instruct-v0.3", None),
     "qwen2.5-7b-instruct": ("qwen2.5-7b-instruct", None),
     "qwen2.5-vl-3b-instruct": ("qwen2.5-vl-3b-instruct", None),
+    "gemma-2-2b-it": ("gemma-2-2b-it", None),
+    "llama-3-8b-instruct": ("llama-3-8b-instruct", None),
+    "llama-3.2-11b-vision-instruct": ("llama-3.2-11b-vision-instruct", None),
+    "llava-onevision-qwen2-0.5b-ov-hf": ("llava-onevision-0.5b-ov", None),
+    "llava-v1.6-mistral-7b-hf": ("llava-1.6-mistral-7b", None),
+    "qwen2-vl-2b-instruct": ("qwen2-vl-2b-instruct", None),
     # no chat template in the folder: the format comes from a family
     "vicuna-7b-v1.5": ("vicuna-7b-v1.5", "vicuna-v1.5"),
     "qwen2-vl-2b": ("qwen2-vl-2b", "qwen2-vl-base"),  # its template renders nothing
+    "llava-next-video-7b": ("llava-next-video-7b", "llava-next-video"),  # an older snapshot: no template
     # no template, and remote code that is not in the folder (no meta model for the keywords)
     "phi-2": ("phi-2", "phi-2"),
     "qwen-vl-chat": ("qwen-vl-chat", "qwen-vl"),
@@ -118,7 +125,11 @@ def test_added_card_passes_check_and_labels_like_the_hand_written_card(folder_na
     assert card.status == "experimental" and card.models[0].hf_path  # a scaffold is never "supported" yet
 
     hand = get_registry().get(FOLDERS[folder_name][0]).family
-    assert card.modalities == [m for m in hand.modalities if m != "video"] + (["video"] if "video" in card.modalities else [])
+    # a scaffold cannot tell whether a model was trained on several images or on videos: it
+    # claims multi_image for every image model, and video where it finds a video token
+    claimed = {"multi_image", "video"}
+    assert [m for m in card.modalities if m not in claimed] == [m for m in hand.modalities if m not in claimed]
+    assert "multi_image" in card.modalities or "image" not in card.modalities
     ours, theirs = _encoder(card, folder), _encoder(hand, folder)
     images_ok = ours.processing.processor is not None or ours.processing.image_processor is not None
     for sample, images in _conversations(card.is_multimodal and card.load_image and images_ok):
@@ -147,7 +158,7 @@ def test_discovered_keywords_freeze_the_same_parameters(folder_name: str, cards_
     """The keywords read off the meta model put every parameter in the same group as the hand card's."""
     from cardtune.registry import get_registry
     from cardtune.registry.loader import load_card_file
-    from cardtune.scaffold import build_on_meta
+    from cardtune.loaders.discover import build_on_meta
 
     rc, out, path = _added(folder_name, cards_dir)
     assert rc == 0, out
@@ -165,7 +176,11 @@ def test_written_card_reads_back_with_review_notes(cards_dir: str) -> None:
     rc, out, path = _added("qwen-vl-chat", cards_dir)
     text = Path(path).read_text()
     raw = yaml.safe_load(text)
-    assert raw["loader"] == "qwen-vl" and raw["load_image"] is False and raw["trust_remote_code"] is True
+    assert raw["loader"] == "qwen-vl" and raw["load_image"] is False
+    # its model class is remote code: never trusted without --trust-remote-code, and said so
+    assert "trust_remote_code" not in raw
+    assert "QWenLMHeadModel is remote code (configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py), not run" in out
+    assert "give --trust-remote-code to use it (after reading it)" in out
     # the fix-ups MoE-LLaVA applies by hand, recommended from the tokenizer and its configs
     assert raw["chat"]["special_tokens"] == {"eos": "<|endoftext|>", "pad": "<|extra_0|>"}
     assert raw["chat"]["template"] == "declarative"
@@ -213,10 +228,48 @@ def test_remote_code_vlm_without_code_needs_like(tmp_path: Path, capsys: pytest.
     rc = main(["add-model", str(folder), "--model_id", "my-qwen-vl", "--cards", str(tmp_path)])
     assert rc == 2
     assert capsys.readouterr().err == (
-        f"cardtune add-model: {folder}: the model cannot be built on the meta device (its remote code "
-        "(configuration_qwen.py, modeling_qwen.py) is not in the folder), so its vision, projector and "
-        "language-model modules are unknown; give --like FAMILY to take a family's keywords, or write the card by hand\n"
+        f"cardtune add-model: {folder}: the model cannot be built on the meta device (QWenLMHeadModel is remote "
+        "code (configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py), not run without trust), so its vision, "
+        "projector and language-model modules are unknown; give --like FAMILY to take a family's keywords, or "
+        "--trust-remote-code to build it with its code, or write the card by hand\n"
     )
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder whose config names remote code: add-model (even --dry-run) imports none of it
+    unless --trust-remote-code is given; only then does the card trust it."""
+    import shutil
+
+    source = require_fixture("qwen2.5-7b-instruct")
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    marker = tmp_path / "remote-code-ran"
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedConfig\n\n\nclass EvilConfig(PreTrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (folder / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["EvilForCausalLM"], "model_type": "evil",
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
+    }))
+    (tmp_path / "cards").mkdir()
+    argv = ["add-model", str(folder), "--model_id", "evil-7b", "--cards", str(tmp_path / "cards")]
+    for extra in (["--dry-run"], []):
+        rc = main(argv + extra)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert not marker.exists()
+        assert "trust_remote_code" not in out.split("check:")[0].replace("drop trust_remote_code", "")
+        assert "EvilForCausalLM is remote code (configuration_evil.py, modeling_evil.py), not run" in out
+    written = yaml.safe_load((tmp_path / "cards" / "evil-7b.yaml").read_text())
+    assert "trust_remote_code" not in written and written["modules"] == {"llm": ["model", "lm_head"]}
+    rc = main(argv[:3] + ["evil-8b", *argv[4:], "--dry-run", "--trust-remote-code"])
+    out = capsys.readouterr().out
+    assert marker.read_text() == "ran"  # asked for: it ran
+    assert "trust_remote_code: true" in out
 
 
 def test_registered_id_and_existing_file_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

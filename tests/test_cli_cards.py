@@ -187,7 +187,7 @@ def test_show_unknown_id(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 2 and out == ""
     assert err == (
         "cardtune show: unknown model id 'llava-1.5-7' (close matches: llava-1.5-7b, llava-1.5-13b, "
-        "llava-1.6-vicuna-7b, llava-1.6-vicuna-13b, llama-2-7b-chat); `cardtune list` shows every registered id\n"
+        "llava-1.6-vicuna-7b, llava-1.6-mistral-7b, llava-1.6-vicuna-13b); `cardtune list` shows every registered id\n"
     )
 
 
@@ -230,7 +230,7 @@ def test_check_unknown_id(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 1 and out == ""
     assert (
         "FAIL unknown model id 'llava-1.5-7' (close matches: llava-1.5-7b, llava-1.5-13b, llava-1.6-vicuna-7b, "
-        "llava-1.6-vicuna-13b, llama-2-7b-chat); `cardtune list` shows every registered id"
+        "llava-1.6-mistral-7b, llava-1.6-vicuna-13b); `cardtune list` shows every registered id"
     ) in err.splitlines()
 
 

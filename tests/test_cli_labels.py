@@ -85,7 +85,7 @@ def test_labels_on_unregistered_folder_derives_a_card(llava_data, capsys):
                "--image-folder", str(llava_data)])
     captured = capsys.readouterr()
     assert rc == 0
-    assert "derived: model class Qwen2_5_VLForConditionalGeneration (from config.json architectures)" in captured.err
+    assert "derived: model class Qwen2_5_VLForConditionalGeneration (config.json architectures)" in captured.err
     assert "derived: end of turn '<|im_end|>' from the template" in captured.err
     rows = [json.loads(line) for line in captured.out.splitlines()]
     from transformers import AutoTokenizer

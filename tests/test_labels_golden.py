@@ -255,6 +255,8 @@ class Reference:
     render: Callable[[list[dict[str, Any]]], str]
     processor: Any = None
     image_processor: Any = None
+    template: str | None = None
+    """The Jinja template that renders (None for the hand-written formats)."""
 
 
 def load_reference(model_id: str) -> Reference:
@@ -275,7 +277,7 @@ def load_reference(model_id: str) -> Reference:
     if fam.renderer == "processor":
         proc = AutoProcessor.from_pretrained(folder)
         return Reference(model_id, proc.tokenizer, lambda m: proc.apply_chat_template(m, tokenize=False),
-                         proc, proc.image_processor)
+                         proc, proc.image_processor, proc.chat_template)
     if model_id == "llava-interleave-qwen-7b":
         # AutoTokenizer fails on this folder with transformers 5 (SOURCES.md): its declared class
         tok = Qwen2Tokenizer.from_pretrained(folder)
@@ -293,7 +295,8 @@ def load_reference(model_id: str) -> Reference:
     def render(messages):
         return tok.apply_chat_template(messages, tokenize=False, chat_template=template)
 
-    return Reference(model_id, tok, render, None, image_processor() if fam.image_token else None)
+    return Reference(model_id, tok, render, None, image_processor() if fam.image_token else None,
+                     template or tok.chat_template)
 
 
 class QwenTiktoken:
@@ -417,7 +420,59 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
         # a sentencepiece decode drops the leading space of the first word, a byte-level one keeps it
         assert text.removeprefix(fam.lead) == fam.form(answer) + fam.eot, (text, fam.form(answer) + fam.eot)
         supervised.append(text)
+    ids, labels = typed_controls_as_text(ref, messages, expanded, ids, offsets, labels)
     return {"rendered": rendered, "supervised": supervised, "input_ids": ids, "labels": labels}
+
+
+def typed_controls_as_text(ref: Reference, messages, text: str, ids: list[int], offsets, labels: list[int]):
+    """5. Control tokens typed inside a user's message are plain text (the cardtune default),
+    as transformers' ``sanitize_control_tokens`` encodes them: the user texts are marked with
+    transformers' markers, rendered again, and the render is tokenized with sanitizing on
+    (tiktoken for Qwen-VL-Chat: the pieces between typed tokens encoded on their own). The
+    answers come after every typed token, so their labels move with the ids' common suffix."""
+    import re
+
+    from transformers.utils.chat_template_utils import mark_control_tokens
+
+    tok = ref.tokenizer
+    controls = CONTROL_STRINGS(ref)
+    pattern = re.compile("|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)))
+    users = ["".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "user"]
+    if not any(pattern.search(u) for u in users):
+        return ids, labels
+    fam = FAMILIES[ref.model_id]
+    marked_messages = [
+        {**m, "content": [{**p, "text": mark_control_tokens(p["text"], pattern)} if p["type"] == "text" else p
+                          for p in m["content"]]} if m["role"] == "user" else m
+        for m in messages
+    ]
+    marked = ref.render(_prepare(marked_messages, fam, answers_of(messages)))
+    if isinstance(tok, QwenTiktoken):
+        pieces = re.split("\U000f0000(" + pattern.pattern + ")\U000f0001", marked)
+        new = [t for n, piece in enumerate(pieces) if piece
+               for t in (tok.enc.encode(piece, disallowed_special=()) if n % 2 else tok.enc.encode(piece, allowed_special="all"))]
+    else:
+        new = list(tok(marked, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"])
+        if fam.bos == "tokenizer":
+            new = [tok.bos_token_id, *new]
+    common = 0
+    while common < min(len(ids), len(new)) and ids[-1 - common] == new[-1 - common]:
+        common += 1
+    first_label = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    assert len(ids) - common <= first_label, f"{ref.model_id}: the answers are not after the typed control tokens"
+    return new, [IGNORE] * (len(new) - common) + labels[len(labels) - common:]
+
+
+def CONTROL_STRINGS(ref: Reference) -> set[str]:  # noqa: N802 - read like a constant per tokenizer
+    """Special tokens, and added tokens the template writes (whitespace aside), as transformers."""
+    tok = ref.tokenizer
+    if isinstance(tok, QwenTiktoken):
+        return set(QwenTiktoken.SPECIALS)
+    template = ref.template or ""
+    added = {str(t) for t in tok.added_tokens_decoder.values()
+             if t.special or (str(t) in template and not str(t).isspace())}
+    image = FAMILIES[ref.model_id].image_token
+    return (added | set(tok.all_special_tokens)) - {image}
 
 
 # -- frozen golden files ------------------------------------------------------------------------
@@ -573,6 +628,33 @@ def test_reference_reproduces_golden(references, golden, model_id, case):
     answers = answers_of(conversation(case, fam)[0])
     shown = [t.removeprefix(fam.lead) for t in _spans_text(ref.tokenizer, want["input_ids"], want["labels"])]
     assert shown == [fam.form(a) + fam.eot for a in answers]
+
+
+@pytest.mark.parametrize("model_id", [m for m, f in FAMILIES.items()
+                                      if f.renderer in ("tokenizer", "folder_template", "card_template") and not f.append_eot])
+def test_typed_control_tokens_reference_is_transformers_sanitize(references, golden, model_id):
+    """Step 5 of the reference agrees with transformers' own ``sanitize_control_tokens`` (which
+    encodes control tokens found in the messages as plain text) on the quoted-turn cases."""
+    ref = references(model_id)
+    fam = FAMILIES[model_id]
+    folder = require_fixture(model_id)
+    if fam.renderer == "folder_template":
+        template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    elif fam.renderer == "card_template":
+        from cardtune.registry import get_registry
+
+        template = get_registry().get(model_id).family.chat.jinja
+    else:
+        template = None
+    for case in ("role_strings_in_user", "spoofed_turn_in_user"):
+        messages, _ = conversation(case, fam)
+        answers = answers_of(messages)
+        prepared = _prepare(messages, fam, answers)
+        want = ref.tokenizer.apply_chat_template(prepared, chat_template=template, tokenize=True,
+                                                 sanitize_control_tokens=True)["input_ids"]
+        if fam.bos == "tokenizer":
+            want = [ref.tokenizer.bos_token_id, *want]
+        assert golden(model_id)[case]["input_ids"] == want, _first_difference(ref.tokenizer, golden(model_id)[case]["input_ids"], want)
 
 
 @pytest.mark.parametrize("model_id,case", _params(engine=True))

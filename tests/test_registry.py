@@ -102,7 +102,7 @@ def test_unknown_id_lists_close_matches() -> None:
         get_registry().get("llava-1.5-7")
     assert str(info.value) == (
         "unknown model id 'llava-1.5-7' (close matches: llava-1.5-7b, llava-1.5-13b, llava-1.6-vicuna-7b, "
-        "llava-1.6-vicuna-13b, llama-2-7b-chat); `cardtune list` shows every registered id"
+        "llava-1.6-mistral-7b, llava-1.6-vicuna-13b); `cardtune list` shows every registered id"
     )
     assert isinstance(info.value, KeyError)
 

@@ -7,13 +7,17 @@
 2. It is rendered with the model's own ``apply_chat_template``; the family's media handler
    checks the media placeholders against the media given, then tokenizes (the processor for
    VLMs, so media tokens are expanded first).
+   Control tokens typed inside a message are plain text unless the run keeps them
+   (:mod:`cardtune.collators.control`: marked before rendering, as transformers does).
 3. In the final ``input_ids``, each assistant turn is located by its header ids and closed by
    its end-of-turn ids (both derived from the template, :mod:`cardtune.collators.roles`).
-   A span counts only if its tokens decode to that turn's answer, and an answer that itself
-   contains the end-of-turn string is followed to its real end. Where header occurrences
-   outnumber answers, which are typed inside messages and which is each answer's own is read
-   off the rendered conversation (each text's character span, the render tokenized with
-   offsets): a typed one never opens a span.
+   A span counts only if its tokens decode to that turn's answer (with its reasoning, where the
+   template renders it), and an answer that itself contains the end-of-turn string is followed
+   to its real end. A header whose last token merged with the answer's first character
+   (ChatML ``\n`` + ``\n...``, ``[/INST]`` + ``[...``) starts the span at the merged token.
+   Where header occurrences outnumber answers, which are typed inside messages and which is
+   each answer's own is read off the rendered conversation (each text's character span, the
+   render tokenized with offsets): a typed one never opens a span.
 4. Labels are the input ids on those spans, -100 elsewhere. A sample whose spans do not match
    its answers, or that has none left after truncation, raises :class:`SampleError`.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cardtune.collators.roles import render_chat
 from cardtune.conversation import Media, Processing, Sample, join_text_parts, message_text
 from cardtune.errors import SampleError
 from cardtune.registry.schema import FamilyCard
@@ -37,6 +42,11 @@ class Encoded:
     labels: list[int]
     media_tensors: dict[str, Any] = field(default_factory=dict)
     num_truncated: int = 0
+    typed_control_tokens: int = 0
+    """Control-token strings typed inside the sample's messages (plain text unless kept)."""
+    dropped_reasoning: int = 0
+    """Assistant turns whose reasoning the template does not render (Qwen3 renders it only
+    after the last user message): only their answers are trained."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -62,6 +72,16 @@ def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
     return -1
 
 
+@dataclass
+class Answer:
+    """One assistant turn as the data gives it: its text and its reasoning ("" when none)."""
+
+    text: str
+    reasoning: str = ""
+    reasoning_rendered: bool = False
+    """Set when located: whether the template wrote the reasoning into this turn."""
+
+
 class ChatEncoder:
     """Turns a :class:`Sample` into exact ``input_ids`` and ``labels`` for one model."""
 
@@ -72,27 +92,40 @@ class ChatEncoder:
         *,
         max_length: int | None = None,
         handler: Any | None = None,
+        typed_control_tokens: str = "plain",
     ) -> None:
         from cardtune.collators import COLLATORS
-        from cardtune.collators.roles import derive_role_tokens
+        from cardtune.collators.control import TYPED_CONTROL_TOKENS, TypedControlTokens
+        from cardtune.collators.roles import derive_role_tokens, template_kwargs
 
+        if typed_control_tokens not in TYPED_CONTROL_TOKENS:
+            raise ValueError(f"typed_control_tokens: one of {TYPED_CONTROL_TOKENS}, not {typed_control_tokens!r}")
         self.card = card
         self.processing = processing
         self.tokenizer = processing.tokenizer
         self.max_length = max_length
         self.handler = handler or COLLATORS[card.collator](card, processing)
-        self.roles = derive_role_tokens(processing.renderer, self.tokenizer, card.chat)
+        renderer = processing.renderer
+        self.roles = derive_role_tokens(renderer, self.tokenizer, card.chat, media=card.is_multimodal and card.load_image)
+        self._template_kwargs = template_kwargs(renderer, card.chat)
         self.media_token_ids = self.handler.media_token_ids()
+        self.control = TypedControlTokens(self.tokenizer, renderer.chat_template, self.media_token_ids)
+        self.keep_typed_control_tokens = typed_control_tokens == "keep"
         self._answer_norm: dict[str, str] = {}
 
     # -- 1. normalise ---------------------------------------------------------------------
-    def normalise(self, sample: Sample, media: Media | None = None) -> list[dict[str, Any]]:
+    def normalise(self, sample: Sample, media: Media | None = None, *, typed: int | None = None) -> list[dict[str, Any]]:
+        """``typed``: the sample's count of typed control tokens, when already counted."""
         roles = self.roles
         messages = [{**m, "content": join_text_parts(m["content"])} for m in sample.messages]
+        if self._sanitize(sample, typed):
+            messages = self.control.mark(messages)
         if not any(m["role"] == "assistant" for m in messages):
             raise SampleError(sample.id, "messages", "no_assistant_turn", source=sample.source)
-        if messages and messages[0]["role"] == "system" and roles.system != "native":
-            if roles.system == "reject":
+        with_media = bool(sample.count_parts("image") or sample.count_parts("video"))
+        policy = roles.system_with_media if with_media else roles.system
+        if messages and messages[0]["role"] == "system" and policy != "native":
+            if policy == "reject":
                 raise SampleError(
                     sample.id, "messages[0]", "template_error",
                     f"family {self.card.family} refuses system prompts (card: chat.system: reject)", sample.source,
@@ -114,7 +147,34 @@ class ChatEncoder:
                 if m["role"] == "assistant" else m
                 for m in messages
             ]
-        return self.handler.format_messages(messages, roles.content, sample=sample, media=media)
+        messages = [self._reasoning_field(m, i, sample) for i, m in enumerate(messages)]
+        formatted = self.handler.format_messages(messages, roles.content, sample=sample, media=media)
+        if roles.system_content == "string" and formatted and formatted[0]["role"] == "system":
+            formatted[0] = {**formatted[0], "content": message_text(formatted[0])}
+        return formatted
+
+    def _sanitize(self, sample: Sample, typed: int | None = None) -> bool:
+        """Whether the sample's typed control tokens are to be encoded as plain text."""
+        if self.keep_typed_control_tokens:
+            return False
+        return bool(self.control.count(sample.messages) if typed is None else typed)
+
+    def _reasoning_field(self, message: dict[str, Any], index: int, sample: Sample) -> dict[str, Any]:
+        """An assistant's reasoning under the field the template reads (``reasoning_content``,
+        ``thinking``); a template that renders none refuses the sample rather than drop it."""
+        reasoning = message.get("reasoning_content")
+        if reasoning is None:
+            return message
+        field_name = self.roles.reasoning_field
+        if field_name is None:
+            raise SampleError(
+                sample.id, f"messages[{index}].reasoning_content", "template_error",
+                f"the chat template of family {self.card.family} does not render reasoning: give a template "
+                "that does (a reasoning model's), or leave reasoning out of the data", sample.source,
+            )
+        out = {k: v for k, v in message.items() if k != "reasoning_content"}
+        out[field_name] = reasoning
+        return out
 
     @staticmethod
     def _prepend_text(parts: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -138,12 +198,15 @@ class ChatEncoder:
 
     def _render(self, messages: list[dict[str, Any]], sample: Sample) -> str:
         try:
-            return self.processing.renderer.apply_chat_template(messages, tokenize=False)
+            return self._apply_template(messages)
         except Exception as exc:  # noqa: BLE001 - templates raise their own exception types
             raise SampleError(sample.id, "messages", "template_error", str(exc), sample.source) from None
 
+    def _apply_template(self, messages: Any) -> Any:
+        return render_chat(self.processing.renderer, messages, self._template_kwargs)
+
     def tokenize(self, text: str, sample: Sample, media: Media | None) -> tuple[list[int], dict[str, Any]]:
-        ids, tensors = self.handler.tokenize(text, sample, media)
+        ids, tensors = self.handler.tokenize(text, sample, media, sanitize=self._sanitize(sample))
         return self._with_bos(ids), tensors
 
     def _with_bos(self, ids: list[int]) -> list[int]:
@@ -167,11 +230,20 @@ class ChatEncoder:
         decoded = self.tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
         return decoded == answer.strip() or decoded == self._normalised_answer(answer)
 
+    def _matches_with_reasoning(self, span: list[int], answer: str, reasoning: str) -> bool:
+        """The span is the template's think block around ``reasoning``, then ``answer``.
+        Whitespace is not compared: templates reshape it around the think tags."""
+        decoded = "".join(self.tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False).split())
+        want_answer, want_reasoning = "".join(answer.split()), "".join(reasoning.split())
+        return decoded.endswith(want_answer) and want_reasoning in decoded[: len(decoded) - len(want_answer)]
+
     def _header_positions(self, ids: list[int]) -> list[int]:
         header, out, i = self.roles.assistant_header, [], _find(ids, self.roles.assistant_header, 0)
         while i >= 0:
             out.append(i)
             i = _find(ids, header, i + len(header))
+        if out and self.roles.trailing_header and out[-1] == len(ids) - len(header):
+            out.pop()  # the empty header the template writes after the last turn
         return out
 
     def _text_regions(self, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int, int]] | None:
@@ -198,8 +270,11 @@ class ChatEncoder:
             else:
                 c = [{**p, "text": mark(p["text"], k)} if p["type"] == "text" and p["text"] else p for p in c]
             marked_messages.append({**m, "content": c})
+            field_name = self.roles.reasoning_field
+            if field_name and isinstance(m.get(field_name), str) and m[field_name]:
+                marked_messages[-1][field_name] = mark(m[field_name], k)
         try:
-            marked = self.processing.renderer.apply_chat_template(marked_messages, tokenize=False)
+            marked = self._apply_template(marked_messages)
         except Exception:  # noqa: BLE001
             return None
         found = []
@@ -228,7 +303,7 @@ class ChatEncoder:
                     return list(regions)
                 continue
             t, k = found[n][2], found[n][3]
-            forms = list(dict.fromkeys((t, t.strip(), t.lstrip(), t.rstrip())))
+            forms = list(dict.fromkeys((t, t.strip(), t.lstrip(), t.rstrip(), t.strip("\n"))))
             for form in reversed(forms):  # the text as written is tried first
                 end = at + len(form)
                 if text.startswith(form, at) and text.startswith(pieces[n + 1], end):
@@ -268,12 +343,12 @@ class ChatEncoder:
         return expected, typed
 
     def assistant_spans(
-        self, ids: list[int], answers: list[str], sample: Sample,
+        self, ids: list[int], answers: list[Answer], sample: Sample,
         messages: list[dict[str, Any]] | None = None, text: str | None = None,
     ) -> list[tuple[int, int]]:
         """[start, end) of each answer plus its end-of-turn tokens, in order. ``messages`` and
         ``text`` are the normalised messages and their render (computed again when not given)."""
-        header, eot = self.roles.assistant_header, self.roles.end_of_turn
+        header = self.roles.assistant_header
         if not header:
             return self._headerless_spans(ids, answers, sample)
         # More headers than answers: some were typed inside messages (a user quoting a whole
@@ -296,29 +371,68 @@ class ChatEncoder:
             guess = expected[turn] if turn < len(expected) else None
             span = None
             if guess is not None and positions[guess] >= pos:
-                span = self._span_from(ids, positions[guess] + len(header), eot, answer)
+                span = self._span_after(ids, positions[guess] + len(header), answer)
             if span is None and positions:
                 for j, h in enumerate(positions):
                     if h >= pos and j not in typed:
-                        span = self._span_from(ids, h + len(header), eot, answer)
+                        span = self._span_after(ids, h + len(header), answer)
                         if span is not None:
                             break
             elif span is None:
                 h = _find(ids, header, pos)
                 while h >= 0 and span is None:
-                    span = self._span_from(ids, h + len(header), eot, answer)
+                    span = self._span_after(ids, h + len(header), answer)
                     h = _find(ids, header, h + 1)  # no such span: a header typed inside a message
+            if span is None:
+                span = self._merged_header_span(ids, pos, answer)
             if span is None:
                 raise SampleError(
                     sample.id, f"assistant turn {turn}", "label_contract",
                     f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
-                    f"{answer[:60]!r}", sample.source,
+                    f"{answer.text[:60]!r}", sample.source,
                 )
-            spans.append(span)
+            spans.append(span[:2])
+            answer.reasoning_rendered = span[2]
             pos = span[1]
         return spans
 
-    def _headerless_spans(self, ids: list[int], answers: list[str], sample: Sample) -> list[tuple[int, int]]:
+    def _span_after(self, ids: list[int], start: int, answer: Answer) -> tuple[int, int, bool] | None:
+        """The span of ``answer`` right after a header ending at ``start``: (start, end, whether
+        its reasoning is in it). What the template inserts before a last answer only (an empty
+        think block) is skipped, so it is masked like the header."""
+        inserted = self.roles.inserted_before_last
+        if answer.reasoning:
+            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, answer.reasoning)
+            if span is not None:
+                return (*span, True)
+        if inserted and tuple(ids[start : start + len(inserted)]) == inserted:
+            span = self._span_from(ids, start + len(inserted), self.roles.end_of_turn, answer.text)
+            if span is not None:
+                return (*span, False)
+        span = self._span_from(ids, start, self.roles.end_of_turn, answer.text)
+        return (*span, False) if span is not None else None
+
+    def _merged_header_span(self, ids: list[int], pos: int, answer: Answer) -> tuple[int, int, bool] | None:
+        """A header whose last token merged with the answer's first character into one token
+        (ChatML ``assistant\n`` + ``\nCode`` gives ``\n\n``; mistral ``[/INST]`` + ``[x`` gives
+        ``][``): the span starts at the merged token, which the model must emit."""
+        header = self.roles.assistant_header
+        if len(header) < 2:
+            return None
+        head, last = header[:-1], self.tokenizer.decode(header[-1:])
+        h = _find(ids, head, pos)
+        while h >= 0:
+            at = h + len(head)
+            if at < len(ids) and ids[at] != header[-1]:
+                merged = self.tokenizer.decode(ids[at : at + 1])
+                if merged.startswith(last) and len(merged) > len(last):
+                    span = self._span_from(ids, at, self.roles.end_of_turn, answer.text, answer.reasoning or None)
+                    if span is not None:
+                        return (*span, bool(answer.reasoning))
+            h = _find(ids, head, h + 1)
+        return None
+
+    def _headerless_spans(self, ids: list[int], answers: list[Answer], sample: Sample) -> list[tuple[int, int]]:
         """The plain template has no roles: each caption starts right after the media tokens
         (and bos) that precede it, and ends with its eos."""
         skip = set(self.media_token_ids)
@@ -330,48 +444,73 @@ class ChatEncoder:
             start = pos
             while start < len(ids) and ids[start] in skip:
                 start += 1
-            span = self._span_from(ids, start, self.roles.end_of_turn, answer)
+            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text)
             if span is None:
                 raise SampleError(
                     sample.id, f"assistant turn {turn}", "label_contract",
-                    f"no caption decoding to the answer {answer[:60]!r} after the media (plain template)",
+                    f"no caption decoding to the answer {answer.text[:60]!r} after the media (plain template)",
                     sample.source,
                 )
             spans.append(span)
             pos = span[1]
         return spans
 
-    def _span_from(self, ids: list[int], start: int, eot: tuple[int, ...], answer: str) -> tuple[int, int] | None:
-        """The span from ``start`` to the first end-of-turn after which the text is the answer."""
+    def _span_from(
+        self, ids: list[int], start: int, eot: tuple[int, ...], answer: str, reasoning: str | None = None,
+    ) -> tuple[int, int] | None:
+        """The span from ``start`` to the first end-of-turn after which the text is the answer.
+
+        Where the end of turn starts with text before its special token (deepseek's
+        ``\n<|EOT|>``) and the answer's last characters merged with that text, the special
+        token alone closes the span."""
+        def matches(e: int) -> bool:
+            if reasoning:
+                return self._matches_with_reasoning(ids[start:e], answer, reasoning)
+            return self._matches(ids[start:e], answer)
+
         e = _find(ids, eot, start)
-        while e >= 0 and not self._matches(ids[start:e], answer):
+        while e >= 0 and not matches(e):
             e = _find(ids, eot, e + 1)
-        return (start, e + len(eot)) if e >= 0 else None
+        if e >= 0:
+            return start, e + len(eot)
+        if len(eot) > 1:
+            anchor = eot[-1:]
+            e = _find(ids, anchor, start)
+            while e >= 0 and not matches(e):
+                e = _find(ids, anchor, e + 1)
+            if e >= 0:
+                return start, e + 1
+        return None
 
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
-        messages = self.normalise(sample, media)
+        typed = self.control.count(sample.messages)
+        messages = self.normalise(sample, media, typed=typed)
         text = self._render(messages, sample)
-        ids, tensors = self.tokenize(text, sample, media)
-        return self.label(sample, ids, tensors, messages=messages, text=text)
+        ids, tensors = self.handler.tokenize(text, sample, media, sanitize=self._sanitize(sample, typed))
+        encoded = self.label(sample, self._with_bos(ids), tensors, messages=messages, text=text)
+        encoded.typed_control_tokens = typed
+        return encoded
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | SampleError]:
         """Text-only samples in one tokenizer call (the collator's hot path); a failed sample
-        gives its :class:`SampleError` in place, so one bad sample does not sink the batch."""
+        gives its :class:`SampleError` in place, so one bad sample does not sink the batch.
+        A sample with typed control tokens is tokenized on its own, marked."""
         results: list[Encoded | SampleError | None] = [None] * len(samples)
         texts: dict[int, str] = {}
         normalised: dict[int, list[dict[str, Any]]] = {}
+        typed = [self.control.count(s.messages) for s in samples]
         for i, sample in enumerate(samples):
             try:
-                normalised[i] = self.normalise(sample)
+                normalised[i] = self.normalise(sample, typed=typed[i])
             except SampleError as exc:
                 results[i] = exc
         try:  # one template call for the batch; on failure, per sample to name the culprit
-            rendered = self.processing.renderer.apply_chat_template(list(normalised.values()), tokenize=False)
+            rendered = self._apply_template(list(normalised.values()))
             texts = dict(zip(normalised, rendered, strict=True))
         except Exception:  # noqa: BLE001
             for i in normalised:
                 try:
-                    texts[i] = self.render(samples[i])
+                    texts[i] = self._render(normalised[i], samples[i])
                 except SampleError as exc:
                     results[i] = exc
         for i in list(texts):  # no media here: a sample with media placeholders is an error
@@ -380,13 +519,19 @@ class ChatEncoder:
             except SampleError as exc:
                 results[i] = exc
                 del texts[i]
-        if texts:
-            batch = self.handler.tokenize_batch(list(texts.values()))
-            for (i, text), ids in zip(texts.items(), batch, strict=True):
-                try:
-                    results[i] = self.label(samples[i], self._with_bos(ids), {}, messages=normalised[i], text=text)
-                except SampleError as exc:
-                    results[i] = exc
+        marked = {i for i in texts if self._sanitize(samples[i], typed[i])}
+        plain = [i for i in texts if i not in marked]
+        ids_of = dict(zip(plain, self.handler.tokenize_batch([texts[i] for i in plain]), strict=True)) if plain else {}
+        for i in marked:
+            ids_of[i] = self.handler.tokenize_batch([texts[i]], sanitize=True)[0]
+        for i in texts:
+            try:
+                encoded = self.label(samples[i], self._with_bos(ids_of[i]), {}, messages=normalised[i], text=texts[i])
+            except SampleError as exc:
+                results[i] = exc
+                continue
+            encoded.typed_control_tokens = typed[i]
+            results[i] = encoded
         return results  # type: ignore[return-value]
 
     def label(
@@ -395,7 +540,8 @@ class ChatEncoder:
     ) -> Encoded:
         """Labels for already-tokenized ``ids``: locate, verify, mask media, truncate.
         ``messages``/``text``: the normalised messages and their render, if already at hand."""
-        answers = [message_text(m) for m in sample.messages if m["role"] == "assistant"]
+        answers = [Answer(message_text(m), m.get("reasoning_content") or "")
+                   for m in sample.messages if m["role"] == "assistant"]
         spans = self.assistant_spans(ids, answers, sample, messages, text)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in spans:
@@ -406,14 +552,19 @@ class ChatEncoder:
                     labels[i] = IGNORE_INDEX
         truncated = 0
         if self.max_length is not None and len(ids) > self.max_length:
-            ids, labels, truncated = self._truncate(ids, labels, sample)
+            ids, labels, tensors, truncated = self._truncate(ids, labels, tensors, sample)
         if all(x == IGNORE_INDEX for x in labels):
             raise SampleError(sample.id, "messages", "empty_labels",
                               "no answer token left to train" + (" after truncation" if truncated else ""), sample.source)
-        return Encoded(sample.id, ids, labels, tensors, truncated)
+        dropped = sum(1 for a in answers if a.reasoning and not a.reasoning_rendered)
+        return Encoded(sample.id, ids, labels, tensors, truncated, dropped_reasoning=dropped)
 
-    def _truncate(self, ids: list[int], labels: list[int], sample: Sample) -> tuple[list[int], list[int], int]:
-        """Cut text after the last media token only; a cut through media drops the sample."""
+    def _truncate(
+        self, ids: list[int], labels: list[int], tensors: dict[str, Any], sample: Sample,
+    ) -> tuple[list[int], list[int], dict[str, Any], int]:
+        """Cut text after the last media token only; a cut through media drops the sample.
+        Per-token media tensors (Mllama's ``cross_attention_mask``, Qwen2-VL's
+        ``mm_token_type_ids``) are cut with the ids."""
         keep = self.max_length
         assert keep is not None
         last_media = max((i for i, t in enumerate(ids) if t in self.media_token_ids), default=-1)
@@ -423,4 +574,7 @@ class ChatEncoder:
                 f"{len(ids)} tokens > max length {keep}, and the cut would fall inside media tokens "
                 f"(last media token at {last_media})", sample.source,
             )
-        return ids[:keep], labels[:keep], len(ids) - keep
+        n = len(ids)
+        tensors = {k: v[:, :keep] if getattr(v, "dim", lambda: 0)() >= 2 and v.shape[0] == 1 and v.shape[1] == n else v
+                   for k, v in tensors.items()}
+        return ids[:keep], labels[:keep], tensors, n - keep

@@ -63,7 +63,7 @@ class DefaultCollator:
                         counters[part["type"]] += 1
                         pieces.append(self._placeholder(part["type"], counters[part["type"]]) + "\n")
                 content = "".join(pieces)
-            out.append({"role": m["role"], "content": content})
+            out.append({**m, "content": content})
         if not self.card.load_image and sample is not None:
             return self._with_paths(out, sample, media)
         return out
@@ -130,34 +130,51 @@ class DefaultCollator:
                           f"{in_text} {token} in the rendered text for {given} {kind}s")
                 raise SampleError(sample.id, f"{kind}s", "placeholder_mismatch", detail, sample.source)
 
-    def tokenize(self, text: str, sample: Sample, media: Any | None) -> tuple[list[int], dict[str, Any]]:
+    def tokenize(
+        self, text: str, sample: Sample, media: Any | None, *, sanitize: bool = False,
+    ) -> tuple[list[int], dict[str, Any]]:
+        """``sanitize``: the messages were marked (:mod:`cardtune.collators.control`): typed
+        control tokens are encoded as plain text."""
         self.check_media(text, sample, media)
         if not self.card.load_image:  # the paths are in the text: the tokenizer does the rest
             try:
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
+                return self.tokenize_batch([text], sanitize=sanitize)[0], {}
             except ValueError as exc:  # a path the tokenizer cannot take (Qwen-VL: over 256 bytes)
                 raise SampleError(sample.id, "images", "unsupported_media", str(exc), sample.source) from None
         images = list(media.images) if media is not None else []
         videos = list(media.videos) if media is not None else []
         if not images and not videos:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
-        return self._tokenize_media(text, sample, images, videos)
+            return self.tokenize_batch([text], sanitize=sanitize)[0], {}
+        return self._tokenize_media(text, sample, images, videos, sanitize)
 
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+    def tokenize_batch(self, texts: list[str], *, sanitize: bool = False) -> list[list[int]]:
         """Text-only renders in one call: the tokenizer's batch path runs in parallel."""
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        extra = {"sanitize_control_tokens": True} if sanitize else {}
+        return self.tokenizer(texts, add_special_tokens=False, **extra)["input_ids"]
 
-    def _tokenize_media(self, text: str, sample: Sample, images: list, videos: list) -> tuple[list[int], dict[str, Any]]:
+    def _tokenize_media(
+        self, text: str, sample: Sample, images: list, videos: list, sanitize: bool = False,
+    ) -> tuple[list[int], dict[str, Any]]:
         processor = self.processing.processor
         if processor is None:
             raise SampleError(sample.id, "image" if images else "video", "unsupported_media",
                               f"no processor for family {self.card.family} on this machine", sample.source)
+        if videos and self.processing.video_unavailable:
+            raise SampleError(sample.id, "video", "unsupported_media",
+                              f"{self.processing.video_unavailable}; install torchvision for videos", sample.source)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if sanitize:
+            kwargs["sanitize_control_tokens"] = True
         if images:
             kwargs["images"] = images
         if videos:
             kwargs["videos"] = videos
-        out = processor(**kwargs)
+        try:
+            out = processor(**kwargs)
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:  # the processor names no sample
+            raise SampleError(sample.id, "images" if images else "videos", "unsupported_media",
+                              f"the processor refused it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                              sample.source) from None
         ids = out["input_ids"][0].tolist()
         tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         return ids, tensors
@@ -214,31 +231,3 @@ def _pad_to(t: Any, target: list[int]) -> Any:
     for have, want in zip(reversed(t.shape[1:]), reversed(target), strict=True):
         pad += [0, want - have]
     return F.pad(t, pad)
-
-
-@register_collator("qwen2-vl")
-class Qwen2VLCollator(DefaultCollator):
-    """Qwen2-VL / Qwen2.5-VL: without torchvision the processor cannot be built (its video
-    processor needs it), so images go through the PIL image processor and each
-    ``<|image_pad|>`` is expanded to grid_t*grid_h*grid_w / merge_size**2 tokens here."""
-
-    def _tokenize_media(self, text: str, sample: Sample, images: list, videos: list) -> tuple[list[int], dict[str, Any]]:
-        if self.processing.processor is not None:
-            return super()._tokenize_media(text, sample, images, videos)
-        if videos:
-            raise SampleError(sample.id, "video", "unsupported_media",
-                              "Qwen2-VL video needs torchvision (its video processor), which is not installed", sample.source)
-        ip = self.processing.image_processor
-        out = ip(images=images, return_tensors="pt")
-        grids = out["image_grid_thw"]
-        merge = getattr(ip, "merge_size", 2) ** 2
-        token = self.card.media.image_token or "<|image_pad|>"
-        pieces = text.split(token)
-        if len(pieces) - 1 != len(grids):
-            raise SampleError(sample.id, "images", "placeholder_mismatch",
-                              f"{len(pieces) - 1} image placeholders for {len(grids)} images", sample.source)
-        expanded = pieces[0]
-        for grid, piece in zip(grids, pieces[1:], strict=True):
-            expanded += token * (int(grid.prod()) // merge) + piece
-        ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
-        return ids, {"pixel_values": out["pixel_values"], "image_grid_thw": grids}

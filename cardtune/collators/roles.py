@@ -7,6 +7,9 @@ override either. See docs/MASKING.md for the method.
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +18,21 @@ from cardtune.registry.schema import ChatSpec
 # Probe contents: plain words that tokenize as whole pieces in every vocabulary here, each
 # unique in the render, so their character positions mark the turn boundaries.
 _SYS, _U1, _A1, _U2, _A2 = "Probe system text.", "First question.", "Alpha answer.", "Second question.", "Omega answer."
+_REASONING = "Probe reasoning steps."
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+"""Message fields templates read an assistant's reasoning from, tried in this order: Qwen3,
+DeepSeek-R1 and GLM read ``reasoning_content``, gpt-oss reads ``thinking``."""
 
 
 class TemplateProbeError(ValueError):
     """The chat template cannot be used for supervised training as it is."""
+
+
+NO_TEMPLATE = (
+    "{where} has no chat template, so cardtune cannot know the format the model was trained with: "
+    "give --model_id of a registered family that carries one (`cardtune list`), or --template FILE "
+    "(a Jinja chat template), or write chat.declarative in a card (docs/TEMPLATES.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -34,27 +48,77 @@ class RoleTokens:
     bos_id: int | None
     tokenizer_adds_bos: bool
     template_writes_bos: bool
+    system_with_media: str = "native"
+    """``fold`` where the template refuses or drops a system prompt beside media (Llama-3.2-Vision)."""
+    system_content: str = "parts"
+    """The content form of a kept system prompt: a template may read parts for users and a
+    string for the system (Llama-3.2-Vision)."""
+    trailing_header: bool = False
+    """The template writes an empty assistant header after the last turn (the original Llama-3
+    template ignores ``add_generation_prompt``): never a turn of its own, never trained."""
+    reasoning_field: str | None = None
+    """The message field the template renders an assistant's reasoning from, or None."""
+    inserted_before_last: tuple[int, ...] = ()
+    """Ids the template writes between the header and the LAST answer only (Qwen3's empty
+    ``<think>\\n\\n</think>\\n\\n``): masked like the header wherever they appear."""
     notes: list[str] = field(default_factory=list, compare=False)
 
 
-def _conv(system: bool, content: str) -> list[dict[str, Any]]:
+_STRFTIME = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def frozen_template(template: str, date: datetime.date) -> str:
+    """``template`` with each ``strftime_now("FORMAT")`` (Llama-3.x's "Today Date:") replaced by
+    ``date`` in that format, so a sample renders the same on every day and caches stay valid.
+    (transformers turns callables passed to a template into strings, so the clock itself cannot
+    be replaced; the template's call is.)"""
+    moment = datetime.datetime.combine(date, datetime.time())
+    return _STRFTIME.sub(lambda m: json.dumps(moment.strftime(m.group(2))), template)
+
+
+def template_kwargs(renderer: Any, chat: ChatSpec) -> dict[str, Any]:
+    """Arguments every render passes: the template with its date frozen, where it writes one."""
+    template = getattr(renderer, "chat_template", None)
+    if isinstance(template, str) and "strftime_now" in template:
+        return {"chat_template": frozen_template(template, chat.render_date)}
+    return {}
+
+
+def _conv(system: bool, content: str, *, image: bool = False, reasoning: str | None = None) -> list[dict[str, Any]]:
     def msg(role: str, text: str) -> dict[str, Any]:
         return {"role": role, "content": text if content == "string" else [{"type": "text", "text": text}]}
 
     msgs = [msg("system", _SYS)] if system else []
-    return msgs + [msg("user", _U1), msg("assistant", _A1), msg("user", _U2), msg("assistant", _A2)]
+    first = msg("user", _U1)
+    if image:
+        first["content"] = [{"type": "image"}, *first["content"]]
+    last = msg("assistant", _A2)
+    if reasoning:
+        last[reasoning] = _REASONING
+    return msgs + [first, msg("assistant", _A1), msg("user", _U2), last]
 
 
-def _render(renderer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-    return renderer.apply_chat_template(messages, tokenize=False, **kwargs)
+def render_chat(renderer: Any, messages: Any, arguments: dict[str, Any]) -> Any:
+    """``apply_chat_template`` to text, with the :func:`template_kwargs` arguments."""
+    return renderer.apply_chat_template(messages, tokenize=False, **arguments)
 
 
-def _renders(renderer: Any, content: str) -> bool:
-    try:
-        text = _render(renderer, _conv(False, content))
-    except Exception:  # noqa: BLE001 - any template failure means "this form is not accepted"
-        return False
-    return _A1 in text and _U2 in text and "'type'" not in text
+class _Renderer:
+    """``apply_chat_template`` to text, with the variables every render passes."""
+
+    def __init__(self, renderer: Any, chat: ChatSpec) -> None:
+        self.renderer = renderer
+        self.kwargs = template_kwargs(renderer, chat)
+
+    def __call__(self, messages: list[dict[str, Any]]) -> str:
+        return render_chat(self.renderer, messages, self.kwargs)
+
+    def renders(self, content: str) -> bool:
+        try:
+            text = self(_conv(False, content))
+        except Exception:  # noqa: BLE001 - any template failure means "this form is not accepted"
+            return False
+        return _A1 in text and _U2 in text and "'type'" not in text
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
@@ -71,33 +135,44 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     return inside[0], inside[-1] + 1
 
 
-def _plain_role_tokens(renderer: Any, tokenizer: Any) -> RoleTokens:
+def _bos(tokenizer: Any, text: str) -> tuple[int | None, bool, bool]:
+    bos_id = tokenizer.bos_token_id
+    probe = tokenizer("a").input_ids
+    adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+    writes_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return bos_id, adds_bos, writes_bos
+
+
+def _plain_role_tokens(render: _Renderer, tokenizer: Any) -> RoleTokens:
     """The plain template (projector pretraining) has no roles: each caption follows its
     media tokens and ends with eos. No header: the engine starts a span after the media."""
     eos = tokenizer.eos_token
     if not eos:
         raise TemplateProbeError("the plain template needs an eos token (set chat.special_tokens.eos)")
-    text = _render(renderer, _conv(False, "parts"))
+    text = render(_conv(False, "parts"))
     if text != f"{_A1}{eos}{_A2}{eos}":
         raise TemplateProbeError(f"the installed template is not the plain template: a probe renders {text[:120]!r}")
     eot = tuple(tokenizer(eos, add_special_tokens=False)["input_ids"])
-    bos_id = tokenizer.bos_token_id
-    probe = tokenizer("a").input_ids
-    adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+    bos_id, adds_bos, _ = _bos(tokenizer, "")
     notes = ["plain template: media, then each caption and its eos; no roles, no system prompt"]
-    return RoleTokens((), eot, None, "parts", "native", bos_id, adds_bos, False, notes)
+    return RoleTokens((), eot, None, "parts", "native", bos_id, adds_bos, False, notes=notes)
 
 
-def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTokens:
+def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: bool = False) -> RoleTokens:
+    """Read the template's roles off probe renders. ``media``: the family takes images, so a
+    system prompt is also probed beside an image."""
+    if getattr(renderer, "chat_template", None) is None:
+        raise TemplateProbeError(NO_TEMPLATE.format(where="the model folder"))
+    render = _Renderer(renderer, chat)
     notes: list[str] = []
     if chat.template == "plain":
-        return _plain_role_tokens(renderer, tokenizer)
+        return _plain_role_tokens(render, tokenizer)
     # 1. Content form: string or list of parts, whichever the template renders.
     if chat.content != "auto":
         content = chat.content
-    elif _renders(renderer, "parts"):
+    elif render.renders("parts"):
         content = "parts"
-    elif _renders(renderer, "string"):
+    elif render.renders("string"):
         content = "string"
     else:
         raise TemplateProbeError(
@@ -106,21 +181,15 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
         )
     notes.append(f"content form: {content}")
 
-    # 2. System prompts: kept, folded into the first user turn, or refused.
-    system = chat.system
-    if system == "auto":
-        try:
-            text = _render(renderer, _conv(True, content))
-            system = "native" if _SYS in text else "fold"
-            if system == "fold":
-                notes.append("the template drops the system prompt of a conversation ending with an answer: folded into the first user turn")
-        except Exception:  # noqa: BLE001
-            system = "fold"
-            notes.append("the template refuses a system role: folded into the first user turn")
+    # 2. System prompts: kept, folded into the first user turn, or refused; and beside media.
+    system, system_content = (chat.system, content) if chat.system != "auto" else _system_policy(render, content, False, notes)
     if system == "reject":
-        notes.append("system prompts are refused (card: system: reject)")
+        notes.append("system prompts are refused (card: chat.system: reject)")
+    system_with_media = system
+    if media and system == "native" and content == "parts":
+        system_with_media, _ = _system_policy(render, content, True, notes)
 
-    text = _render(renderer, _conv(False, content))
+    text = render(_conv(False, content))
     if any(t not in text for t in (_U1, _A1, _U2, _A2)):
         raise TemplateProbeError(
             f"the chat template does not write the messages' text with {content} content (a probe "
@@ -131,7 +200,9 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
     a2_end = text.index(_A2) + len(_A2)
     tail = text[a2_end:]
 
-    # 3. End of turn: what the template writes after an answer, up to its last special token.
+    # 3. End of turn: what the template writes after an answer, up to and including its first
+    # special token (the token the model must emit to stop). Up to the first, not the last: a
+    # template may write more after the last answer (Llama-3 writes the next header).
     specials = _special_strings(tokenizer)
     appended: str | None = None
     if chat.end_of_turn:
@@ -142,9 +213,10 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
         else:
             notes.append(f"end of turn {eot_text!r} from the card")
     else:
-        cut = max((tail.rfind(s) + len(s) for s in specials if s in tail), default=-1)
-        if cut > 0:
-            eot_text = tail[:cut]
+        found = [(tail.find(s), -len(s), s) for s in specials if s in tail]
+        if found:
+            at, _, special = min(found)
+            eot_text = tail[: at + len(special)]
             notes.append(f"end of turn {eot_text!r} from the template")
         elif tokenizer.eos_token:
             appended = eot_text = tokenizer.eos_token
@@ -154,12 +226,12 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
 
     # 4. Tokenize the probe in context to read the ids of the header and end-of-turn.
     if appended:
-        text = _render(renderer, _with_appended(_conv(False, content), appended))
+        text = render(_with_appended(_conv(False, content), appended))
         u1_end = text.index(_U1) + len(_U1)
         a1_start = text.index(_A1)
         a2_end = text.index(_A2) + len(_A2)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if chat.assistant_header:
         header = tuple(tokenizer(chat.assistant_header, add_special_tokens=False)["input_ids"])
         notes.append(f"assistant header {chat.assistant_header!r} from the card")
@@ -174,17 +246,82 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec) -> RoleTok
         raise TemplateProbeError("could not find an assistant header between a user turn and its answer")
     i, j = _token_span(offsets, a2_end, a2_end + len(eot_text))
     eot = tuple(ids[i:j]) or tuple(tokenizer(eot_text, add_special_tokens=False)["input_ids"])
+    trailing = len(ids) > len(header) and tuple(ids[-len(header):]) == header
+    if trailing:
+        notes.append("the template writes an empty assistant header after the last turn: never trained")
 
-    # 5. bos: who writes it.
-    bos_id = tokenizer.bos_token_id
-    probe = tokenizer("a").input_ids
-    adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
-    writes_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    # 5. What the template writes before the last answer only, and reasoning.
+    inserted = _inserted_before_last(text, ids, offsets, header, tokenizer, _A1, _A2)
+    if inserted:
+        notes.append(f"the template writes {tokenizer.decode(inserted)!r} before the last answer only: masked like the header")
+    reasoning_field = next((f for f in REASONING_FIELDS if _REASONING in _try(render, _conv(False, content, reasoning=f))), None)
+    if reasoning_field:
+        notes.append(f"reasoning: rendered from the message field {reasoning_field!r}, trained with its answer")
+
+    # 6. bos: who writes it.
+    bos_id, adds_bos, writes_bos = _bos(tokenizer, text)
     notes.append(
         "bos: "
         + ("none" if bos_id is None else "written by the template" if writes_bos else "added by cardtune (the tokenizer adds it)" if adds_bos else "not used")
     )
-    return RoleTokens(header, eot, appended, content, system, bos_id, adds_bos, writes_bos, notes)
+    return RoleTokens(header, eot, appended, content, system, bos_id, adds_bos, writes_bos,
+                      system_with_media, system_content, trailing, reasoning_field, inserted, notes)
+
+
+def _try(render: _Renderer, messages: list[dict[str, Any]]) -> str:
+    try:
+        return render(messages)
+    except Exception:  # noqa: BLE001 - a template that refuses the field renders nothing of it
+        return ""
+
+
+def _system_policy(render: _Renderer, content: str, image: bool, notes: list[str]) -> tuple[str, str]:
+    """(policy, the content form of a system message). Some templates read list-of-parts user
+    content but a string system prompt (Llama-3.2-Vision trims it as a string)."""
+    beside = " beside an image" if image else ""
+    forms = [content, "string"] if content == "parts" else [content]
+    refused = False
+    for form in forms:
+        messages = _conv(True, content, image=image)
+        if form != content:
+            messages[0] = {"role": "system", "content": _SYS}
+        try:
+            text = render(messages)
+        except Exception:  # noqa: BLE001
+            refused = True
+            continue
+        if _SYS in text and "'type'" not in text:
+            if form != content:
+                notes.append("the template reads a system prompt as a string: system content as a string")
+            return "native", form
+    if refused:
+        notes.append(f"the template refuses a system prompt{beside}: folded into the first user turn")
+    else:
+        notes.append(f"the template drops the system prompt{beside} of a conversation ending with an answer: "
+                     "folded into the first user turn")
+    return "fold", content
+
+
+def _inserted_before_last(
+    text: str, ids: list[int], offsets: list[tuple[int, int]], header: tuple[int, ...], tokenizer: Any,
+    first_answer: str, last_answer: str,
+) -> tuple[int, ...]:
+    """Tokens between the last answer's header and the answer that the first answer's header
+    is not followed by (an empty think block), in context; () when the turns look alike."""
+    def after_header(answer: str) -> tuple[int, int] | None:
+        start = text.index(answer)
+        # the answer's header: its last occurrence wholly before the answer's first character
+        ends = [k + len(header) for k in range(len(ids) - len(header) + 1)
+                if tuple(ids[k:k + len(header)]) == header and offsets[k + len(header) - 1][1] <= start]
+        if not ends:
+            return None
+        first = next((t for t, (s, e) in enumerate(offsets) if e > s and s >= start), len(ids))
+        return ends[-1], first
+
+    a, b = after_header(first_answer), after_header(last_answer)
+    if a is None or b is None or b[1] - b[0] <= a[1] - a[0]:
+        return ()
+    return tuple(ids[b[0] + (a[1] - a[0]) : b[1]])
 
 
 def _with_appended(messages: list[dict[str, Any]], eot: str) -> list[dict[str, Any]]:

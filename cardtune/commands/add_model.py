@@ -17,6 +17,10 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--family", help="add an entry to this registered family, or name the new family (default: the model id)")
     p.add_argument("--like", metavar="FAMILY", help="a registered family to take what the folder cannot tell: its chat template when the folder ships none, its module keywords when the model cannot be built here")
     p.add_argument("--model-class", "--model_class", dest="model_class", help="the transformers class, when config.json names none or the wrong one")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="run the folder's remote code (configuration_*.py, modeling_*.py, tokenization_*.py) to read it, "
+                        "and write trust_remote_code: true into the card; read that code first. Without it, nothing "
+                        "from the folder runs and add-model says what it could not derive")
     p.add_argument("--out", metavar="DIR", help="the card folder to write to (default: the first --cards / $CARDTUNE_CARDS folder, else configs/models)")
     p.add_argument("--dry-run", action="store_true", help="print the card and check it, write nothing")
     p.add_argument("--force", action="store_true", help="overwrite an existing card file of the same name")
@@ -31,7 +35,8 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
         registry = Registry()
         for path in iter_card_files(dirs):
             registry.add_family(load_card_file(path), str(path))
-        s = scaffold(args.source, args.model_id, registry, family=args.family, like=args.like, model_class=args.model_class)
+        s = scaffold(args.source, args.model_id, registry, family=args.family, like=args.like,
+                     model_class=args.model_class, trust_remote_code=args.trust_remote_code)
 
         if s.new_family:
             out_dir = Path(args.out) if args.out else dirs[0]

@@ -147,12 +147,14 @@ class _HeaderSizedHandler:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handler, name)
 
-    def tokenize(self, text: str, sample: Sample, media: Media | None) -> tuple[list[int], dict[str, Any]]:
+    def tokenize(
+        self, text: str, sample: Sample, media: Media | None, *, sanitize: bool = False,
+    ) -> tuple[list[int], dict[str, Any]]:
         images = list(media.images) if media is not None else []
         if not images or (media is not None and media.videos) or not all(isinstance(i, ImageHeader) for i in images):
-            return self._handler.tokenize(text, sample, media)
+            return self._handler.tokenize(text, sample, media, sanitize=sanitize)
         self._handler.check_media(text, sample, media)
-        ids = self._handler.tokenize_batch([text])[0]
+        ids = self._handler.tokenize_batch([text], sanitize=sanitize)[0]
         at = [i for i, t in enumerate(ids) if t == self._token_id]
         if len(at) != len(images):
             raise SampleError(sample.id, "images", "placeholder_mismatch",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _folder_chat_template(folder: Path) -> str | None:
+def folder_chat_template(folder: Path) -> str | None:
     """The processor-level template a model folder ships (chat_template.jinja or .json)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -43,22 +45,49 @@ class GenericLoader:
 
     # -- tokenizer --------------------------------------------------------------------------
     def load_tokenizer(self) -> Any:
-        import transformers
+        """The folder's tokenizer, natively unless the card trusts remote code.
+
+        transformers 5 resolves the tokenizer from config.json's ``model_type`` first; where that
+        fails (llava-interleave: the tokenizers backend, which needs a tokenizer.json the folder
+        lacks; a ``model_type`` transformers does not know, as for remote-code families), the
+        class tokenizer_config.json declares is loaded when transformers has it, else the
+        folder's tokenizer.json through the tokenizers backend. Remote code never runs here
+        unless the card says ``trust_remote_code: true``.
+        """
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path, **self._kwargs())
-        except (ValueError, OSError) as auto_error:
-            # transformers 5 resolves the tokenizer from config.json's model_type first; for
-            # llava-interleave that is the tokenizers backend, which needs tokenizer.json even
-            # though the folder ships vocab.json + merges.txt for the declared class.
-            declared = _read_json(Path(self.path) / "tokenizer_config.json").get("tokenizer_class")
-            cls = getattr(transformers, declared or "", None) if declared else None
-            if cls is None:
-                raise auto_error
-            tokenizer = cls.from_pretrained(self.path, **self._kwargs())
-            log.info("AutoTokenizer failed for %s; loaded the declared %s", self.path, declared)
+        except Exception as auto_error:  # noqa: BLE001 - any failure: try the native fallbacks
+            tokenizer = self._native_tokenizer(auto_error)
         return self._finish_tokenizer(tokenizer)
+
+    def _native_tokenizer(self, auto_error: Exception) -> Any:
+        import transformers
+
+        folder = Path(self.path)
+        declared = _read_json(folder / "tokenizer_config.json").get("tokenizer_class") or ""
+        candidates = [getattr(transformers, declared, None)]
+        if (folder / "tokenizer.json").is_file():
+            candidates.append(getattr(transformers, "TokenizersBackend", None) or transformers.PreTrainedTokenizerFast)
+        tried = []
+        for cls in (c for c in candidates if c is not None):
+            try:
+                tokenizer = cls.from_pretrained(self.path, **self._kwargs())
+            except Exception as exc:  # noqa: BLE001
+                tried.append(f"{cls.__name__}: {_first_line(exc)}")
+                continue
+            log.info("AutoTokenizer failed for %s (%s); loaded %s", self.path, _first_line(auto_error), cls.__name__)
+            return tokenizer
+        remote = "" if self.card.trust_remote_code else (
+            " (its tokenizer may be remote code, which cardtune runs only for a card with trust_remote_code: true)"
+            if declared and not hasattr(transformers, declared) else "")
+        raise CardError(
+            f"{self.path}: no tokenizer loads: AutoTokenizer: {_first_line(auto_error)}"
+            + "".join(f"; {t}" for t in tried) + (f"; the declared {declared} is not a transformers class"
+                                                   if declared and not hasattr(transformers, declared) else "")
+            + remote
+        )
 
     def _finish_tokenizer(self, tokenizer: Any) -> Any:
         """The card's special-token fix-ups, then its chat template (``plain`` writes eos)."""
@@ -84,33 +113,73 @@ class GenericLoader:
 
     # -- processor --------------------------------------------------------------------------
     def load_processing(self) -> Processing:
+        """Tokenizer, and for a family that takes images, the processor.
+
+        The template that renders is the card's (jinja, declarative, plain), else the
+        processor's own, else the tokenizer's: older llava-hf snapshots ship a processor with
+        no template, and their tokenizer's is the one the model was trained with. Where
+        AutoProcessor cannot be built here (its video processor needs torchvision, which these
+        CPU machines lack), the processor class is assembled from the image processor (PIL
+        backend) and the tokenizer, so images work everywhere and videos say what is missing.
+        """
         tokenizer = self.load_tokenizer()
         if not self.card.is_multimodal or not self.card.load_image:
             return Processing(tokenizer=tokenizer)
         from transformers import AutoProcessor
 
         notes: list[str] = []
+        processor = image_processor = None
+        video = None
         try:
             processor = AutoProcessor.from_pretrained(self.path, **self._kwargs())
             processor.tokenizer = tokenizer
-            self._apply_chat_template(processor)
-            return Processing(tokenizer, processor, getattr(processor, "image_processor", None))
-        except (ImportError, ValueError, OSError, TypeError) as exc:
-            notes.append(f"AutoProcessor failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})")
-        try:
-            image_processor = self._load_image_processor()
-        except (ImportError, ValueError, OSError) as exc:
-            # e.g. phi3-v: a remote-code image processor whose code is not in the folder.
-            notes.append(f"no image processor ({type(exc).__name__}); text-only encoding until one is available")
-            return Processing(tokenizer, None, None, tuple(notes))
-        processor = self._assemble_processor(tokenizer, image_processor, notes)
-        if processor is None and self.card.chat.template == "own":
-            # The tokenizer renders: give it the processor-level template the folder ships.
-            # A card template (jinja, declarative, plain) is already installed and wins.
-            template = _folder_chat_template(Path(self.path))
+            image_processor = getattr(processor, "image_processor", None)
+        except Exception as exc:  # noqa: BLE001 - ImportError (torchvision), RecursionError, OSError...
+            notes.append(f"AutoProcessor failed ({type(exc).__name__}: {_first_line(exc)})")
+            video = f"video needs the video processor of {self.card.family}, which cannot be built here ({_first_line(exc)})"
+            try:
+                image_processor = self._load_image_processor()
+            except Exception as exc2:  # noqa: BLE001 - e.g. phi3-v: remote code not in the folder
+                notes.append(f"no image processor ({type(exc2).__name__}); text-only encoding until one is available")
+                self._install_folder_template(tokenizer)
+                return Processing(tokenizer, None, None, tuple(notes), video)
+            processor = self._assemble_processor(tokenizer, image_processor, notes)
+        if processor is None:
+            self._install_folder_template(tokenizer)
+            return Processing(tokenizer, None, image_processor, tuple(notes), video)
+        self._settings_from_config(processor, notes)
+        if getattr(processor, "video_processor", None) is None and video is None and "video" in self.card.modalities:
+            video = f"the processor of {self.card.family} has no video processor here"
+        self._apply_chat_template(processor)
+        if processor.chat_template is None and self.card.chat.template == "own":
+            processor.chat_template = tokenizer.chat_template
+            if tokenizer.chat_template is not None:
+                notes.append("the processor has no chat template: the tokenizer's renders")
+        return Processing(tokenizer, processor, image_processor, tuple(notes), video)
+
+    def _settings_from_config(self, processor: Any, notes: list[str]) -> None:
+        """Processor settings a folder's processor_config.json leaves unset (``patch_size``,
+        ``vision_feature_select_strategy`` of the llava-next processors: without them an image
+        cannot be expanded), taken from the model config by the same name."""
+        config = _read_json(Path(self.path) / "config.json")
+        places = [config, config.get("vision_config") or {}]
+        filled = []
+        for name, value in vars(processor).items():
+            if value is None and not name.startswith("_"):
+                found = next((c[name] for c in places if c.get(name) is not None), None)
+                if isinstance(found, (int, float, str)):
+                    setattr(processor, name, found)
+                    filled.append(f"{name}={found!r}")
+        if filled:
+            notes.append(f"processor settings from config.json: {', '.join(filled)}")
+
+    def _install_folder_template(self, tokenizer: Any) -> None:
+        """With no processor, the tokenizer renders: give it the processor-level template the
+        folder ships (it is the one that writes media). A card template is already installed."""
+        if self.card.chat.template == "own":
+            template = folder_chat_template(Path(self.path))
             if template:
                 tokenizer.chat_template = template
-        return Processing(tokenizer, processor, image_processor, tuple(notes))
 
     def _load_image_processor(self) -> Any:
         from transformers import AutoImageProcessor
@@ -121,26 +190,43 @@ class GenericLoader:
             # The fast (torchvision) image processor is unavailable: use the PIL one.
             return AutoImageProcessor.from_pretrained(self.path, backend="pil", **self._kwargs())
 
+    def _processor_class_name(self) -> str | None:
+        folder = Path(self.path)
+        for name in (
+            self.card.processor_class,
+            _read_json(folder / "processor_config.json").get("processor_class"),
+            _read_json(folder / "preprocessor_config.json").get("processor_class"),
+            _read_json(folder / "tokenizer_config.json").get("processor_class"),
+        ):
+            if name:
+                return name
+        model_type = _read_json(folder / "config.json").get("model_type")
+        if model_type:
+            from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+            return PROCESSOR_MAPPING_NAMES.get(model_type)
+        return None
+
     def _assemble_processor(self, tokenizer: Any, image_processor: Any, notes: list[str]) -> Any | None:
         import transformers
 
         folder = Path(self.path)
-        name = self.card.processor_class or _read_json(folder / "processor_config.json").get("processor_class")
+        name = self._processor_class_name()
         cls = getattr(transformers, name or "", None)
         if cls is None:
-            notes.append("no processor class to assemble; the family collator expands media tokens")
+            notes.append("no processor class to assemble" + (f" ({name} is not a transformers class)" if name else ""))
             return None
         kwargs = {k: v for k, v in _read_json(folder / "processor_config.json").items() if k != "processor_class"}
-        if self.card.chat.template == "own":
-            template = _folder_chat_template(folder) or tokenizer.chat_template
-        else:
-            template = tokenizer.chat_template  # the card's, installed by load_tokenizer
+        template = folder_chat_template(folder) if self.card.chat.template == "own" else None
         try:
-            processor = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs)
-        except (ImportError, TypeError, ValueError, AttributeError) as exc:
-            notes.append(f"{name} could not be assembled ({type(exc).__name__}); the family collator expands media tokens")
+            processor = _without_video(cls)(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **_video_slot(cls), **kwargs
+            )
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"{name} could not be assembled ({type(exc).__name__}: {_first_line(exc)})")
             return None
-        notes.append(f"assembled {name} from its image processor and tokenizer")
+        processor.assembled_kwargs = kwargs
+        notes.append(f"assembled {name} from its image processor ({type(image_processor).__name__}) and tokenizer")
         return processor
 
     # -- model ------------------------------------------------------------------------------
@@ -184,6 +270,50 @@ class GenericLoader:
         if device_map is not None:
             kwargs["device_map"] = device_map
         return cls.from_pretrained(self.path, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _video_slot(cls: type) -> dict[str, Any]:
+    """``video_processor=None`` for a processor class that has that slot."""
+    return {"video_processor": None} if "video_processor" in cls.get_attributes() else {}
+
+
+@functools.cache
+def _without_video(cls: type) -> type:
+    """``cls`` accepting ``video_processor=None``: the processors of image+video families
+    (onevision, qwen2-vl, llava-next-video) check every slot's class, and the video one
+    cannot exist without torchvision. Images are unaffected; videos are refused before the
+    processor is called (:attr:`Processing.video_unavailable`)."""
+
+    class ImageOnly(cls):  # type: ignore[misc, valid-type]
+        assembled_kwargs: dict[str, Any] = {}
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+            """What exists is saved as the processor's own save would write it: the tokenizer,
+            the image processor, the chat template and processor_config.json (the Trainer
+            saves its processing class with every checkpoint); there is no video processor."""
+            folder = Path(save_directory)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(folder)
+            self.image_processor.save_pretrained(folder)
+            if isinstance(self.chat_template, str):
+                (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            config = folder / "processor_config.json"
+            config.write_text(json.dumps({"processor_class": cls.__name__, **self.assembled_kwargs}, indent=2) + "\n",
+                              encoding="utf-8")
+            return [str(config)]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    return ImageOnly
 
 
 def _set_config_value(config: Any, key: str, value: Any) -> None:

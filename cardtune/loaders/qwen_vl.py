@@ -157,7 +157,9 @@ def _tokenizer_class() -> type:
 
         def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> Any:
             texts = [text] if isinstance(text, str) else text
-            if not any(isinstance(t, str) and IMAGE_START in t for t in texts or ()):
+            # Marked text (typed control tokens as plain text) is encoded piece by piece through
+            # ``encode``, which expands each piece's image spans itself.
+            if kwargs.get("sanitize_control_tokens") or not any(isinstance(t, str) and IMAGE_START in t for t in texts or ()):
                 return super()._encode_plus(text, text_pair, **kwargs)
             unsupported = [k for k in ("is_split_into_words", "return_overflowing_tokens") if kwargs.get(k)]
             if text_pair is not None or unsupported:

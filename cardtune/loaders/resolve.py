@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -14,21 +13,6 @@ from cardtune.conversation import Processing
 from cardtune.loaders import LOADERS
 from cardtune.registry import FamilyCard, get_registry
 from cardtune.registry.errors import CardError
-
-# Where a vision-language model keeps its parts, by config layout; used only for folders
-# that no card describes (a card always names its modules).
-_VLM_MODULES = {
-    "vision_config": {
-        "vision_encoder": ["vision_tower"],
-        "vision_projector": ["multi_modal_projector"],
-        "llm": ["language_model", "lm_head"],
-    },
-}
-_QWEN_VL_MODULES = {
-    "vision_encoder": ["visual.patch_embed", "visual.rotary_pos_emb", "visual.blocks"],
-    "vision_projector": ["visual.merger"],
-    "llm": ["language_model", "lm_head"],
-}
 
 
 @dataclass
@@ -59,55 +43,59 @@ def resolve_model(
         path = str(model_path) if model_path is not None else spec.hf_path
         return Resolved(model_id, spec.family, path, None if model_path else spec.revision)
     folder = Path(model_path)  # type: ignore[arg-type]
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise CardError(f"{folder}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
     card, notes = derive_card(folder)
     return Resolved(card.models[0].model_id, card, str(folder), derived=True, notes=notes)
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
-    """A card for an unregistered local folder, from its config.json; says what it derived."""
-    config = _read(folder / "config.json")
-    notes: list[str] = []
-    archs = config.get("architectures") or []
-    model_class = archs[0] if archs else "AutoModelForCausalLM"
-    notes.append(f"model class {model_class} (from config.json architectures)" if archs else
-                 "model class AutoModelForCausalLM (config.json names no architecture)")
-    remote = "auto_map" in config or any(folder.glob("*.py"))
-    multimodal = "vision_config" in config or "visual" in config
-    extra: dict[str, Any] = {}
-    if multimodal:
-        qwen_vl = config.get("model_type", "").startswith("qwen2")
-        modules = _QWEN_VL_MODULES if qwen_vl else _VLM_MODULES["vision_config"]
-        modalities = ["text", "image", "multi_image"]
-        tok_config = _read(folder / "tokenizer_config.json")
-        image_token = "<|image_pad|>" if qwen_vl else tok_config.get("image_token") or "<image>"
-        extra = {"media": {"image_token": image_token}, "collator": "qwen2-vl" if qwen_vl else "default"}
-        notes.append(f"vision-language model ({config.get('model_type')}): modules {modules}, image token {image_token!r}")
-    else:
-        modules = {"llm": ["model", "lm_head"]}
-        modalities = ["text"]
+    """A card for an unregistered local folder, from what the folder says about itself
+    (:mod:`cardtune.loaders.discover`, the discovery ``add-model`` writes up too); says what it
+    derived. Remote code is never run: the card does not trust it."""
+    from cardtune.loaders.discover import layout_modules, media_tokens, module_keywords, read_folder
+
+    facts = read_folder(folder)
+    notes = list(facts.notes) or ["model class AutoModelForCausalLM (config.json names no architecture)"]
+    model_class = facts.model_class or "AutoModelForCausalLM"
     name = re.sub(r"[^a-z0-9._-]+", "-", folder.resolve().name.lower()).strip("-._")
-    card = FamilyCard.model_validate(
-        {
-            "family": f"local-{name}" if name[:1].isalnum() else "local-model",
-            "description": f"derived from {folder}",
-            "status": "experimental",
-            "status_note": "derived automatically from the model folder; write a card to pin it",
-            "model_class": model_class,
-            "trust_remote_code": False,
-            "modalities": modalities,
-            "modules": modules,
-            **extra,
-            "models": [{"model_id": name if name[:1].isalnum() else "local-model", "hf_path": str(folder)}],
-        }
-    )
-    if remote:
-        notes.append("the folder ships remote code; it is not run (trust_remote_code stays false)")
+    model_id = name if name[:1].isalnum() else "local-model"
+    base = {
+        "family": f"local-{name}" if name[:1].isalnum() else "local-model",
+        "description": f"derived from {folder}",
+        "status": "experimental",
+        "status_note": "derived automatically from the model folder; write a card to pin it",
+        "model_class": model_class,
+        "trust_remote_code": False,
+        "loader": facts.loader,
+        "models": [{"model_id": model_id, "hf_path": str(folder)}],
+    }
+    modules, how = module_keywords(facts, model_class, trust_remote_code=False)
+    if modules is None:
+        modules = layout_modules(facts)
+        notes.append(f"module keywords {modules} (the usual layout; the model cannot be built here: {how})")
+    else:
+        notes.append(how)
+    extra: dict[str, Any] = {}
+    if facts.multimodal:
+        modalities = ["text", "image", "multi_image"]
+        if facts.loader == "qwen-vl":
+            extra["load_image"] = False
+            notes.append("images are given by path in the prompt (the tokenizer reads the path): load_image false")
+        else:
+            probe = FamilyCard.model_validate({**base, "modules": modules, "modalities": modalities})
+            tokenizer = LOADERS[facts.loader](probe, folder).load_tokenizer()
+            media, found = media_tokens(facts, tokenizer)
+            notes += found
+            if "video_token" in media:
+                modalities.append("video")
+                extra["capabilities"] = {"video": "experimental"}
+            if media:
+                extra["media"] = media
+        notes.append(f"vision-language model ({facts.model_type}): modalities {', '.join(modalities)}")
+    else:
+        modalities = ["text"]
+    card = FamilyCard.model_validate({**base, "modalities": modalities, "modules": modules, **extra})
+    if facts.remote_code:
+        notes.append(f"the folder declares remote code ({', '.join(facts.remote_code)}); it is not run (trust_remote_code stays false)")
     return card, notes
 
 

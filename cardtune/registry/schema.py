@@ -6,6 +6,7 @@ error at load time instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any, Literal
 
@@ -168,6 +169,10 @@ class ChatSpec(_Strict):
     system: SystemPolicy = "auto"
     content: ContentForm = "auto"
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+    render_date: datetime.date = datetime.date(2024, 7, 26)
+    """The day a template that writes today's date (``strftime_now``: Llama-3.x's "Today Date:")
+    renders, so labels never depend on the day a run starts (and cached encodings stay valid).
+    The default is Llama-3.2's own fallback date."""
 
     @field_validator("end_of_turn", mode="before")
     @classmethod
