@@ -64,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cardtune.collators.roles import TemplateProbeError
+
     try:
         return args.handler(args)
-    except (CardError, UnknownModelError) as exc:
+    except (CardError, UnknownModelError, TemplateProbeError) as exc:
         print(f"cardtune {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cardtune.collators.roles import TemplateProbeError
 from cardtune.registry import CapabilityError, CardError, FamilyCard, UnknownModelError
 from cardtune.training.arguments import ArgumentError, Arguments, check_media_folders, parse_arguments
 from cardtune.training.template import card_with_template
@@ -486,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataStop, SkipLimitError, DiskFullError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
-    except (ArgumentError, CardError, UnknownModelError, CapabilityError) as exc:
+    except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -156,9 +156,9 @@ def _freeze_groups(card: Any, model: Any) -> dict[str, str | None]:
                                          "qwen2-vl-2b", "vicuna-7b-v1.5", "mistral-7b-instruct-v0.3"])
 def test_discovered_keywords_freeze_the_same_parameters(folder_name: str, cards_dir: str) -> None:
     """The keywords read off the meta model put every parameter in the same group as the hand card's."""
+    from cardtune.loaders.discover import build_on_meta
     from cardtune.registry import get_registry
     from cardtune.registry.loader import load_card_file
-    from cardtune.loaders.discover import build_on_meta
 
     rc, out, path = _added(folder_name, cards_dir)
     assert rc == 0, out

@@ -33,7 +33,7 @@ def llava_data(tmp_path):
 
 def _spans(tokenizer, ids, labels):
     out, cur = [], []
-    for tok, lab in zip(ids, labels):
+    for tok, lab in zip(ids, labels, strict=True):
         if lab != -100:
             cur.append(tok)
         elif cur:
@@ -57,7 +57,7 @@ def test_labels_llava_exact_spans_and_bos(llava_data, capsys):
     # one bos, 576 image tokens (336px CLIP, 24x24 patches), none of them trained
     assert img["input_ids"][0] == 1 and img["input_ids"].count(1) == 1
     assert img["input_ids"].count(32000) == 576
-    assert all(lab == -100 for tok_id, lab in zip(img["input_ids"], img["labels"]) if tok_id == 32000)
+    assert all(lab == -100 for tok_id, lab in zip(img["input_ids"], img["labels"], strict=True) if tok_id == 32000)
     # the user's "ASSISTANT:" opens no span; both answers end with the appended </s>
     assert _spans(tok, img["input_ids"], img["labels"]) == ["Red.</s>", "Yes, red.</s>"]
     text = rows[1]
@@ -94,7 +94,7 @@ def test_labels_on_unregistered_folder_derives_a_card(llava_data, capsys):
     img = rows[0]
     # a 50x40 image: 28px patches, merge 2 -> grid 1x2x2 after resizing to 56x56 -> 1 token? measured from the processor
     n_pad = img["input_ids"].count(151655)
-    assert n_pad > 0 and all(lab == -100 for t, lab in zip(img["input_ids"], img["labels"]) if t == 151655)
+    assert n_pad > 0 and all(lab == -100 for t, lab in zip(img["input_ids"], img["labels"], strict=True) if t == 151655)
     assert _spans(tok, img["input_ids"], img["labels"]) == ["Red.<|im_end|>", "Yes, red.<|im_end|>"]
 
 

@@ -177,7 +177,9 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     else:
         raise TemplateProbeError(
             "the chat template renders neither string nor list-of-parts content of a user/assistant "
-            "conversation (is it a chat template? a base model's template may render nothing)"
+            "conversation (is it a chat template? a base model's template may render nothing): give "
+            "--model_id of a registered family that carries one (`cardtune list`), or --template FILE "
+            "(a Jinja chat template), or write chat.declarative in a card (docs/TEMPLATES.md)"
         )
     notes.append(f"content form: {content}")
 

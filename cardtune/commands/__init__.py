@@ -4,7 +4,7 @@ Modules here import only the standard library, pydantic and yaml at import time:
 imports (torch, transformers) happen inside the handlers.
 """
 
-from cardtune.commands import cards  # noqa: F401
+from cardtune.commands import cards  # noqa: F401, I001  (registration order is the help order)
 from cardtune.commands import labels  # noqa: F401
 from cardtune.commands import validate_data  # noqa: F401
 from cardtune.commands import chat  # noqa: F401

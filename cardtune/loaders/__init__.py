@@ -23,6 +23,6 @@ def register_loader(name: str) -> Callable[[T], T]:
     return wrap
 
 
-from cardtune.loaders import generic  # noqa: E402,F401  (registers "generic")
+from cardtune.loaders import generic  # noqa: E402,F401,I001  (registers "generic"; generic first)
 from cardtune.loaders import demo  # noqa: E402,F401  (registers "demo")
 from cardtune.loaders import qwen_vl  # noqa: E402,F401  (registers "qwen-vl")

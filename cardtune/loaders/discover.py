@@ -32,6 +32,8 @@ _LAYOUT_MODULES = {
                       "llm": ["language_model", "lm_head"]},
 }
 _TEXT_MODULES = {"llm": ["model", "lm_head"]}
+# Unused tokens a vocabulary keeps for later: candidates for a missing pad (MoE-LLaVA's practice).
+_RESERVED = re.compile(r"^<\|?(extra|reserved|unused|reg)[_a-z]*\d+\|?>$")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -245,3 +247,59 @@ def layout_modules(facts: FolderFacts) -> dict[str, list[str]]:
         return dict(_TEXT_MODULES)
     layout = "visual" if "visual" in facts.config else "vision_config"
     return {k: list(v) for k, v in _LAYOUT_MODULES[layout].items()}
+
+
+# -- special tokens --------------------------------------------------------------------------
+def _config_token(tokenizer: Any, folder: Path, key: str) -> str | None:
+    for source in (read_json(folder / "generation_config.json"), read_json(folder / "config.json")):
+        value = source.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < len(tokenizer):
+            return tokenizer.convert_ids_to_tokens(value)
+    return None
+
+
+def recommend_special_tokens(tokenizer: Any, folder: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(chat.special_tokens, what was decided, what to review) for a tokenizer as shipped."""
+    tokens = {r: getattr(tokenizer, f"{r}_token") for r in ("pad", "unk", "bos", "eos")}
+    fix: dict[str, Any] = {}
+    said: list[str] = []
+    review: list[str] = []
+    if tokens["eos"] is None:
+        eos = _config_token(tokenizer, folder, "eos_token_id")
+        if eos is not None:
+            fix["eos"] = tokens["eos"] = eos
+            said.append(f"eos {eos!r}: the tokenizer has none; generation_config/config name its id")
+        else:
+            review.append("the tokenizer has no eos and the configs name none: set chat.special_tokens.eos")
+    shared = [r for r in ("bos", "eos", "unk") if tokens[r] is not None]
+    if len({tokens[r] for r in shared}) < len(shared):
+        fix["allow_shared"] = True
+        group = {tokens[r] for r in shared}
+        review.append(
+            f"bos/eos/unk share a token as shipped ({', '.join(f'{r}={tokens[r]!r}' for r in shared)}): "
+            "allow_shared is set because the model was trained so; give distinct tokens if your code "
+            f"needs them ({len(group)} distinct)"
+        )
+    if tokens["pad"] is None:
+        reserved = sorted(
+            (t for t in tokenizer.get_vocab() if _RESERVED.match(t)),
+            key=lambda t: tokenizer.convert_tokens_to_ids(t),
+        )
+        if tokens["unk"] is not None and tokens["unk"] != tokens["eos"]:
+            fix["pad"] = tokens["unk"]
+            said.append(f"pad {tokens['unk']!r}: the tokenizer has none; unk pads (never trained: masked)")
+        elif reserved:
+            fix["pad"] = reserved[0]
+            said.append(f"pad {reserved[0]!r}: the tokenizer has none; its first unused reserved token pads")
+        elif tokens["eos"] is not None:
+            fix["pad"] = tokens["eos"]
+            said.append(f"pad {tokens['eos']!r} = eos: the tokenizer has no pad, and no unk or reserved token apart from eos; "
+                        "padding is found by the attention mask, so eos labels are kept")
+        else:
+            review.append("no pad token can be chosen: set chat.special_tokens.pad")
+    return fix, said, review
+
+
+# -- the card --------------------------------------------------------------------------------

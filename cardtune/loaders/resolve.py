@@ -51,7 +51,13 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
     """A card for an unregistered local folder, from what the folder says about itself
     (:mod:`cardtune.loaders.discover`, the discovery ``add-model`` writes up too); says what it
     derived. Remote code is never run: the card does not trust it."""
-    from cardtune.loaders.discover import layout_modules, media_tokens, module_keywords, read_folder
+    from cardtune.loaders.discover import (
+        layout_modules,
+        media_tokens,
+        module_keywords,
+        read_folder,
+        recommend_special_tokens,
+    )
 
     facts = read_folder(folder)
     notes = list(facts.notes) or ["model class AutoModelForCausalLM (config.json names no architecture)"]
@@ -75,14 +81,21 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
     else:
         notes.append(how)
     extra: dict[str, Any] = {}
+    modalities = ["text", "image", "multi_image"] if facts.multimodal else ["text"]
+    probe = FamilyCard.model_validate({  # the tokenizer as shipped: shared tokens are judged below
+        **base, "modules": modules, "modalities": modalities, "chat": {"special_tokens": {"allow_shared": True}},
+        **({"load_image": False} if facts.loader == "qwen-vl" else {}),
+    })
+    tokenizer = LOADERS[facts.loader](probe, folder).load_tokenizer()
+    fixups, said, review = recommend_special_tokens(tokenizer, folder)
+    if fixups:
+        extra["chat"] = {"special_tokens": fixups}
+        notes += said + review
     if facts.multimodal:
-        modalities = ["text", "image", "multi_image"]
         if facts.loader == "qwen-vl":
             extra["load_image"] = False
             notes.append("images are given by path in the prompt (the tokenizer reads the path): load_image false")
         else:
-            probe = FamilyCard.model_validate({**base, "modules": modules, "modalities": modalities})
-            tokenizer = LOADERS[facts.loader](probe, folder).load_tokenizer()
             media, found = media_tokens(facts, tokenizer)
             notes += found
             if "video_token" in media:
@@ -91,8 +104,6 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
             if media:
                 extra["media"] = media
         notes.append(f"vision-language model ({facts.model_type}): modalities {', '.join(modalities)}")
-    else:
-        modalities = ["text"]
     card = FamilyCard.model_validate({**base, "modalities": modalities, "modules": modules, **extra})
     if facts.remote_code:
         notes.append(f"the folder declares remote code ({', '.join(facts.remote_code)}); it is not run (trust_remote_code stays false)")
