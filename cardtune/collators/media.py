@@ -27,6 +27,7 @@ class DefaultCollator:
         self.processing = processing
         self.tokenizer = processing.tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
+        self._batch_aligned: frozenset[str] | None = None
 
     # -- content -------------------------------------------------------------------------
     def media_token_ids(self) -> set[int]:
@@ -204,18 +205,61 @@ class DefaultCollator:
             labels[row, :n] = torch.tensor(f.labels, dtype=torch.long)
             attention[row, :n] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        batch.update(_concat_media([f.media_tensors for f in features]))
+        if any(f.media_tensors for f in features):
+            batch.update(batch_media([f.media_tensors for f in features], [len(f.input_ids) for f in features],
+                                     longest, self.batch_aligned_keys()))
         return batch
 
+    def batch_aligned_keys(self) -> frozenset[str]:
+        """The processor outputs with one row per SAMPLE (Mllama's ``pixel_values`` of shape
+        (1, images, tiles, ...)), as opposed to one row per image or patch (llava, Qwen2-VL):
+        read off the processor once, with a two-image prompt."""
+        if self._batch_aligned is None:
+            self._batch_aligned = frozenset()
+            processor, token = self.processing.processor, self.card.media.image_token
+            if processor is not None and token and "{" not in token:
+                from PIL import Image
 
-def _concat_media(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate media tensors along the first axis; text-only samples contribute none."""
+                probe = [Image.new("RGB", (32, 32)), Image.new("RGB", (48, 32))]
+                try:
+                    out = processor(text=[f"{token}\n{token}\nx"], images=probe, return_tensors="pt", add_special_tokens=False)
+                except Exception:  # noqa: BLE001 - a processor that refuses two images: none are
+                    return self._batch_aligned
+                self._batch_aligned = frozenset(k for k, v in out.items()
+                                                if k not in ("input_ids", "attention_mask") and getattr(v, "shape", (0,))[0] == 1)
+        return self._batch_aligned
+
+
+def batch_media(per_sample: list[dict[str, Any]], lengths: list[int], longest: int,
+                batch_aligned: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The media tensors of a batch.
+
+    - Per-token tensors (shape (1, tokens, ...): Qwen2-VL's ``mm_token_type_ids``, Mllama's
+      ``cross_attention_mask``) get one row per sample, padded to the batch's length with zeros
+      (text tokens; no image attended), and zero rows for samples without them.
+    - Per-sample tensors (``batch_aligned``: Mllama's ``pixel_values``, ``aspect_ratio_ids``)
+      get one row per sample too, inner dimensions (images, tiles) padded with zeros.
+    - Everything else is per image or patch: concatenated along the first axis (llava's
+      ``pixel_values``, Qwen2-VL's patches and ``image_grid_thw``); text-only samples add none.
+    """
     import torch
 
     keys = sorted({k for d in per_sample for k in d})
     out: dict[str, Any] = {}
     for key in keys:
-        tensors = [d[key] for d in per_sample if key in d]
+        present = [(row, d[key]) for row, d in enumerate(per_sample) if key in d]
+        per_token = all(t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == lengths[row] for row, t in present)
+        if per_token or key in batch_aligned:
+            first = present[0][1]
+            inner = [max(t.shape[i] for _, t in present) for i in range(1, first.dim())]
+            if per_token:
+                inner[0] = longest
+            batch = torch.zeros((len(per_sample), *inner), dtype=first.dtype)
+            for row, t in present:
+                batch[(row, *[slice(0, n) for n in t.shape[1:]])] = t[0]
+            out[key] = batch
+            continue
+        tensors = [t for _, t in present]
         shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) > 1:  # e.g. llava-next patch counts differ between images: pad with zeros
             target = [max(s[i] for s in shapes) for i in range(len(next(iter(shapes))))]

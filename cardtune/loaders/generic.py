@@ -158,12 +158,18 @@ class GenericLoader:
         return Processing(tokenizer, processor, image_processor, tuple(notes), video)
 
     def _settings_from_config(self, processor: Any, notes: list[str]) -> None:
-        """Processor settings a folder's processor_config.json leaves unset (``patch_size``,
-        ``vision_feature_select_strategy`` of the llava-next processors: without them an image
-        cannot be expanded), taken from the model config by the same name."""
+        """Processor settings a folder's processor_config.json leaves out: the card's
+        ``processor_defaults``, then unset ones (``patch_size``, ``vision_feature_select_strategy``
+        of the llava-next processors: without them an image cannot be expanded) from the model
+        config by the same name."""
         config = _read_json(Path(self.path) / "config.json")
         places = [config, config.get("vision_config") or {}]
         filled = []
+        written = _read_json(Path(self.path) / "processor_config.json")
+        for name, value in self.card.processor_defaults.items():
+            if name not in written and hasattr(processor, name) and getattr(processor, name) != value:
+                setattr(processor, name, value)
+                filled.append(f"{name}={value!r} (card)")
         for name, value in vars(processor).items():
             if value is None and not name.startswith("_"):
                 found = next((c[name] for c in places if c.get(name) is not None), None)
@@ -171,7 +177,7 @@ class GenericLoader:
                     setattr(processor, name, found)
                     filled.append(f"{name}={found!r}")
         if filled:
-            notes.append(f"processor settings from config.json: {', '.join(filled)}")
+            notes.append(f"processor settings the folder leaves out: {', '.join(filled)}")
 
     def _install_folder_template(self, tokenizer: Any) -> None:
         """With no processor, the tokenizer renders: give it the processor-level template the
