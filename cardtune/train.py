@@ -67,15 +67,10 @@ def resolve_family(args: Arguments) -> tuple[Any, dict[str, Any]]:
 
 
 def folder_loader(resolved: Any) -> Any:
-    """The card's loader, unless it replaces the folder given (the demo loader builds its own):
-    a local folder, e.g. an earlier stage's output, is a plain Hugging Face folder that the
-    generic loader reads, as ``cardtune chat`` and ``merge`` do."""
-    from cardtune.loaders.generic import GenericLoader
+    """The loader of the resolved model's folder (see ``training.output.loader_for``)."""
+    from cardtune.training.output import loader_for
 
-    loader = resolved.loader()
-    if Path(resolved.path).is_dir() and Path(loader.path).resolve() != Path(resolved.path).resolve():
-        return GenericLoader(resolved.card, resolved.path)
-    return loader
+    return loader_for(resolved.card, resolved.path, resolved.revision)
 
 
 # -- arguments the run settles ------------------------------------------------------------------
@@ -293,7 +288,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
-    card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict())
+    card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict(),
+                           _moe_adapter_files(prepared))
     loss_plot = LossPlotCallback()
     trainer = CardtuneTrainer(
         model=model,
@@ -307,6 +303,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         media_flags=media_flags,
         group_by_length=d.group_by_length,
         card_files=card_files,
+        moe=prepared.moe,
     )
     start_step = checkpoint_step(resume) if resume else 0
     train_started = time.perf_counter()
@@ -322,6 +319,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
             metrics["eval_loss"] = evaluated[-1]["eval_loss"]
 
         trainer.save_model(output_dir)  # with the card files
+        moe_output = _save_moe(trainer, prepared, card_files, output_dir, card.model_class) if prepared.moe else None
         if main_process and saved_processing.processor is None and saved_processing.image_processor is not None:
             with writing(output_dir, "the image processor"):
                 saved_processing.image_processor.save_pretrained(output_dir)
@@ -351,6 +349,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         "skipped_in_training": failed_in_training,
         "wall_s": time.perf_counter() - started,
         "metrics": metrics,
+        "moe": moe_output.note if moe_output else None,
     }
     say(_closing(summary, t))
     return RunResult(summary, trainer, args)
@@ -441,6 +440,40 @@ def check_skipped_share(split: str, report: Any, policy: str, share: float) -> N
     )
 
 
+def _moe_adapter_files(prepared: Any) -> dict[str, str] | None:
+    """An adapter over an upcycled model carries its MoE spec (the base folder is dense)."""
+    if prepared.moe is None or not prepared.plan.uses_lora:
+        return None
+    from cardtune.training.moe import SPEC_FILE
+
+    return {SPEC_FILE: prepared.moe.model_dump_json(indent=2) + "\n"}
+
+
+def _save_moe(trainer: Any, prepared: Any, card_files: Any, output_dir: str, card_class: str) -> Any:
+    """The upcycled model's final folder: native where an architecture fits (docs/MOE.md)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from cardtune.training.moe.output import adapter_output, card_with_class, save_full_model
+
+    if prepared.plan.uses_lora:
+        return adapter_output()
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # every rank: gathered under ZeRO-3
+    if is_deepspeed_zero3_enabled():
+        # Training is over: rank 0 builds the native model alone, which transformers would
+        # otherwise partition across the ranks (a collective the others never join).
+        unset_hf_deepspeed_config()
+    saved = None
+    if trainer.args.process_index == 0:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with writing(output_dir, "the model in its MoE architecture"):
+            saved = save_full_model(model, prepared.moe, output_dir, state=state, card_class=card_class, written=True)
+            if saved.model_class:  # a text model saved as Mixtral / Qwen2-MoE: its card names the class
+                card_files.card_yaml = card_with_class(card_files.card_yaml, saved.model_class)
+                card_files.write(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return saved
+
+
 def _card_data(card: FamilyCard, model_id: str) -> dict[str, Any]:
     """The card as trained: the family with only this model's entry."""
     data = card.model_dump(mode="json", exclude_defaults=True)
@@ -465,6 +498,8 @@ def _closing(summary: dict[str, Any], t: Any) -> str:
         lines.append(f"loss: {summary['loss_first']:.3f} (first logged) -> {summary['loss_last']:.3f} (last logged)")
     if "eval_loss" in summary["metrics"]:
         lines.append(f"eval loss: {summary['metrics']['eval_loss']:.3f}")
+    if summary.get("moe"):
+        lines.append(f"moe: {summary['moe']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary["plot"]:
         lines.append(f"loss plot:  {summary['plot']}")

@@ -25,13 +25,31 @@ def _configure_merge(p: argparse.ArgumentParser) -> Handler:
             return 2
         import torch
 
+        from cardtune.training.moe import model_spec
+
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         trained = load_trained(args.adapter, dtype=dtype, merge=True)
         out = Path(args.output)
-        trained.model.save_pretrained(out)
+        spec = model_spec(trained.model)
+        saved_as, moe_note = type(trained.model).__name__, None
+        if spec is None:
+            trained.model.save_pretrained(out)
+        else:
+            from cardtune.training.moe.output import card_with_class, save_full_model
+            from cardtune.training.output import CARD_FILE
+
+            out.mkdir(parents=True, exist_ok=True)
+            moe = save_full_model(trained.model, spec, out, card_class=trained.card.model_class)
+            moe_note = moe.note
+            if moe.model_class:
+                saved_as = moe.model_class
+                card = (Path(args.adapter) / CARD_FILE).read_text(encoding="utf-8")
+                (out / CARD_FILE).write_text(card_with_class(card, moe.model_class), encoding="utf-8")
         copied = copy_side_files(args.adapter, out)
         print(f"merged {args.adapter} into its base {adapter_base(args.adapter)}")
-        print(f"saved {out} ({type(trained.model).__name__}; also {', '.join(copied)})")
+        print(f"saved {out} ({saved_as}; also {', '.join(copied)})")
+        if moe_note:
+            print(f"moe: {moe_note}")
         return 0
 
     return run

@@ -62,6 +62,20 @@ class ModuleKeywords(_Strict):
     vision_projector: list[str] = Field(default_factory=list)
     llm: list[str] = Field(default_factory=list)
     others: list[str] = Field(default_factory=list)
+    llm_mlp: list[str] = Field(default_factory=list)
+    """The FFN (MLP) module of each language-model decoder layer: a keyword matching the end of
+    its name (``mlp`` for ``model.layers.3.mlp``), inside the ``llm`` keywords and outside the
+    vision ones. MoE upcycling replaces these modules; not a freeze group."""
+
+    @model_validator(mode="after")
+    def _llm_mlp_inside_the_llm(self) -> ModuleKeywords:
+        vision = set(self.vision_encoder) | set(self.vision_projector)
+        for i, keyword in enumerate(self.llm_mlp):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", keyword):
+                raise card_rule_error(("llm_mlp", i), f"'{keyword}': a module name or dotted run of names, e.g. 'mlp'")
+            if keyword in vision:
+                raise card_rule_error(("llm_mlp", i), f"'{keyword}' is also a vision keyword")
+        return self
 
 
 class SpecialTokens(_Strict):

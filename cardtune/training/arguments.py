@@ -127,7 +127,42 @@ class RunArguments:
     )
 
 
-ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments, RunArguments)
+@dataclass
+class MoEArguments:
+    """Stage-3 MoE-tuning (docs/MOE.md); a recipe writes them as a ``moe:`` section."""
+
+    moe_layers: str | None = field(
+        default=None,
+        metadata={"help": "upcycle these decoder layers' FFNs into mixtures of experts: sparse (every other), "
+                  "dense (all), first_half, second_half, or indices like 0,2,4; unset: no MoE"},
+    )
+    moe_num_experts: str = field(
+        default="4", metadata={"help": "experts per MoE layer: a number, or one per MoE layer (4,4,8)"}
+    )
+    moe_top_k: int = field(default=2, metadata={"help": "experts each token is routed to"})
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "weight of the load-balancing loss added to the language-model loss"}
+    )
+    moe_train: Literal["only_moe", "all", "lora"] = field(
+        default="only_moe",
+        metadata={"help": "only_moe: only experts and routers, in full; all: what the other flags say, plus "
+                  "the routers; lora: LoRA on the experts, routers in full"},
+    )
+    moe_capacity_factor: float | None = field(
+        default=None,
+        metadata={"help": "cap each expert at ceil(tokens*top_k/experts*factor) assignments, dropping the rest; "
+                  "unset: dropless"},
+    )
+    moe_eval_capacity_factor: float | None = field(
+        default=None, metadata={"help": "the capacity factor in evaluation (default: the training one)"}
+    )
+    moe_min_capacity: int = field(default=4, metadata={"help": "the least capacity of an expert"})
+    moe_use_residual: bool = field(
+        default=False, metadata={"help": "a dense copy of the FFN beside the experts, mixed by a learned coefficient"}
+    )
+
+
+ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments, RunArguments, MoEArguments)
 
 
 @dataclass
@@ -140,11 +175,12 @@ class Arguments:
     sources: dict[str, str] = field(default_factory=dict)
     """Where each non-default value came from: ``command line``, the config file, or ``demo recipe``."""
     run: RunArguments = field(default_factory=RunArguments)
+    moe: MoEArguments = field(default_factory=MoEArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, JSON-serialisable (saved as ``cardtune_args.json``)."""
         out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.tune, self.run):
+        for part in (self.model, self.data, self.tune, self.run, self.moe):
             out.update(dataclasses.asdict(part))
         out.update(self.training.to_dict())
         out["config"] = self.config_file
@@ -171,6 +207,17 @@ def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
     data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ArgumentError(f"{path}: a recipe is a mapping of argument names to values")
+    if "moe" in data:
+        from cardtune.training.moe.spec import MoEError, section_arguments
+
+        try:
+            section = section_arguments(data.pop("moe"), str(path))
+        except MoEError as exc:
+            raise ArgumentError(str(exc)) from None
+        both = sorted(set(section) & set(data))
+        if both:
+            raise ArgumentError(f"{path}: {', '.join(both)} given both flat and in the moe: section")
+        data.update(section)
     for key in data:
         if key not in known:
             raise ArgumentError(f"{path}: unknown argument '{key}'{_close(key, known)}")
@@ -223,7 +270,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
 
     values = vars(namespace)
     config_file = values.pop("config")
-    model, data, tune, run = (
+    model, data, tune, run, moe = (
         cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES
     )
     if values.get("output_dir") is None:
@@ -237,7 +284,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
     from transformers import TrainingArguments
 
     training = TrainingArguments(**values)
-    args = Arguments(model, data, tune, training, config_file, sources, run)
+    args = Arguments(model, data, tune, training, config_file, sources, run, moe)
     check_arguments(args)
     return args
 
@@ -296,3 +343,40 @@ def check_arguments(args: Arguments) -> None:
         raise ArgumentError(f"--max_skipped_share {d.max_skipped_share}: a share between 0 and 1 (0.1: 10%)")
     if args.run.overwrite_output_dir and resume_requested(args.training.resume_from_checkpoint):
         raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one")
+    check_moe_arguments(args)
+
+
+def check_moe_arguments(args: Arguments) -> None:
+    from cardtune.training.moe.spec import MoEError, parse_layers, parse_num_experts
+
+    moe, t = args.moe, args.tune
+    given = sorted(f.name for f in dataclasses.fields(MoEArguments) if f.name in args.sources)
+    if moe.moe_layers is None:
+        if given:
+            raise ArgumentError(f"{', '.join('--' + g for g in given)}: MoE options, but no --moe_layers "
+                                "(sparse, dense, first_half, second_half or indices) says which layers")
+        return
+    try:
+        parse_layers(moe.moe_layers)
+        counts = parse_num_experts(moe.moe_num_experts)
+    except MoEError as exc:
+        raise ArgumentError(str(exc)) from None
+    if not 1 <= moe.moe_top_k <= min(counts):
+        raise ArgumentError(f"--moe_top_k {moe.moe_top_k}: between 1 and the experts of a layer ({min(counts)})")
+    if moe.router_aux_loss_coef < 0:
+        raise ArgumentError(f"--router_aux_loss_coef {moe.router_aux_loss_coef}: must be >= 0")
+    for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+        value = getattr(moe, name)
+        if value is not None and value <= 0:
+            raise ArgumentError(f"--{name} {value}: must be > 0 (unset for dropless routing)")
+    if moe.moe_eval_capacity_factor is not None and moe.moe_capacity_factor is None:
+        raise ArgumentError("--moe_eval_capacity_factor without --moe_capacity_factor: training routes dropless")
+    if t.q_lora:
+        raise ArgumentError("--q_lora with --moe_layers: upcycling copies 16-bit FFNs into experts; "
+                            "4-bit experts are not supported")
+    if moe.moe_train == "only_moe" and t.use_lora:
+        raise ArgumentError("--moe_train only_moe trains the experts and routers in full; for adapters use "
+                            "--moe_train lora (experts) or --moe_train all --use_lora (attention and experts)")
+    if moe.moe_train == "all" and not t.train_llm:
+        raise ArgumentError("--moe_train all with --train_llm false: the experts are part of the LLM")
+

@@ -146,11 +146,14 @@ def check_qlora_possible(card: FamilyCard) -> None:
 # -- what is trained ---------------------------------------------------------------------------
 @dataclass
 class TrainPlan:
-    """Which component is trained how: ``full``, ``lora`` or ``frozen``."""
+    """Which component is trained how: ``full``, ``lora``, ``frozen``, or ``moe`` (the LLM's
+    experts and routers in full, the rest of it frozen)."""
 
     modes: dict[str, str]
     lora_targets: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+    moe_modules: list[str] = field(default_factory=list)
+    """Modules trained in full whatever their component's mode (experts and routers)."""
     new_token_ids: list[int] = field(default_factory=list)
     """Rows added to the embeddings for new tokens: trained (and saved) with the adapters, as
     their random initialisation would otherwise stay untrained under LoRA."""
@@ -160,7 +163,10 @@ class TrainPlan:
         return "lora" in self.modes.values()
 
 
-def plan_training(model: Any, card: FamilyCard, args: Arguments, new_token_ids: Iterable[int] = ()) -> TrainPlan:
+def plan_training(model: Any, card: FamilyCard, args: Arguments, new_token_ids: Iterable[int] = (),
+                  moe_train: str | None = None) -> TrainPlan:
+    """``moe_train`` (an upcycled model): ``only_moe`` trains only the experts and routers,
+    ``lora`` adapters on the experts, ``all`` what the flags say; routers always in full."""
     t = args.tune
     multimodal = card.is_multimodal
     modes = {
@@ -174,10 +180,24 @@ def plan_training(model: Any, card: FamilyCard, args: Arguments, new_token_ids: 
         modes["vision_encoder"] = modes["vision_projector"] = "frozen"
         if not t.train_llm:
             raise ArgumentError(f"{card.family} is a text-only family: nothing to train without --train_llm")
+    parts = None
+    if moe_train is not None:
+        from cardtune.training.moe import moe_parts
+
+        parts = moe_parts(model)
+        if moe_train != "all":
+            modes = dict.fromkeys(GROUPS, "frozen")
+            modes["llm"] = "moe" if moe_train == "only_moe" else "lora"
     plan = TrainPlan(modes)
     vision = card.multimodal_keywords
+    if parts is not None and moe_train == "only_moe":
+        plan.moe_modules = parts.experts + parts.routers
+    if parts is not None and modes["llm"] == "lora":
+        plan.modules_to_save += parts.routers  # a router learns in full, never through an adapter
+        vision = [*vision, *parts.routers]
     if modes["llm"] == "lora":
-        plan.lora_targets += linear_targets(model, card.modules.llm, vision)
+        include = parts.experts if parts is not None and moe_train == "lora" else card.modules.llm
+        plan.lora_targets += linear_targets(model, include, vision)
     if modes["vision_encoder"] == "lora":
         plan.lora_targets += linear_targets(model, card.modules.vision_encoder, [])
     if plan.uses_lora:
@@ -215,6 +235,8 @@ def apply_plan(model: Any, card: FamilyCard, plan: TrainPlan, args: Arguments) -
     for name, param in model.named_parameters():
         group = group_of(name, card) or "others"
         param.requires_grad_(plan.modes[group] == "full")
+    for name in plan.moe_modules:
+        model.get_submodule(name).requires_grad_(True)
     return model
 
 
@@ -256,6 +278,8 @@ class PreparedModel:
     attention: str
     attention_note: str
     notes: list[str] = field(default_factory=list)
+    moe: Any = None
+    """The model's mixtures of experts (a ``MoESpec``), when it has them."""
 
 
 def quantization_config(model_path: str, card: FamilyCard, dtype: Any) -> Any:
@@ -285,8 +309,23 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = quantization_config(loader.path, card, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = loader.load_model(dtype=dtype, attn_implementation=attention, config_overrides=config_overrides, **kwargs)
+    from cardtune.training.moe import folder_spec, load_moe_folder
+
     notes: list[str] = []
+    saved_moe = folder_spec(loader.path)
+    if saved_moe is not None:
+        if args.moe.moe_layers is not None:
+            from cardtune.training.moe import MoEError, same_structure
+
+            try:  # before the weights load
+                same_structure(saved_moe, args.moe)
+            except MoEError as exc:
+                raise ArgumentError(str(exc)) from None
+        model = load_moe_folder(card, loader.path, dtype=dtype, attn_implementation=attention)
+        notes.append(f"moe: {loader.path} holds an upcycled model: {saved_moe.describe()}")
+    else:
+        model = loader.load_model(dtype=dtype, attn_implementation=attention, config_overrides=config_overrides,
+                                  **kwargs)
     rows = model.get_input_embeddings().weight.shape[0]
     new_token_ids: list[int] = []
     if len(tokenizer) > rows:
@@ -306,7 +345,8 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
             model, use_gradient_checkpointing=t.activation_checkpointing,
             gradient_checkpointing_kwargs=t.activation_checkpointing_kwargs,
         )
-    plan = plan_training(model, card, args, new_token_ids)
+    moe, moe_train = prepare_moe(model, card, args, saved_moe, notes)
+    plan = plan_training(model, card, args, new_token_ids, moe_train=moe_train)
     if plan.new_token_ids:
         notes.append(f"LoRA: the {len(plan.new_token_ids)} new embedding rows are trained and saved with the adapter")
     model = apply_plan(model, card, plan, args)
@@ -314,4 +354,32 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    return PreparedModel(model, plan, dtype, dtype_note, attention, attention_note, notes)
+    return PreparedModel(model, plan, dtype, dtype_note, attention, attention_note, notes, moe)
+
+
+def prepare_moe(model: Any, card: FamilyCard, args: Arguments, saved: Any, notes: list[str]) -> tuple[Any, str | None]:
+    """Upcycle the model as ``--moe_layers`` asks, or keep the mixtures its folder holds (a later
+    stage; the structure and routing stay, ``--router_aux_loss_coef`` and ``--moe_train`` apply).
+    Returns the model's ``MoESpec`` and how its MoE parts train (None: no MoE)."""
+    from cardtune.training.moe import MoEError, plan_moe, set_spec, upcycle
+
+    m = args.moe
+    try:
+        if saved is not None:
+            if m.moe_layers is None:
+                notes.append("moe: no --moe_layers: the experts and routers train as the other flags say (--moe_train all)")
+            if "router_aux_loss_coef" in args.sources:
+                saved = saved.model_copy(update={"router_aux_loss_coef": m.router_aux_loss_coef})
+                set_spec(model, saved)
+            return saved, m.moe_train if m.moe_layers is not None else "all"
+        if m.moe_layers is None:
+            return None, None
+        spec = plan_moe(model, card, layers=m.moe_layers, num_experts=m.moe_num_experts, top_k=m.moe_top_k,
+                        router_aux_loss_coef=m.router_aux_loss_coef, capacity_factor=m.moe_capacity_factor,
+                        eval_capacity_factor=m.moe_eval_capacity_factor, min_capacity=m.moe_min_capacity,
+                        use_residual=m.moe_use_residual)
+    except MoEError as exc:
+        raise ArgumentError(str(exc)) from None
+    upcycle(model, spec)
+    notes.append(f"moe: upcycled {spec.describe()}")
+    return spec, m.moe_train

@@ -28,6 +28,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 _NOT_MODEL_FILES = {
     "README.md", "training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json",
     "loss.png", "log_history.json", "skipped_samples.jsonl", "scaler.pt",
+    "cardtune_moe.json",  # an adapter's MoE spec: a merged model carries it in config.json
 }
 
 
@@ -56,6 +57,28 @@ def adapter_base(folder: str | Path) -> str:
     return base
 
 
+def loader_for(card: FamilyCard, path: str | Path, revision: str | None = None) -> Any:
+    """The card's loader on ``path``, unless that loader replaces the folder (the demo loader
+    builds its own): a local folder, e.g. an earlier stage's output, is a plain Hugging Face
+    folder that the generic loader reads."""
+    from cardtune.loaders import LOADERS
+    from cardtune.loaders.generic import GenericLoader
+
+    loader = LOADERS[card.loader](card, str(path), revision)
+    if Path(path).is_dir() and Path(loader.path).resolve() != Path(path).resolve():
+        return GenericLoader(card, path)
+    return loader
+
+
+def load_folder_model(card: FamilyCard, loader: Any, *, dtype: Any = None) -> Any:
+    """The loader's model, through the MoE class when its folder's config holds upcycled mixtures."""
+    from cardtune.training.moe import folder_spec, load_moe_folder
+
+    if folder_spec(loader.path) is not None:
+        return load_moe_folder(card, loader.path, dtype=dtype)
+    return loader.load_model(dtype=dtype)
+
+
 @dataclass
 class Trained:
     model: Any
@@ -67,22 +90,27 @@ class Trained:
 def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) -> Trained:
     """The model in ``folder`` (full, or base + adapter; ``merge`` folds the adapter in), with
     the processing saved beside it and the card it was trained with."""
-    from cardtune.loaders import LOADERS
     from cardtune.loaders.generic import GenericLoader
+    from cardtune.training.moe import folder_spec, model_spec, upcycle
 
     folder = Path(folder)
     card = read_card(folder)
-    base_loader = LOADERS[card.loader](card, adapter_base(folder)) if is_adapter(folder) else None
+    base_loader = loader_for(card, adapter_base(folder)) if is_adapter(folder) else None
     # The folder's own tokenizer/processor: the one training saved, fix-ups included.
     with processing_folder(folder, base_loader.path if base_loader else None) as files:
         processing = GenericLoader(card, files).load_processing()
     if base_loader is not None:
         from peft import PeftModel
 
-        base = base_loader.load_model(dtype=dtype)
+        base = load_folder_model(card, base_loader, dtype=dtype)
         rows = base.get_input_embeddings().weight.shape[0]
         if len(processing.tokenizer) > rows:
             base.resize_token_embeddings(len(processing.tokenizer))
+        spec = folder_spec(folder)
+        if spec is not None and model_spec(base) is None:
+            # Upcycled by the run on a dense base: the experts' frozen weights are the FFN's
+            # copies again, the adapter and the routers (modules_to_save) come from the folder.
+            upcycle(base, spec)
         from cardtune.training.peft_compat import peft_reading_checkpointing_alias
 
         with peft_reading_checkpointing_alias():
@@ -90,7 +118,7 @@ def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) 
         if merge:
             model = model.merge_and_unload()
     else:
-        model = GenericLoader(card, folder).load_model(dtype=dtype)
+        model = load_folder_model(card, GenericLoader(card, folder), dtype=dtype)
     model.eval()
     if getattr(model, "config", None) is not None:
         model.config.use_cache = True

@@ -29,15 +29,46 @@ class CardtuneTrainer(Trainer):
     ``media_flags`` which items carry media (DeepSpeed ZeRO-3 needs no text-only batch).
     The sampler yields every rank's batch of a step in turn; ``accelerator.prepare`` deals
     them out round-robin, so ranks never share a batch.
+
+    ``moe`` (an upcycled model's ``MoESpec``): each training step's loss gets the
+    load-balancing loss, ``router_aux_loss_coef * aux_loss``, and each training log line the
+    window's ``aux_loss`` and expert load (``moe_load/layer_N/expert_E``, ``moe_load_cv``).
     """
 
     def __init__(self, *args: Any, lengths: list[int], media_flags: list[bool], group_by_length: bool,
-                 card_files: CardFiles | None = None, **kwargs: Any) -> None:
+                 card_files: CardFiles | None = None, moe: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cardtune_lengths = lengths
         self.cardtune_media_flags = media_flags
         self.cardtune_group_by_length = group_by_length
         self.cardtune_card_files = card_files
+        self.cardtune_routing = None
+        if moe is not None:
+            from cardtune.training.moe import RoutingMonitor
+
+            self.cardtune_routing = RoutingMonitor(self.model, moe.router_aux_loss_coef)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        routing = self.cardtune_routing
+        if routing is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        routing.start()
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = routing.finish(inputs.get("attention_mask"))
+        scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                  else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        # A loss already normalised over the accumulated batch is not divided by the number of
+        # accumulation steps again: the aux loss, a per-batch mean, is divided here instead.
+        weight = routing.coef / (self.current_gradient_accumulation_steps if scaled else 1)
+        loss = loss + weight * aux.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.cardtune_routing is not None and "loss" in logs:
+            logs.update(self.cardtune_routing.window_logs(self.accelerator))
+        super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The weights, then the card files: in a checkpoint both land before its trainer state,
@@ -86,9 +117,11 @@ class CardFiles:
     of the final folder, so each one is complete and self-describing (``cardtune chat``/``merge``
     read the card from it; ``auto`` resumes only a checkpoint whose arguments match)."""
 
-    def __init__(self, card_yaml: str, arguments: dict[str, Any]) -> None:
+    def __init__(self, card_yaml: str, arguments: dict[str, Any], extra: dict[str, str] | None = None) -> None:
         self.card_yaml = card_yaml
         self.arguments = arguments
+        self.extra = dict(extra or {})
+        """More files by name and text (an adapter's ``cardtune_moe.json``)."""
 
     def write(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -96,6 +129,8 @@ class CardFiles:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / CARD_FILE).write_text(self.card_yaml, encoding="utf-8")
             (folder / ARGS_FILE).write_text(json.dumps(self.arguments, indent=2, default=str) + "\n", encoding="utf-8")
+            for name, text in self.extra.items():
+                (folder / name).write_text(text, encoding="utf-8")
 
 
 class LossPlotCallback(TrainerCallback):
