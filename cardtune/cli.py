@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from cardtune.registry import CardError, UnknownModelError
+from cardtune.registry import CardError, InputFileError, UnknownModelError
 
 Handler = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], Handler]
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (CardError, UnknownModelError, TemplateProbeError) as exc:
+    except (CardError, UnknownModelError, InputFileError, TemplateProbeError) as exc:
         print(f"cardtune {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cardtune.collators.roles import TemplateProbeError
-from cardtune.registry import CapabilityError, CardError, FamilyCard, UnknownModelError
+from cardtune.registry import CapabilityError, CardError, FamilyCard, InputFileError, UnknownModelError
 from cardtune.training.arguments import ArgumentError, Arguments, check_media_folders, parse_arguments
 from cardtune.training.template import card_with_template
 from cardtune.training.writes import DiskFullError, writing
@@ -180,6 +180,9 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     """Train; returns where things were written, the run's figures and the trainer."""
     started = time.perf_counter()
     args = parse_arguments(argv)
+    from cardtune.inputs import check_data_paths, check_model, check_model_path
+
+    check_model_path(args.model.model_path, weights=True)  # before anything loads
     resolved, overrides = resolve(args)
     card = resolved.card
     if args.tune.q_lora:
@@ -190,8 +193,12 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         from cardtune.training.model import check_capability
 
         check_capability(card, "packing", "packing")  # unsupported: an error; experimental: a warning
+    check_model(resolved, model_path=args.model.model_path, weights=True, cards=args.model.cards)
     check_media_folders(args)
     demo_folder = demo_data(args, card)
+    for data_path in (args.data.data_path, args.data.eval_data_path):
+        if data_path is not None:
+            check_data_paths(data_path)
     notes = settle_training_arguments(args)
     for line in resolved.notes:
         notes.append(line)
@@ -244,14 +251,19 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     for line in resume_lines:
         say(line)
 
-    processing = loader.load_processing()
+    try:
+        processing = loader.load_processing()
+    except OSError as exc:  # the hub unreachable, a folder missing its tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{loader.path}: cannot load the tokenizer/processor: {first}") from None
     for line in processing.notes:
         notes.append(line)
     saved_processing = folder_loader(family).load_processing() if family is not None else processing
     d = args.data
     encoder = ChatEncoder(card, processing, max_length=d.max_length)
     split_kwargs = dict(card=card, image_folder=d.image_folder, video_folder=d.video_folder,
-                        policy=d.bad_sample_policy, output_dir=output_dir if main_process else None,
+                        allow_absolute_paths=d.allow_absolute_paths, policy=d.bad_sample_policy,
+                        output_dir=output_dir if main_process else None,
                         seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
                         num_workers=d.validation_workers, cache=d.data_cache)
     with writing(output_dir, "the list of skipped samples"):
@@ -273,7 +285,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     for line in notes:
         say(f"note: {line}")
 
-    media = media_config(card, d.image_folder, d.video_folder, d.max_image_pixels)
+    media = media_config(card, d.image_folder, d.video_folder, d.max_image_pixels, d.allow_absolute_paths)
     if d.packing:
         capacity = d.max_length or max(train_split.lengths)
         train_dataset: Any = PackedDataset(train_split, card, encoder, media, capacity)
@@ -281,10 +293,12 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         collator: Any = PackedCollator(encoder.handler, prepared.attention, mask_dtype=model.dtype)
         say(f"packing: {len(train_split.samples)} samples in {len(train_dataset)} rows of at most {capacity} tokens")
     else:
-        train_dataset = conversation_dataset(train_split, card, encoder, d.image_folder, d.video_folder, d.max_image_pixels)
+        train_dataset = conversation_dataset(train_split, card, encoder, d.image_folder, d.video_folder,
+                                             d.max_image_pixels, d.allow_absolute_paths)
         lengths, media_flags = train_split.lengths, train_split.media_flags
         collator = encoder.handler
-    eval_dataset = (conversation_dataset(eval_split, card, encoder, d.image_folder, d.video_folder, d.max_image_pixels)
+    eval_dataset = (conversation_dataset(eval_split, card, encoder, d.image_folder, d.video_folder,
+                                         d.max_image_pixels, d.allow_absolute_paths)
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
@@ -522,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataStop, SkipLimitError, DiskFullError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
-    except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError) as exc:
+    except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError, InputFileError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0

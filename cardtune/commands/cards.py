@@ -201,15 +201,9 @@ def _check_folders(args: argparse.Namespace, registry) -> int:
 
 def _check_components(registry) -> list[str]:
     """Every loader and collator a card names must exist."""
-    from cardtune.collators import COLLATORS
-    from cardtune.loaders import LOADERS
+    from cardtune.inputs import component_problems
 
     problems = []
     for name, card in registry.families.items():
-        if card.loader not in LOADERS:
-            problems.append(f"{registry.field_location(name, 'loader')}: loader: unknown loader '{card.loader}' (known: {', '.join(sorted(LOADERS))})")
-        if card.collator not in COLLATORS:
-            problems.append(
-                f"{registry.field_location(name, 'collator')}: collator: unknown collator '{card.collator}' (known: {', '.join(sorted(COLLATORS))})"
-            )
+        problems += component_problems(card, lambda field, name=name: registry.field_location(name, field))
     return problems

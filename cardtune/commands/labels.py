@@ -45,19 +45,40 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSON/JSONL file (LLaVA-style or OpenAI messages), or a mix")
     p.add_argument("--image-folder", "--image_folder", dest="image_folder")
     p.add_argument("--video-folder", "--video_folder", dest="video_folder")
+    p.add_argument("--allow-absolute-paths", "--allow_absolute_paths", dest="allow_absolute_paths", action="store_true",
+                   help="accept absolute media paths outside the folders")
     p.add_argument("--max-length", "--max_length", dest="max_length", type=int)
+
+
+def resolve_checked(args: argparse.Namespace, *, loads: bool = True) -> Any:
+    """The model resolved, after the data paths and the model folder were checked to exist (a
+    missing one is one line, exit 2, before anything loads). ``loads``: the tokenizer will be
+    loaded, so a hub id must be reachable or cached."""
+    from cardtune.inputs import check_data_paths, check_model, check_model_path
+
+    check_data_paths(args.data)
+    check_model_path(args.model_path, weights=False)
+    resolved = resolve_with_template(args)
+    check_model(resolved, model_path=args.model_path, weights=False, files=loads, cards=args.cards)
+    return resolved
 
 
 def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
     """(resolved model, ChatEncoder); says on stderr what was derived for an unregistered folder."""
     from cardtune.collators.engine import ChatEncoder
-    from cardtune.loaders.resolve import load_processing
+    from cardtune.registry.errors import InputFileError
 
-    resolved = resolve_with_template(args)
-    processing = load_processing(resolved)
+    resolved = resolve_checked(args)
+    loader = resolved.loader()
+    try:
+        processing = loader.load_processing()
+    except OSError as exc:  # the hub unreachable, a folder missing its tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{loader.path}: cannot load the tokenizer/processor: {first}") from None
     encoder = ChatEncoder(resolved.card, processing, max_length=getattr(args, "max_length", None))
+    notes = [*resolved.notes, *processing.notes, *(encoder.roles.notes if resolved.derived else [])]
     if resolved.derived or processing.notes:
-        for note in [*resolved.notes, *processing.notes, *(encoder.roles.notes if resolved.derived else [])]:
+        for note in notes:
             print(f"cardtune: derived: {note}" if resolved.derived else f"cardtune: {note}", file=sys.stderr)
     return resolved, encoder
 
@@ -68,7 +89,8 @@ def encoded_samples(args: argparse.Namespace, resolved: Any, encoder: Any, limit
     from cardtune.data.media import MediaConfig, load_media
     from cardtune.errors import SampleError
 
-    cfg = MediaConfig.from_card(resolved.card, image_folder=args.image_folder, video_folder=args.video_folder)
+    cfg = MediaConfig.from_card(resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
+                                allow_absolute_paths=args.allow_absolute_paths)
     samples = load_samples(args.data)
     for n, sample in enumerate(samples):
         if limit is not None and n >= limit:

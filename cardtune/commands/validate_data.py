@@ -7,14 +7,13 @@ import json
 import sys
 
 from cardtune.cli import Handler, command
-from cardtune.commands.labels import add_data_args, add_model_args, open_encoder, resolve_with_template
+from cardtune.commands.labels import add_data_args, add_model_args, open_encoder, resolve_checked
 
 
 @command("validate-data", "check a dataset against a model before training; non-zero exit on any problem")
 def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--allow-absolute-paths", action="store_true", help="accept absolute media paths outside the folders")
     p.add_argument("--user-key", default="human", help="LLaVA 'from' value of user turns (default: human)")
     p.add_argument("--assistant-key", default="gpt", help="LLaVA 'from' value of assistant turns (default: gpt)")
     p.add_argument("--no-encode", action="store_true",
@@ -37,7 +36,7 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
             print("cardtune validate-data: give --model_id or --model-path", file=sys.stderr)
             return 2
         if args.no_encode:
-            resolved, encoder = resolve_with_template(args), None
+            resolved, encoder = resolve_checked(args, loads=False), None
         else:
             resolved, encoder = open_encoder(args)
         try:

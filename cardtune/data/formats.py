@@ -18,15 +18,18 @@ import json
 import os
 import pickle
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
 from cardtune.errors import SampleError
+from cardtune.registry.errors import InputFileError
+from cardtune.registry.loader import load_yaml, not_utf8, read_text, validation_lines
 
 PLACEHOLDERS = {"<image>": "image", "<video>": "video"}
 Format = Literal["auto", "llava", "openai"]
@@ -78,17 +81,8 @@ def parse_data_arg(data: str | os.PathLike | DataMix | Sequence[Any], **source_d
     if isinstance(data, (list, tuple)):
         return DataMix(sources=[_source(item, source_defaults) for item in data])
     text = str(data)
-    if text.endswith((".yaml", ".yml")) and Path(text).is_file():
-        import yaml
-
-        loaded = yaml.safe_load(Path(text).read_text(encoding="utf-8"))
-        base = Path(text).parent
-        if isinstance(loaded, list):
-            loaded = {"sources": loaded}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{text}: a data mix is a list of sources or a mapping with 'sources'")
-        loaded["sources"] = [_relative_to(_source(s, source_defaults), base) for s in loaded.get("sources", [])]
-        return DataMix.model_validate(loaded)
+    if text.endswith((".yaml", ".yml")):
+        return _read_mix(Path(text), source_defaults)
     sources = []
     for item in text.split(","):
         path, weight = item.strip(), None
@@ -111,10 +105,34 @@ def _source(item: Any, defaults: dict[str, Any]) -> DataSource:
     return DataSource.model_validate({**defaults, **item})
 
 
+def _read_mix(path: Path, defaults: dict[str, Any]) -> DataMix:
+    """A mix YAML: errors at ``FILE:LINE: field``; paths relative to the file."""
+    if not path.is_file():
+        raise InputFileError(f"no such file: {path}")
+    loaded, root = load_yaml(read_text(path), str(path))
+    if isinstance(loaded, list):  # a bare list of sources: its lines count as under 'sources'
+        import yaml
+
+        loaded = {"sources": loaded}
+        key = yaml.ScalarNode("tag:yaml.org,2002:str", "sources", root.start_mark, root.start_mark)
+        root = yaml.MappingNode("tag:yaml.org,2002:map", [(key, root)], root.start_mark, root.end_mark)
+    if not isinstance(loaded, dict):
+        raise InputFileError(f"{path}:1: a data mix is a list of sources or a mapping with 'sources'")
+    sources = loaded.get("sources")
+    if isinstance(sources, list):
+        items = [{"path": s} if isinstance(s, str) else s for s in sources]
+        loaded = {**loaded, "sources": [{**defaults, **s} if isinstance(s, dict) else s for s in items]}
+    try:
+        mix_spec = DataMix.model_validate(loaded)
+    except ValidationError as exc:
+        raise InputFileError(validation_lines(exc, root, str(path))) from None
+    return mix_spec.model_copy(update={"sources": [_relative_to(s, path.parent) for s in mix_spec.sources]})
+
+
 def _relative_to(source: DataSource, base: Path) -> DataSource:
     """Paths in a mix YAML are relative to the YAML file (hub names stay as they are)."""
     candidate = base / source.path
-    if not Path(source.path).is_absolute() and candidate.exists():
+    if not Path(source.path).is_absolute() and (candidate.exists() or not looks_like_hub_name(source.path)):
         return source.model_copy(update={"path": str(candidate)})
     return source
 
@@ -129,11 +147,14 @@ class SampleSet(Sequence[Sample]):
         offsets: np.ndarray,
         errors: list[SampleError] | None = None,
         order: np.ndarray | None = None,
+        duplicate_ids: dict[str, list[str]] | None = None,
     ) -> None:
         self._buffer = buffer
         self._offsets = offsets
         self._order = order
         self.errors: list[SampleError] = list(errors or [])
+        self.duplicate_ids: dict[str, list[str]] = dict(duplicate_ids or {})
+        """An ``id`` written by more than one record of one file -> where each is (``file:line``)."""
 
     @classmethod
     def from_samples(cls, samples: Iterable[Sample], errors: Iterable[SampleError] = ()) -> SampleSet:
@@ -170,12 +191,16 @@ class SampleSet(Sequence[Sample]):
     def take(self, indices: Sequence[int]) -> SampleSet:
         """The samples at ``indices`` (repeats allowed), sharing this set's buffer."""
         base = self._order if self._order is not None else np.arange(len(self._offsets) - 1)
-        return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)])
+        return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)],
+                         self.duplicate_ids)
 
 
 def concat(sets: Sequence[SampleSet]) -> SampleSet:
     chunks, offsets, errors, orders, shift, count = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 0
+    duplicate_ids: dict[str, list[str]] = {}
     for s in sets:
+        for sample_id, wheres in s.duplicate_ids.items():
+            duplicate_ids.setdefault(sample_id, []).extend(wheres)
         chunks.append(s._buffer)
         offsets.append(s._offsets[1:] + shift)
         orders.append((s._order if s._order is not None else np.arange(len(s._offsets) - 1)) + count)
@@ -184,7 +209,7 @@ def concat(sets: Sequence[SampleSet]) -> SampleSet:
         errors += s.errors
     buffer = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
     order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
-    return SampleSet(buffer, np.concatenate(offsets), errors, order)
+    return SampleSet(buffer, np.concatenate(offsets), errors, order, duplicate_ids)
 
 
 # -- records to samples -------------------------------------------------------------------------
@@ -239,7 +264,10 @@ def llava_record(record: dict[str, Any], sample_id: str, source: str, opts: Data
     roles = {opts.user_key: "user", opts.assistant_key: "assistant", opts.system_key: "system"}
     messages: list[dict[str, Any]] = []
     system_prompt = record.get("system_prompt")
-    if isinstance(system_prompt, str) and system_prompt.strip():
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise SampleError(sample_id, "system_prompt", "bad_format",
+                          f"system_prompt is text, got {type(system_prompt).__name__}: {system_prompt!r:.60}", source)
+    if system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": _content_from_text(system_prompt)})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -329,80 +357,165 @@ def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> 
 
 
 # -- files to records ---------------------------------------------------------------------------
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".yaml", ".yml", ".gz", ".zst")
+"""A ``--data`` path ending so names a file, never a hub dataset."""
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
-    """(index, where, record) for every record; a record that is not JSON is a ``SampleError``."""
+    """(index, where, record) for every record. A JSONL line that is not UTF-8 or not JSON is a
+    ``SampleError`` for that line alone; a JSON list file that cannot be read is an
+    :class:`InputFileError` naming the line and column."""
     path = Path(source.path)
     name = source.path
     if path.is_file() and (path.suffix == ".jsonl" or (path.suffix == ".json" and _is_json_lines(path))):
-        with path.open(encoding="utf-8") as f:
-            index = 0
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record: Any = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    record = SampleError(str(index), "record", "bad_format", f"invalid JSON: {exc.msg}", f"{name}:{lineno}")
-                yield index, f"{name}:{lineno}", record
-                index += 1
+        yield from _json_lines(path, name)
         return
     if path.is_file() and path.suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{name}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        data = _json_document(path, name)
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise ValueError(f"{name}: a JSON data file is a list of samples (or JSONL, one per line)")
+            raise InputFileError(f"{name}: a JSON data file is a list of samples (or JSONL, one per line)")
         for index, record in enumerate(data):
             yield index, f"{name}[{index}]", record
         return
     yield from _hf_records(source)
 
 
+def _json_lines(path: Path, name: str) -> Iterator[tuple[int, str, Any]]:
+    # Read as bytes, decoded line by line: one bad byte costs its line, not the file.
+    with path.open("rb") as f:
+        index = 0
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(_UTF8_BOM)
+            if not raw.strip():
+                continue
+            where = f"{name}:{lineno}"
+            try:
+                record: Any = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                detail = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}; save the file as UTF-8"
+                record = SampleError(_id_of_unreadable(raw, index), "record", "bad_format", detail, where)
+            except json.JSONDecodeError as exc:
+                detail = f"invalid JSON at column {exc.colno}: {_json_problem(exc)}"
+                record = SampleError(str(index), "record", "bad_format", detail, where)
+            yield index, where, record
+            index += 1
+
+
+def _id_of_unreadable(raw: bytes, index: int) -> str:
+    """The ``id`` of a JSONL line that is not UTF-8, when the rest of it parses; else its index."""
+    try:
+        record = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return str(index)
+    raw_id = record.get("id") if isinstance(record, dict) else None
+    return str(raw_id) if raw_id not in (None, "") else str(index)
+
+
+def _json_document(path: Path, name: str) -> Any:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{name}:{not_utf8(raw, exc.start)}; save the file as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        end = len(text.rstrip())
+        cut = exc.pos >= end or exc.msg.startswith("Unterminated string")
+        hint = f"; the file ends at line {text.count(chr(10), 0, end) + 1}: is it cut short?" if cut else ""
+        raise InputFileError(f"{name}:{exc.lineno}:{exc.colno}: invalid JSON: {_json_problem(exc)}{hint}") from None
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """The decoder's words without their dangling "at" (it appends the position to them)."""
+    return exc.msg.removesuffix(" at").removesuffix(" starting")
+
+
 def _is_json_lines(path: Path) -> bool:
     """A ``.json`` file holding one object per line (a common naming) is read as JSONL."""
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line in f:
             if line.strip():
-                return line.lstrip().startswith("{")
+                return line.removeprefix(_UTF8_BOM).lstrip().startswith(b"{")
     return False
 
 
 def _hf_records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
     """Any ``datasets.load_dataset`` source: a parquet/json/csv file or folder, or a hub name."""
-    from datasets import load_dataset
-
     path = Path(source.path)
     builders = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+    if path.is_file() and path.suffix not in builders:
+        raise InputFileError(f"{source.path}: unknown data file type (known: .json, .jsonl, .parquet, .csv, .arrow)")
+    check_data_path(source.path)
+    from datasets import load_dataset
+
     if path.is_file():
-        if path.suffix not in builders:
-            raise ValueError(f"{source.path}: unknown data file type (known: .json, .jsonl, .parquet, .csv, .arrow)")
         dataset = load_dataset(builders[path.suffix], data_files=str(path), split=source.split)
-    else:
-        if not path.exists() and not _looks_like_hub_name(source.path):
-            raise FileNotFoundError(f"{source.path}: no such data file or folder")
+    elif path.exists():
         dataset = load_dataset(source.path, split=source.split)
+    else:
+        try:
+            dataset = load_dataset(source.path, split=source.split)
+        except (OSError, ValueError) as exc:  # offline, no such dataset, no such split
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputFileError(
+                f"{source.path}: no such local file or folder, and no hub dataset could be loaded ({first})"
+            ) from None
     for index, row in enumerate(dataset):
         yield index, f"{source.path}[{index}]", row
 
 
-def _looks_like_hub_name(name: str) -> bool:
+def looks_like_hub_name(name: str) -> bool:
+    """``name`` or ``org/name`` without a data file suffix: a hub dataset id, if not a local path."""
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+    return (1 <= len(parts) <= 2 and all(re.fullmatch(r"[\w.-]+", p) for p in parts)
+            and not name.startswith((".", "~")) and not name.lower().endswith(DATA_FILE_SUFFIXES))
+
+
+def check_data_path(path: str) -> None:
+    """A path that is neither on disk nor a hub dataset id is ``no such file`` (it never goes to
+    the hub), with the names close to it in its folder."""
+    if Path(path).exists() or looks_like_hub_name(path):
+        return
+    folder = Path(path).parent
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    import difflib
+
+    close = difflib.get_close_matches(Path(path).name, names, n=3, cutoff=0.6)
+    where = f" (did you mean: {', '.join(str(folder / c) if str(folder) != '.' else c for c in close)}?)" if close else ""
+    raise InputFileError(f"no such file: {path}{where}")
+
+
+def check_data_paths(data: str | os.PathLike | DataMix | Sequence[Any], **source_defaults: Any) -> DataMix:
+    """``--data`` parsed and every local source checked to exist, before anything loads."""
+    spec = parse_data_arg(data, **source_defaults)
+    for source in spec.sources:
+        check_data_path(source.path)
+    return spec
 
 
 def read_source(source: DataSource) -> SampleSet:
-    """Every record of one source as a sample, or as a ``bad_format`` error."""
+    """Every record of one source as a sample, or as a ``bad_format`` error; ids that records
+    of this source write more than once are kept in ``duplicate_ids`` (a warning: reports name
+    each record by its line too, so training goes on)."""
     errors: list[SampleError] = []
+    id_column = source.columns.get("id", "id")
+    written: dict[str, list[str]] = {}
 
     def samples() -> Iterator[Sample]:
         for index, where, record in _records(source):
             if isinstance(record, SampleError):
                 errors.append(record)
                 continue
+            if isinstance(record, dict):
+                raw_id = record.get(id_column, record.get("id"))
+                if raw_id not in (None, ""):
+                    written.setdefault(str(raw_id), []).append(where)
             try:
                 yield record_to_sample(record, index, where, source)
             except SampleError as exc:
@@ -410,6 +523,7 @@ def read_source(source: DataSource) -> SampleSet:
 
     result = SampleSet.from_samples(samples())
     result.errors = errors
+    result.duplicate_ids = {i: wheres for i, wheres in written.items() if len(wheres) > 1}
     return result
 
 

@@ -49,6 +49,8 @@ class Report:
     """Each sample's exact token count as training encodes it (None where it was not encoded)."""
     notes: list[str] = field(default_factory=list)
     """How the pass was made (header counts or decoding, processes), for the caller to print."""
+    duplicate_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Ids written by more than one record of a file, and where: a warning, not a problem."""
 
     @property
     def ok(self) -> bool:
@@ -76,6 +78,7 @@ class Report:
             "truncated": self.num_truncated,
             "counts": self.counts,
             "errors": [{"index": p.index, **p.error.to_dict()} for p in self.problems],
+            "duplicate_ids": self.duplicate_ids,
         }
 
     def summary(self) -> str:
@@ -86,6 +89,10 @@ class Report:
             line = f"{self.num_bad} of {self.num_records} records have problems ({by_reason})"
         if self.num_truncated:
             line += f"; {self.num_truncated} samples truncated after their last media token"
+        if self.duplicate_ids:
+            records = sum(len(w) for w in self.duplicate_ids.values())
+            line += (f"; warning: {len(self.duplicate_ids)} ids written by more than one record ({records} records: "
+                     f"{', '.join(list(self.duplicate_ids)[:5])}{', ...' if len(self.duplicate_ids) > 5 else ''})")
         return line
 
     def format_table(self, limit: int | None = None) -> str:
@@ -99,6 +106,12 @@ class Report:
         if self.problems:
             lines.append("")
             lines += [f"{n:>7}  {reason}: {REASONS[reason]}" for reason, n in self.counts.items()]
+        if self.duplicate_ids:
+            lines += ["", "duplicate ids (kept and trained; each is named by its line):"]
+            shown_ids = list(self.duplicate_ids) if limit is None else list(self.duplicate_ids)[:limit]
+            lines += [f"  {i}: {', '.join(self.duplicate_ids[i])}" for i in shown_ids]
+            if len(shown_ids) < len(self.duplicate_ids):
+                lines.append(f"  ... and {len(self.duplicate_ids) - len(shown_ids)} more")
         lines.append(self.summary())
         return "\n".join(lines)
 
@@ -249,6 +262,7 @@ def validate(
 
         header_encoder, note = HeaderEncoder.from_encoder(encoder)
         report.notes.append(note)
+    report.duplicate_ids = dict(getattr(samples, "duplicate_ids", {}))
     # upsampled repeats of one record (a weighted mix) are checked once, reported each time
     storage_index = getattr(samples, "storage_index", None)
     first_of: dict[int, int] = {}

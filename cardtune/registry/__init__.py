@@ -1,6 +1,6 @@
 """Model cards: schema, YAML loading, ``register_model`` and lookup."""
 
-from cardtune.registry.errors import CapabilityError, CardError, UnknownModelError
+from cardtune.registry.errors import CapabilityError, CardError, InputFileError, UnknownModelError
 from cardtune.registry.loader import (
     BUILTIN_CARD_DIR,
     CARDS_ENV,
@@ -18,6 +18,7 @@ __all__ = [
     "CapabilityError",
     "CardError",
     "FamilyCard",
+    "InputFileError",
     "ModelSpec",
     "Registry",
     "UnknownModelError",

@@ -1,4 +1,9 @@
-"""Reading model cards from YAML, with errors that name the file, the line and the field."""
+"""Reading model cards from YAML, with errors that name the file, the line and the field.
+
+:func:`load_yaml` is how every YAML file a user writes is read (model cards, training recipes,
+data mixes): plain data only. A duplicate key, an anchor or alias, or a tag beyond YAML's plain
+types is an error at its line, as are bytes that are not UTF-8.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cardtune.registry.errors import CardError
+from cardtune.registry.errors import CardError, InputFileError
 from cardtune.registry.schema import FamilyCard
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -100,28 +105,126 @@ def describe(error: dict[str, Any]) -> str:
 def parse_card(text: str, source: str) -> FamilyCard:
     """Validate one card's YAML text; ``source`` names it in errors."""
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise CardError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        data, root = load_yaml(text, source)
+    except InputFileError as exc:
+        raise CardError(str(exc)) from None
     if not isinstance(data, dict):
         raise CardError(f"{source}:1: a card is a mapping with 'family', 'model_class' and 'models'")
     try:
         return FamilyCard.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = [p for p in err["loc"] if p not in ("function-after[_one_or_many(), nullable[list[str]]]",)]
-            loc += err.get("ctx", {}).get("loc", ())  # a cross-field rule's field (schema.card_rule_error)
-            line = _line_of(root, loc)
-            lines.append(f"{source}:{line}: {dotted(loc)}: {describe(err)}")
-        raise CardError("\n".join(lines)) from None
+        raise CardError(validation_lines(exc, root, source)) from None
+
+
+def validation_lines(exc: ValidationError, root: yaml.Node | None, source: str) -> str:
+    """A pydantic error on data read by :func:`load_yaml`, one ``FILE:LINE: field: message`` a line."""
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if p not in ("function-after[_one_or_many(), nullable[list[str]]]",)]
+        loc += err.get("ctx", {}).get("loc", ())  # a cross-field rule's field (schema.card_rule_error)
+        line = _line_of(root, loc)
+        lines.append(f"{source}:{line}: {dotted(loc)}: {describe(err)}")
+    return "\n".join(lines)
+
+
+# -- YAML a user writes -----------------------------------------------------------------------
+PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "str", "timestamp", "seq", "map")
+)
+"""What a card, a recipe or a data mix holds: YAML's plain scalars, lists and mappings."""
+
+
+class _NotPlainData(yaml.YAMLError):
+    def __init__(self, node_or_mark: Any, what: str) -> None:
+        mark = getattr(node_or_mark, "start_mark", node_or_mark)
+        self.line = mark.line + 1
+        self.what = what
+
+
+class _PlainDataLoader(yaml.SafeLoader):
+    """Refuses anchors and aliases while composing: an alias repeats a node by reference, so a
+    1 KB file of nested aliases becomes gigabytes once something copies the data."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _NotPlainData(event, f"alias *{event.anchor}: anchors and aliases are not allowed; write the value out")
+        if getattr(event, "anchor", None) is not None:
+            raise _NotPlainData(event, f"anchor &{event.anchor}: anchors and aliases are not allowed; write the value out")
+        return super().compose_node(parent, index)
+
+
+def _check_plain(node: yaml.Node, path: list[str | int]) -> None:
+    """Every tag plain, every mapping key a scalar written once."""
+    if node.tag not in PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _NotPlainData(node, f"{dotted(path)}: tag {tag} is not allowed: only plain data (text, numbers, "
+                                  "true/false, lists, mappings); remove the tag")
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_plain(item, [*path, i])
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                raise _NotPlainData(key, f"{dotted(path)}: a key is a name, not a list or mapping")
+            _check_plain(key, path)
+            name = (key.tag, key.value)
+            if name in first_line:
+                raise _NotPlainData(key, f"{dotted([*path, key.value])}: duplicate key (first at line {first_line[name]})")
+            first_line[name] = key.start_mark.line + 1
+            _check_plain(value, [*path, key.value])
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The data of one YAML document a user wrote, and its node tree (for field lines).
+    Raises :class:`InputFileError` ``FILE:LINE: ...`` for anything but plain data written once:
+    a duplicate key (YAML would keep the last one silently), an anchor or alias, a tag such as
+    ``!!python/object``, or a syntax error."""
+    loader = _PlainDataLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_plain(root, [])
+        return loader.construct_document(root), root
+    except _NotPlainData as exc:
+        raise InputFileError(f"{source}:{exc.line}: {exc.what}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise InputFileError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    finally:
+        loader.dispose()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A file a user wrote, as text: UTF-8 (a leading byte-order mark dropped). Other bytes are
+    an :class:`InputFileError` naming the line and column of the first one."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{path}:{not_utf8(raw, exc.start)}; save the file as UTF-8") from None
+
+
+def not_utf8(data: bytes, start: int) -> str:
+    """``LINE: not UTF-8 text: byte 0x.. at column C (byte offset N)`` for the bad byte at
+    ``start`` of ``data`` (a ``UnicodeDecodeError``'s ``start``)."""
+    line = data.count(b"\n", 0, start) + 1
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    return f"{line}: not UTF-8 text: byte 0x{data[start]:02x} at column {column} (byte offset {start})"
 
 
 def load_card_file(path: Path) -> FamilyCard:
-    return parse_card(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = read_text(path)
+    except InputFileError as exc:
+        raise CardError(str(exc)) from None
+    return parse_card(text, str(path))
 
 
 def iter_card_files(dirs: Iterable[str | os.PathLike]) -> list[Path]:

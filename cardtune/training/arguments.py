@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from cardtune.registry.loader import PACKAGE_ROOT
+from cardtune.registry.errors import InputFileError
+from cardtune.registry.loader import PACKAGE_ROOT, load_yaml, read_text
 
 RECIPE_DIR = PACKAGE_ROOT / "configs" / "train"
 DEMO_RECIPE = RECIPE_DIR / "demo.yaml"
@@ -67,6 +66,11 @@ class DataArguments:
     eval_data_path: str | None = field(default=None, metadata={"help": "evaluation data (eval loss)"})
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
     video_folder: str | None = field(default=None, metadata={"help": "folder that video paths are relative to"})
+    allow_absolute_paths: bool = field(
+        default=False,
+        metadata={"help": "accept absolute media paths outside --image_folder / --video_folder",
+                  "aliases": ["--allow-absolute-paths"]},
+    )
     max_length: int | None = field(
         default=None, metadata={"help": "longest sequence in tokens; longer samples are cut after their media"}
     )
@@ -204,7 +208,10 @@ def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(f"--config {path}: no such file")
-    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    try:
+        data = load_yaml(read_text(file), str(path))[0] or {}
+    except InputFileError as exc:
+        raise ArgumentError(str(exc)) from None
     if not isinstance(data, dict):
         raise ArgumentError(f"{path}: a recipe is a mapping of argument names to values")
     if "moe" in data:

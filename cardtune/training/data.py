@@ -83,6 +83,7 @@ def prepare_split(
     *,
     image_folder: str | None,
     video_folder: str | None,
+    allow_absolute_paths: bool = False,
     policy: str,
     output_dir: str | None,
     seed: int,
@@ -101,7 +102,8 @@ def prepare_split(
     from cardtune.training import data_cache
 
     settings = {"split": split, "seed": seed, "image_folder": _abs(image_folder), "video_folder": _abs(video_folder),
-                "max_length": encoder.max_length, "check_media": check_media, "max_image_pixels": max_image_pixels}
+                "max_length": encoder.max_length, "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
+                "max_image_pixels": max_image_pixels}
     root = data_cache.cache_root(cache)
     key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
     folder = root / key if root is not None and key is not None else None
@@ -114,7 +116,8 @@ def prepare_split(
         else:
             samples = load_samples(data_path, seed=seed)
             report = validate(samples, encoder, card=card, image_folder=image_folder, video_folder=video_folder,
-                              check_media=check_media, max_image_pixels=max_image_pixels,  # type: ignore[arg-type]
+                              allow_absolute_paths=allow_absolute_paths, check_media=check_media,  # type: ignore[arg-type]
+                              max_image_pixels=max_image_pixels,
                               num_workers=num_workers)
             manifest = data_cache.media_manifest(samples, image_folder, video_folder)
             flags = manifest[2]
@@ -145,9 +148,9 @@ def _abs(folder: str | None) -> str | None:
 
 
 def media_config(card: Any, image_folder: str | None, video_folder: str | None,
-                 max_image_pixels: int | None = None) -> MediaConfig:
+                 max_image_pixels: int | None = None, allow_absolute_paths: bool = False) -> MediaConfig:
     return MediaConfig.from_card(card, image_folder=image_folder, video_folder=video_folder,
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels, allow_absolute_paths=allow_absolute_paths)
 
 
 class FailurePolicy:
@@ -201,9 +204,10 @@ class TrainingDataset(ConversationDataset):
 
 
 def conversation_dataset(split: SplitData, card: Any, encoder: Any, image_folder: str | None,
-                         video_folder: str | None, max_image_pixels: int | None = None) -> ConversationDataset:
-    return TrainingDataset(split.samples, media_config(card, image_folder, video_folder, max_image_pixels), encoder,
-                           FailurePolicy(split.policy, split.skipped_file))
+                         video_folder: str | None, max_image_pixels: int | None = None,
+                         allow_absolute_paths: bool = False) -> ConversationDataset:
+    media = media_config(card, image_folder, video_folder, max_image_pixels, allow_absolute_paths)
+    return TrainingDataset(split.samples, media, encoder, FailurePolicy(split.policy, split.skipped_file))
 
 
 class PackedDataset:
