@@ -20,7 +20,7 @@ REASONS: dict[str, str] = {
     "unknown_role": "a turn has an unknown role",
     "empty_answer": "an assistant answer is empty",
     "no_assistant_turn": "the sample has no assistant turn",
-    "too_long": "longer than max length and cannot be truncated without cutting media or every answer",
+    "too_long": "longer than the model takes, or than --max_length without cutting media or every answer",
     "empty_labels": "no token would be trained",
     "template_error": "the chat template refused the conversation",
     "label_contract": "supervised tokens do not decode to the assistant answers",

@@ -221,7 +221,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
 
     from transformers import set_seed
 
-    from cardtune.collators.engine import ChatEncoder
+    from cardtune.data.max_length import length_note, limited_encoder
     from cardtune.training.data import (
         PackedCollator,
         PackedDataset,
@@ -260,7 +260,14 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         notes.append(line)
     saved_processing = folder_loader(family).load_processing() if family is not None else processing
     d = args.data
-    encoder = ChatEncoder(card, processing, max_length=d.max_length)
+    encoder = limited_encoder(card, processing, loader.path, max_length=d.max_length,
+                              revision=resolved.revision, config_overrides=overrides)
+    if d.max_length is None and encoder.limit is not None:
+        notes.append(f"length limit: {encoder.limit.tokens} tokens ({encoder.limit.origin}); a longer sample is "
+                     "too_long (--max_length cuts such samples instead)")
+    above_limit = length_note(d.max_length, encoder.limit)
+    if above_limit:
+        notes.append(above_limit)
     split_kwargs = dict(card=card, image_folder=d.image_folder, video_folder=d.video_folder,
                         allow_absolute_paths=d.allow_absolute_paths, policy=d.bad_sample_policy,
                         output_dir=output_dir if main_process else None,

@@ -1,6 +1,6 @@
 """Bad input a user (or an attacker) hands cardtune: one clear line naming the file, the line
 and what to do, never a traceback, and nothing lost that could still be read (issue 11, items
-2, 3, 7, 8, 13, 14, 15).
+2, 3, 6, 7, 8, 13, 14, 15).
 
 Commands run in-process through ``cardtune.cli.main`` / ``cardtune.train.main``, with the real
 llava-1.5 tokenizer and processor of the fixtures and the embedded demo model.
@@ -9,6 +9,9 @@ llava-1.5 tokenizer and processor of the fixtures and the embedded demo model.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from cardtune.registry import CARDS_ENV, CardError, InputFileError, load_card_fi
 from cardtune.training.arguments import ArgumentError, parse_arguments
 
 MODEL = "llava-1.5-7b"
+REPO = Path(__file__).resolve().parents[1]
 DEMO = ["--model_id", "tiny-llava-demo", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
         "--save_strategy", "no", "--cpu_threads", "1"]
 
@@ -179,6 +183,104 @@ def test_mix_errors_name_their_line_and_field(tmp_path: Path) -> None:
     with pytest.raises(InputFileError) as info:
         load_samples(str(mix))
     assert str(info.value) == f"{mix}:2: sources[0].weight: Input should be greater than 0"
+
+
+# -- 6. the length limit defaults to what the model takes ---------------------------------------
+def test_model_length_limit_from_config_overrides_and_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from cardtune.data.max_length import LengthLimit, model_length_limit
+
+    def limit(name: str, **kw: object) -> LengthLimit | None:
+        folder = require_fixture(name)
+        return model_length_limit(str(folder), AutoTokenizer.from_pretrained(folder), **kw)
+
+    # llava-1.5's tokenizer says 1e30 ("unset"); its text config says 4096
+    assert limit("llava-1.5-7b") == LengthLimit(4096, "config.json text_config.max_position_embeddings")
+    assert limit("llava-1.5-7b", config_overrides={"text_config.max_position_embeddings": 8192}).tokens == 8192
+    assert limit("phi-2") == LengthLimit(2048, "config.json n_positions")
+    assert limit("qwen2.5-7b-instruct") == LengthLimit(32768, "config.json max_position_embeddings")
+    # llava-onevision's config leaves it to the Qwen2 text config's default
+    assert limit("llava-onevision-qwen2-0.5b-ov-hf") == LengthLimit(
+        32768, "Qwen2Config's default max_position_embeddings; config.json does not set it")
+    # a tokenizer-only folder: the tokenizer's own, when it is a real number
+    assert limit("deepseek-coder-6.7b-instruct") == LengthLimit(16384, "the tokenizer's model_max_length")
+
+
+def _long_text_data(tmp_path: Path, words: int) -> Path:
+    return jsonl(tmp_path / "long.jsonl", [rec("short"), rec("huge", "Talk.", "word " * words)])
+
+
+def test_validate_data_refuses_a_sample_longer_than_the_model_takes(tmp_path: Path, capsys) -> None:
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+
+    data = _long_text_data(tmp_path, 5000)
+    resolved = resolve_model(MODEL, require_fixture(MODEL))
+    length = len(ChatEncoder(resolved.card, load_processing(resolved)).encode(load_samples(str(data))[1]).input_ids)
+    assert length > 4096
+    rc, out, _ = cli(capsys, "validate-data", *llava("--data", str(data), "--json"))
+    report = json.loads(out)
+    assert rc == 1 and report["counts"] == {"too_long": 1}
+    (error,) = report["errors"]
+    assert (error["id"], error["source"], error["field"], error["reason"]) == ("huge", f"{data}:2", "messages", "too_long")
+    assert error["detail"] == (
+        f"{length} tokens > 4096, the longest this model takes (config.json text_config.max_position_embeddings); "
+        "shorten or split the sample, or give --max_length to cut text after its last media token")
+    # --max-length asks for the cut: the sample is kept, its answer truncated
+    rc, out, _ = cli(capsys, "validate-data", *llava("--data", str(data), "--json", "--max-length", "4096"))
+    assert rc == 0 and json.loads(out)["truncated"] == 1
+
+
+@pytest.mark.parametrize("check_media", ["header", "full"])
+def test_the_limit_holds_for_image_samples_counted_from_headers_or_decoded(tmp_path: Path, capsys,
+                                                                           check_media: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    data = jsonl(tmp_path / "d.jsonl", [rec("img-long", "<image>\nTalk.", "word " * 5000, image="red.png"),
+                                        rec("img-ok", "<image>\nTalk.", "Red.", image="red.png")])
+    rc, out, _ = cli(capsys, "validate-data", *llava("--data", str(data), "--image-folder", str(tmp_path), "--json",
+                                                     "--check-media", check_media))
+    report = json.loads(out)
+    assert rc == 1 and [(e["id"], e["reason"]) for e in report["errors"]] == [("img-long", "too_long")]
+    assert " tokens > 4096, the longest this model takes" in report["errors"][0]["detail"]
+
+
+def test_the_header_encoder_keeps_every_setting_of_the_encoder() -> None:
+    from cardtune.data.max_length import LengthLimit, limited_encoder
+    from cardtune.data.media_tokens import HeaderEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+
+    resolved = resolve_model(MODEL, require_fixture(MODEL))
+    encoder = limited_encoder(resolved.card, load_processing(resolved), resolved.path, typed_control_tokens="keep")
+    header, note = HeaderEncoder.from_encoder(encoder)
+    assert header is not None, note
+    assert header.engine.limit == LengthLimit(4096, "config.json text_config.max_position_embeddings")
+    assert header.engine.keep_typed_control_tokens is True and header.engine.max_length is None
+
+
+def test_labels_and_inspect_name_the_too_long_sample(tmp_path: Path, capsys) -> None:
+    data = _long_text_data(tmp_path, 5000)
+    rc, out, err = cli(capsys, "labels", *llava("--data", str(data)))
+    assert rc == 1 and [json.loads(line)["id"] for line in out.splitlines()] == ["short"]
+    assert f"cardtune labels: sample huge ({data}:2): messages: too_long: " in err and "> 4096" in err
+    rc, out, _ = cli(capsys, "inspect", *llava("--data", str(data)))
+    assert rc == 1 and "too_long" in out
+
+
+def test_train_stops_before_step_1_on_a_sample_longer_than_the_model(tmp_path: Path) -> None:
+    data = _long_text_data(tmp_path, 600)  # the demo model has 512 positions
+    out_dir = tmp_path / "out"
+    # a process of its own: what a user sees on stderr, with no handler left from another test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *DEMO, "--data_path", str(data), "--output_dir",
+                           str(out_dir), "--max_steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    rc, err = done.returncode, done.stderr
+    assert rc == 1 and "Traceback" not in err
+    assert "huge" in err and f"{data}:2" in err and "too_long" in err
+    assert "> 512, the longest this model takes (config.json text_config.max_position_embeddings)" in err
+    assert not list(out_dir.glob("checkpoint-*")) and not (out_dir / "adapter_model.safetensors").exists()
 
 
 # -- 7. bytes that are not UTF-8 ----------------------------------------------------------------

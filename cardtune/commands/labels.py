@@ -47,7 +47,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-folder", "--video_folder", dest="video_folder")
     p.add_argument("--allow-absolute-paths", "--allow_absolute_paths", dest="allow_absolute_paths", action="store_true",
                    help="accept absolute media paths outside the folders")
-    p.add_argument("--max-length", "--max_length", dest="max_length", type=int)
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int,
+                   help="longest sequence in tokens; longer samples are cut after their media "
+                   "(default: refuse samples longer than the model takes)")
 
 
 def resolve_checked(args: argparse.Namespace, *, loads: bool = True) -> Any:
@@ -64,8 +66,10 @@ def resolve_checked(args: argparse.Namespace, *, loads: bool = True) -> Any:
 
 
 def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(resolved model, ChatEncoder); says on stderr what was derived for an unregistered folder."""
-    from cardtune.collators.engine import ChatEncoder
+    """(resolved model, encoder); says on stderr what was derived for an unregistered folder.
+    Without ``--max-length`` the encoder refuses samples longer than the model takes."""
+    from cardtune.data.max_length import length_note, limited_encoder
+    from cardtune.registry import get_registry
     from cardtune.registry.errors import InputFileError
 
     resolved = resolve_checked(args)
@@ -75,11 +79,17 @@ def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
     except OSError as exc:  # the hub unreachable, a folder missing its tokenizer files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"{loader.path}: cannot load the tokenizer/processor: {first}") from None
-    encoder = ChatEncoder(resolved.card, processing, max_length=getattr(args, "max_length", None))
+    overrides = (get_registry(args.cards).get(args.model_id).config_overrides if args.model_id
+                 else resolved.card.config_overrides)
+    encoder = limited_encoder(resolved.card, processing, loader.path, max_length=getattr(args, "max_length", None),
+                              revision=resolved.revision, config_overrides=overrides)
     notes = [*resolved.notes, *processing.notes, *(encoder.roles.notes if resolved.derived else [])]
     if resolved.derived or processing.notes:
         for note in notes:
             print(f"cardtune: derived: {note}" if resolved.derived else f"cardtune: {note}", file=sys.stderr)
+    note = length_note(encoder.max_length, encoder.limit)
+    if note:
+        print(f"cardtune: {note}", file=sys.stderr)
     return resolved, encoder
 
 

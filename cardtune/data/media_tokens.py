@@ -22,6 +22,7 @@ family whose processor writes anything else around its image tokens falls back t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -108,7 +109,10 @@ class HeaderEncoder:
 
         counter = ImageTokenCounter(processing, measure)
         handler = _HeaderSizedHandler(encoder.handler, counter, token_id)
-        engine = type(encoder)(encoder.card, processing, max_length=encoder.max_length, handler=handler)
+        # A copy keeps every setting of the encoder (max_length, typed control tokens, a model's
+        # length limit); only the handler differs.
+        engine = copy.copy(encoder)
+        engine.handler = handler
         header = cls(engine, counter)
         try:
             for size in PROBE_SIZES:

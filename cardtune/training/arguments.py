@@ -72,7 +72,9 @@ class DataArguments:
                   "aliases": ["--allow-absolute-paths"]},
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "longest sequence in tokens; longer samples are cut after their media"}
+        default=None,
+        metadata={"help": "longest sequence in tokens; longer samples are cut after their media "
+                  "(default: samples longer than the model takes are refused, too_long)"},
     )
     bad_sample_policy: Literal["error", "skip"] = field(
         default="error",

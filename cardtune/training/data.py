@@ -102,7 +102,8 @@ def prepare_split(
     from cardtune.training import data_cache
 
     settings = {"split": split, "seed": seed, "image_folder": _abs(image_folder), "video_folder": _abs(video_folder),
-                "max_length": encoder.max_length, "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
+                "max_length": encoder.max_length, "length_limit": getattr(getattr(encoder, "limit", None), "tokens", None),
+                "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
                 "max_image_pixels": max_image_pixels}
     root = data_cache.cache_root(cache)
     key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
