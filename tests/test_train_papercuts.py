@@ -1,6 +1,6 @@
 """A new user's first hour: own data on the demo model, a recipe that would skip most of its
 data, what the closing summary says, experimental cards, data-loading workers, and the small
-words of `check`, `list`, `labels`/`inspect`/`validate-data`."""
+words of `check`, `list`, `add-model`, `labels`/`inspect`/`validate-data`."""
 
 from __future__ import annotations
 
@@ -189,6 +189,18 @@ def test_list_piped_keeps_each_row_on_one_line(capsys: pytest.CaptureFixture[str
     for spec in get_registry().models.values():
         row = next(line for line in lines if f"│ {spec.model_id} " in line)
         assert spec.hf_path in row and spec.family.family in row, row
+
+
+def test_add_model_creates_a_cards_folder_that_does_not_exist_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import require_fixture
+
+    cards = tmp_path / "new" / "cards"
+    code, out, err = cli(capsys, "add-model", str(require_fixture("llama-2-7b-chat")), "--model_id", "my-llama",
+                         "--family", "my-llama", "--cards", str(cards))
+    assert code == 0, err
+    assert f"wrote {cards / 'my-llama.yaml'}: new family my-llama, model id my-llama\n" in out
+    assert (cards / "my-llama.yaml").is_file()
+    assert cli(capsys, "show", "my-llama", "--cards", str(cards))[0] == 0
 
 
 def test_labels_inspect_and_validate_data_take_the_template_train_takes(tmp_path: Path,

@@ -31,7 +31,11 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
         from cardtune.registry.loader import card_dirs, iter_card_files, load_card_file, parse_card
         from cardtune.scaffold import append_entry, card_yaml, scaffold
 
-        dirs = card_dirs(args.cards)
+        # A --cards folder that does not exist yet holds no card: the new one goes there, and the
+        # folder is created when the card is written.
+        dirs = card_dirs([d for d in args.cards if Path(d).exists()])
+        if args.cards and not Path(args.cards[0]).exists():
+            dirs.insert(0, Path(args.cards[0]))
         registry = Registry()
         for path in iter_card_files(dirs):
             registry.add_family(load_card_file(path), str(path))
