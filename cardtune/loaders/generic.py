@@ -158,18 +158,20 @@ class GenericLoader:
         return Processing(tokenizer, processor, image_processor, tuple(notes), video)
 
     def _settings_from_config(self, processor: Any, notes: list[str]) -> None:
-        """Processor settings a folder's processor_config.json leaves out: the card's
-        ``processor_defaults``, then unset ones (``patch_size``, ``vision_feature_select_strategy``
-        of the llava-next processors: without them an image cannot be expanded) from the model
-        config by the same name."""
+        """Processor settings a folder's processor_config.json leaves out (older snapshots):
+        ``num_additional_image_tokens`` measured on the vision tower (CLIP's class token: without
+        it every image is one token short of the model's features), then unset ones
+        (``patch_size``, ``vision_feature_select_strategy`` of the llava-next processors: without
+        them an image cannot be expanded) from the model config by the same name."""
         config = _read_json(Path(self.path) / "config.json")
         places = [config, config.get("vision_config") or {}]
         filled = []
         written = _read_json(Path(self.path) / "processor_config.json")
-        for name, value in self.card.processor_defaults.items():
-            if name not in written and hasattr(processor, name) and getattr(processor, name) != value:
-                setattr(processor, name, value)
-                filled.append(f"{name}={value!r} (card)")
+        if "num_additional_image_tokens" in vars(processor) and "num_additional_image_tokens" not in written:
+            extra = self._vision_extra_tokens()
+            if extra is not None and extra != processor.num_additional_image_tokens:
+                processor.num_additional_image_tokens = extra
+                filled.append(f"num_additional_image_tokens={extra} (the vision tower's, measured)")
         for name, value in vars(processor).items():
             if value is None and not name.startswith("_"):
                 found = next((c[name] for c in places if c.get(name) is not None), None)
@@ -178,6 +180,22 @@ class GenericLoader:
                     filled.append(f"{name}={found!r}")
         if filled:
             notes.append(f"processor settings the folder leaves out: {', '.join(filled)}")
+
+    def _vision_extra_tokens(self) -> int | None:
+        """Tokens the vision tower outputs beyond its patches (1 for CLIP's class token, 0 for
+        SigLIP), from a forward pass on the meta device (no weights, no memory)."""
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            vision = AutoConfig.from_pretrained(self.path, **self._kwargs()).vision_config
+            with torch.device("meta"):
+                tower = AutoModel.from_config(vision)
+                pixels = torch.empty(1, vision.num_channels, vision.image_size, vision.image_size)
+                tokens = tower(pixel_values=pixels).last_hidden_state.shape[1]
+            return int(tokens - (vision.image_size // vision.patch_size) ** 2)
+        except Exception:  # noqa: BLE001 - a tower that cannot run on meta: the processor's default
+            return None
 
     def _install_folder_template(self, tokenizer: Any) -> None:
         """With no processor, the tokenizer renders: give it the processor-level template the

@@ -238,10 +238,6 @@ class FamilyCard(_Strict):
     loader: str = "generic"
     collator: str = "default"
     processor_class: str | None = None
-    processor_defaults: dict[str, Any] = Field(default_factory=dict)
-    """Processor settings for folders whose processor_config.json leaves them out (older
-    snapshots): llava-next's ``num_additional_image_tokens: 1`` (CLIP's class token), without
-    which every image is one token short of the model's features."""
     trust_remote_code: bool = False
     modalities: list[Modality] = Field(default_factory=lambda: ["text"])
     load_image: bool = True
