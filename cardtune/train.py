@@ -261,7 +261,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     saved_processing = folder_loader(family).load_processing() if family is not None else processing
     d = args.data
     encoder = limited_encoder(card, processing, loader.path, max_length=d.max_length,
-                              revision=resolved.revision, config_overrides=overrides)
+                              revision=resolved.revision, config_overrides=overrides,
+                              typed_control_tokens=d.typed_control_tokens)
     if d.max_length is None and encoder.limit is not None:
         notes.append(f"length limit: {encoder.limit.tokens} tokens ({encoder.limit.origin}); a longer sample is "
                      "too_long (--max_length cuts such samples instead)")

@@ -50,6 +50,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", "--max_length", dest="max_length", type=int,
                    help="longest sequence in tokens; longer samples are cut after their media "
                    "(default: refuse samples longer than the model takes)")
+    p.add_argument("--typed-control-tokens", "--typed_control_tokens", dest="typed_control_tokens",
+                   choices=["plain", "keep"], default="plain",
+                   help="control-token strings typed inside a message (<|im_end|>, </s>): plain (default) encodes "
+                   "them as the text they are; keep leaves them control tokens")
 
 
 def resolve_checked(args: argparse.Namespace, *, loads: bool = True) -> Any:
@@ -82,7 +86,8 @@ def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
     overrides = (get_registry(args.cards).get(args.model_id).config_overrides if args.model_id
                  else resolved.card.config_overrides)
     encoder = limited_encoder(resolved.card, processing, loader.path, max_length=getattr(args, "max_length", None),
-                              revision=resolved.revision, config_overrides=overrides)
+                              revision=resolved.revision, config_overrides=overrides,
+                              typed_control_tokens=getattr(args, "typed_control_tokens", "plain"))
     notes = [*resolved.notes, *processing.notes, *(encoder.roles.notes if resolved.derived else [])]
     if resolved.derived or processing.notes:
         for note in notes:

@@ -51,6 +51,9 @@ class Report:
     """How the pass was made (header counts or decoding, processes), for the caller to print."""
     duplicate_ids: dict[str, list[str]] = field(default_factory=dict)
     """Ids written by more than one record of a file, and where: a warning, not a problem."""
+    num_typed_control_tokens: int = 0
+    """Samples whose text holds control-token strings (``<|im_end|>``, ``</s>``): plain text,
+    unless the run keeps them (``--typed_control_tokens keep``)."""
 
     @property
     def ok(self) -> bool:
@@ -76,6 +79,7 @@ class Report:
             "samples": self.num_samples,
             "bad": self.num_bad,
             "truncated": self.num_truncated,
+            "typed_control_tokens": self.num_typed_control_tokens,
             "counts": self.counts,
             "errors": [{"index": p.index, **p.error.to_dict()} for p in self.problems],
             "duplicate_ids": self.duplicate_ids,
@@ -89,6 +93,10 @@ class Report:
             line = f"{self.num_bad} of {self.num_records} records have problems ({by_reason})"
         if self.num_truncated:
             line += f"; {self.num_truncated} samples truncated after their last media token"
+        if self.num_typed_control_tokens:
+            n = self.num_typed_control_tokens
+            line += (f"; {n} {'sample holds' if n == 1 else 'samples hold'} control-token strings typed in their text "
+                     "(encoded as plain text unless --typed_control_tokens keep)")
         if self.duplicate_ids:
             records = sum(len(w) for w in self.duplicate_ids.values())
             line += (f"; warning: {len(self.duplicate_ids)} ids written by more than one record ({records} records: "
@@ -278,9 +286,10 @@ def validate(
         results = {i: work.check(i) for i in unique}
     report.lengths = [None] * len(samples)
     for index in range(len(samples)):
-        errs, truncated, length = results[owner[index]]
+        errs, truncated, length, typed = results[owner[index]]
         report.problems += [Problem(index, e) for e in errs]
         report.num_truncated += truncated
+        report.num_typed_control_tokens += typed
         report.lengths[index] = length
     return report
 
@@ -298,10 +307,10 @@ class _Work:
     headers: dict[Any, Any] = field(default_factory=dict)
     """Image headers read so far in this process, by reference (records often share images)."""
 
-    def check(self, index: int) -> tuple[list[SampleError], bool, int | None]:
+    def check(self, index: int) -> tuple[list[SampleError], bool, int | None, int]:
         return self.check_sample(self.samples[index])
 
-    def check_sample(self, sample: Sample) -> tuple[list[SampleError], bool, int | None]:
+    def check_sample(self, sample: Sample) -> tuple[list[SampleError], bool, int | None, int]:
         errs = check_structure(sample, self.card)
         loaded, encoder, cfg = None, self.encoder, self.cfg
         has_media = bool(sample.images or sample.videos)
@@ -319,26 +328,26 @@ class _Work:
             media_errs = []
         errs += media_errs
         if errs or encoder is None or (self.check_media == "none" and has_media):
-            return errs, False, None
+            return errs, False, None, 0
         try:
             encoded = encoder.encode(sample, loaded)
         except SampleError as exc:
-            return [exc], False, None
+            return [exc], False, None, 0
         except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
             return [SampleError(sample.id, "messages", "template_error",
-                                f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False, None
-        return [], bool(encoded.num_truncated), len(encoded.input_ids)
+                                f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False, None, 0
+        return [], bool(encoded.num_truncated), len(encoded.input_ids), bool(encoded.typed_control_tokens)
 
 
 _WORK: _Work | None = None  # what forked workers check, inherited rather than pickled
 
 
-def _check_chunk(indices: list[int]) -> list[tuple[list[SampleError], bool, int | None]]:
+def _check_chunk(indices: list[int]) -> list[tuple[list[SampleError], bool, int | None, int]]:
     assert _WORK is not None
     return [_WORK.check(i) for i in indices]
 
 
-def _check_in_workers(work: _Work, indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool, int | None]]:
+def _check_in_workers(work: _Work, indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool, int | None, int]]:
     import multiprocessing
 
     global _WORK

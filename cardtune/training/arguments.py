@@ -86,6 +86,12 @@ class DataArguments:
         metadata={"help": "with --bad_sample_policy skip: the largest share of a split's records that may be "
                   "dropped (0.1: 10%%); more stops the run before step 1 (a wrong --image_folder, say)"},
     )
+    typed_control_tokens: Literal["plain", "keep"] = field(
+        default="plain",
+        metadata={"help": "control-token strings typed inside a message (<|im_end|>, </s>): plain encodes them as "
+                  "the text they are, so data cannot forge turns or end answers early; keep leaves them control "
+                  "tokens. Either way the data report counts the samples that have any"},
+    )
     group_by_length: bool = field(
         default=False, metadata={"help": "batch samples of similar length together (less padding)"}
     )

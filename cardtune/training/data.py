@@ -104,7 +104,8 @@ def prepare_split(
     settings = {"split": split, "seed": seed, "image_folder": _abs(image_folder), "video_folder": _abs(video_folder),
                 "max_length": encoder.max_length, "length_limit": getattr(getattr(encoder, "limit", None), "tokens", None),
                 "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
-                "max_image_pixels": max_image_pixels}
+                "max_image_pixels": max_image_pixels,
+                "typed_control_tokens": "keep" if getattr(encoder, "keep_typed_control_tokens", False) else "plain"}
     root = data_cache.cache_root(cache)
     key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
     folder = root / key if root is not None and key is not None else None

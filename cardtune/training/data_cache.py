@@ -161,6 +161,7 @@ def save(folder: Path, samples: SampleSet, report: Report, media: tuple[list[str
         (staging / "report.json").write_text(json.dumps({
             "num_samples": report.num_samples, "num_records": report.num_records,
             "num_truncated": report.num_truncated, "notes": report.notes, "problems": _problem_rows(report),
+            "num_typed_control_tokens": report.num_typed_control_tokens,
             "duplicate_ids": report.duplicate_ids,
         }), encoding="utf-8")
         if folder.exists():  # a stale copy (its media files changed since)
@@ -193,5 +194,6 @@ def load(folder: Path) -> tuple[SampleSet, Report, list[bool]] | None:
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None  # a damaged folder is a miss; it is written again
     report = Report(meta["num_samples"], problems, meta["num_truncated"], meta["num_records"],
-                    lengths=lengths, notes=list(meta["notes"]), duplicate_ids=meta.get("duplicate_ids", {}))
+                    lengths=lengths, notes=list(meta["notes"]), duplicate_ids=meta.get("duplicate_ids", {}),
+                    num_typed_control_tokens=meta.get("num_typed_control_tokens", 0))
     return samples, report, flags
