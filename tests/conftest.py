@@ -20,12 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The demo model and data are built into a cache of this session's own, never the user's
 # ~/.cache/cardtune (nor a $CARDTUNE_CACHE they set); subprocesses inherit it.
-# (Made once per process: a test importing ``tests.conftest`` runs this module a second time.)
-_OWNER = "_CARDTUNE_TEST_CACHE_OF_PID"
-if os.environ.get(_OWNER) != str(os.getpid()):
-    os.environ["CARDTUNE_CACHE"] = tempfile.mkdtemp(prefix="cardtune-test-cache-")
-    os.environ[_OWNER] = str(os.getpid())
-SESSION_CACHE = Path(os.environ["CARDTUNE_CACHE"])
+# Made once per session: a test importing ``tests.conftest``, or a worker process unpickling a
+# test's function, runs this module again and keeps the session's folder.
+_SESSION_ENV = "_CARDTUNE_TEST_SESSION_CACHE"
+_made_here = not (os.environ.get(_SESSION_ENV) and Path(os.environ[_SESSION_ENV]).is_dir())
+if _made_here:
+    os.environ[_SESSION_ENV] = tempfile.mkdtemp(prefix="cardtune-test-cache-")
+SESSION_CACHE = Path(os.environ[_SESSION_ENV])
+os.environ["CARDTUNE_CACHE"] = str(SESSION_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("CARDTUNE_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
@@ -59,4 +61,5 @@ def fixtures_present() -> Path:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    if _made_here:  # a pytest run inside a test leaves its parent's folder alone
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
