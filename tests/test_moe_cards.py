@@ -70,9 +70,9 @@ def test_llm_mlp_of_phi_2_and_the_demo() -> None:
     phi2 = json.loads((require_fixture("phi-2") / "config.json").read_text())
     config = transformers.PhiConfig(vocab_size=phi2["vocab_size"], hidden_size=phi2["n_embd"],
                                     num_hidden_layers=phi2["n_layer"], num_attention_heads=phi2["n_head"])
+    demo = transformers.AutoConfig.from_pretrained(ensure_demo_model())  # built (once) off the meta device
     with torch.device("meta"):
         check_ffns(get_registry().get("phi-2").family, transformers.PhiForCausalLM(config))
-        demo = transformers.AutoConfig.from_pretrained(ensure_demo_model())
         check_ffns(get_registry().get("tiny-llava-demo").family, transformers.LlavaForConditionalGeneration(demo))
 
 
