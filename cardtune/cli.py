@@ -7,6 +7,7 @@ Each sub-command imports what it needs inside its handler, so ``cardtune list`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CardError, UnknownModelError, InputFileError, TemplateProbeError) as exc:
         print(f"cardtune {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cardtune labels ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -132,8 +132,11 @@ class GenericLoader:
         video = None
         try:
             processor = AutoProcessor.from_pretrained(self.path, **self._kwargs())
+            if not hasattr(processor, "image_processor"):
+                # AutoProcessor gives the bare tokenizer for a folder it cannot tell (no config.json)
+                raise TypeError(f"AutoProcessor gave a {type(processor).__name__}, not a processor")
             processor.tokenizer = tokenizer
-            image_processor = getattr(processor, "image_processor", None)
+            image_processor = processor.image_processor
         except Exception as exc:  # noqa: BLE001 - ImportError (torchvision), RecursionError, OSError...
             notes.append(f"AutoProcessor failed ({type(exc).__name__}: {_first_line(exc)})")
             video = f"video needs the video processor of {self.card.family}, which cannot be built here ({_first_line(exc)})"

@@ -50,8 +50,9 @@ IMAGE_SPAN = 256
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cardtune"
+    from cardtune.demo.cache import cache_root
+
+    return cache_root()
 
 
 def build_backend(tiktoken_file: str | Path) -> Any:
