@@ -276,10 +276,10 @@ def test_backend_is_cached_by_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ranks = [bytes([b]) for b in range(256)] + [b"ab", b"abc"]
     vocab = tmp_path / "qwen.tiktoken"
     vocab.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(ranks)))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CARDTUNE_CACHE", str(tmp_path / "cache"))
     path = qwen_vl.backend_file(vocab)
     digest = hashlib.sha256(vocab.read_bytes()).hexdigest()[:32]
-    assert path == tmp_path / "cache" / "cardtune" / f"qwen-tiktoken-{digest}.tokenizer.json"
+    assert path == tmp_path / "cache" / f"qwen-tiktoken-{digest}.tokenizer.json"
     stamp = path.stat().st_mtime_ns
     assert qwen_vl.backend_file(vocab) == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     from tokenizers import Tokenizer
