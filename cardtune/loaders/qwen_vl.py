@@ -75,7 +75,7 @@ def build_backend(tiktoken_file: str | Path) -> Any:
 
 
 def backend_file(tiktoken_file: str | Path) -> Path:
-    """A tokenizer.json for ``tiktoken_file``, built once and cached under ``~/.cache/cardtune/``
+    """A tokenizer.json for ``tiktoken_file``, built once and cached under ``$CARDTUNE_CACHE`` (``~/.cache/cardtune/``)
     keyed by the file's sha256 (deriving the merges takes seconds; reading the json, one)."""
     digest = hashlib.sha256(Path(tiktoken_file).read_bytes()).hexdigest()[:32]
     name = f"qwen-tiktoken-{digest}.tokenizer.json"
