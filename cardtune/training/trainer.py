@@ -75,9 +75,39 @@ class CardtuneTrainer(Trainer):
         which the Trainer writes last, so a checkpoint with a trainer state has its arguments."""
         folder = output_dir or self.args.output_dir
         with writing(folder, "the model weights"):
-            super().save_model(output_dir, _internal_call=_internal_call)
+            if _internal_call and self._plain_weights():
+                self._save_checkpoint_weights(folder)
+            else:
+                super().save_model(output_dir, _internal_call=_internal_call)
         if self.cardtune_card_files is not None and self.args.should_save:
             self.cardtune_card_files.write(folder)
+
+    def _plain_weights(self) -> bool:
+        """A full (not adapter) model whose weights the Trainer saves itself, not DeepSpeed or FSDP."""
+        from transformers import PreTrainedModel
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return (isinstance(model, PreTrainedModel) and not getattr(model, "_hf_peft_config_loaded", False)
+                and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
+
+    def _save_checkpoint_weights(self, folder: str) -> None:
+        """A checkpoint's weights under the names the model has in memory.
+
+        transformers 5 saves a model under its original checkpoint names by default (a llava's
+        ``model.language_model.*`` written back as ``language_model.model.*``), while the
+        Trainer resumes with a non-strict ``load_state_dict`` of the raw file: no key matched,
+        nothing loaded, and training went on from the base weights without a word. The final
+        folder keeps the original names (what other tools load); checkpoints, read back by the
+        Trainer only, are written as they are in memory (``save_original_format=False``)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.save_pretrained(folder, is_main_process=self.args.should_save, save_original_format=False)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            import torch
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            torch.save(self.args, Path(folder) / TRAINING_ARGS_NAME)
 
     def _modality(self) -> str:
         flags = self.cardtune_media_flags
