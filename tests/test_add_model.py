@@ -294,7 +294,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert list(tmp_path.iterdir()) == []
     card = yaml.safe_load(out[: out.index("check: ")])
     assert card["family"] == "dry" and card["model_class"] == "MistralForCausalLM"
-    assert card["modules"] == {"llm": ["model", "lm_head"]} and card["chat"] == {"special_tokens": {"pad": "<unk>"}}
+    assert card["modules"] == {"llm": ["model", "lm_head"], "llm_mlp": ["mlp"]} and card["chat"] == {"special_tokens": {"pad": "<unk>"}}
 
 
 def test_entry_added_to_an_existing_family_keeps_its_comments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

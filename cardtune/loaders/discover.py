@@ -215,7 +215,24 @@ def discover_modules(model: Any) -> dict[str, list[str]]:
     if not groups["vision_encoder"] and base is not None:
         groups["llm"] = [prefix]
     groups["llm"] += [name for name, child in top if _has_params(child)]
+    groups["llm_mlp"] = _decoder_mlps(model, [*groups["vision_encoder"], *groups["vision_projector"]])
     return groups
+
+
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def _decoder_mlps(model: Any, vision: list[str]) -> list[str]:
+    """The name of the FFN under each language-model decoder layer (``mlp``, ``feed_forward``):
+    a child of ``layers.N`` whose class is an MLP, outside the vision modules (MoE upcycling
+    replaces these)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        head, _, last = name.rpartition(".")
+        if (type(module).__name__.lower().endswith("mlp") and _LAYER.search(head + ".") and head.split(".")[-1].isdigit()
+                and not any(f".{v}." in f".{name}." for v in vision) and last not in found):
+            found.append(last)
+    return found
 
 
 def module_keywords(facts: FolderFacts, model_class: str, trust_remote_code: bool) -> tuple[dict[str, list[str]] | None, str]:
@@ -236,7 +253,7 @@ def module_keywords(facts: FolderFacts, model_class: str, trust_remote_code: boo
         why = str(exc) if isinstance(exc, CardError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return None, why
     if not facts.multimodal:
-        modules = {"llm": modules["llm"]}
+        modules = {"llm": modules["llm"], "llm_mlp": modules["llm_mlp"]}
     found = "; ".join(f"{k} {v}" for k, v in modules.items() if v)
     return {k: v for k, v in modules.items() if v}, f"module keywords from the model built on the meta device: {found}"
 
