@@ -52,9 +52,10 @@ class Media:
 class Processing:
     """What turns a conversation into tensors for one model.
 
-    ``processor`` is the Hugging Face processor when it can be built here; a family whose
-    processor needs a missing optional library (Qwen2-VL's video processor needs torchvision)
-    gets ``processor=None`` and its ``image_processor``, and its collator expands image tokens.
+    ``processor`` is the Hugging Face processor, assembled from the image processor and the
+    tokenizer where AutoProcessor cannot be built here (a video processor that needs
+    torchvision); ``processor=None`` only where no image processor loads (remote code absent):
+    images are then refused as ``unsupported_media``.
     """
 
     tokenizer: Any
