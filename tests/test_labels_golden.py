@@ -4,20 +4,32 @@ The expected ids in ``tests/golden/<model_id>.json`` were computed WITHOUT the e
 :func:`reference` below, and frozen:
 
 1. render the conversation with the model's own template, through the Hugging Face object
-   that owns it (the llava-1.5 processor; the folder's ``chat_template.json`` for the other
-   VLMs, whose processors cannot be built here; the tokenizer's template for text models; the
-   card's template for the qwen2-vl base model), after the documented per-family preparation
-   (llava-1.5: content as parts and ``</s>`` appended to each answer; mistral: a system
-   prompt folded into the first user message);
+   that owns it (the llava-1.5 and Mllama processors; the folder's ``chat_template.json`` for
+   the VLMs whose processors cannot be built here; the tokenizer's template for text models
+   and llava-1.6-mistral; the card's template for the qwen2-vl base model; the hub template
+   written out by hand for LLaVA-NeXT-Video, whose folder ships none), after the documented
+   per-family preparation (llava-1.5 / LLaVA-NeXT-Video: content as parts and ``</s>`` appended
+   to each answer; mistral, gemma-2, llava-1.6-mistral, and llama-3.2-vision with images: a
+   system prompt folded into the first user message as ``SYSTEM + "\\n\\n" + USER``;
+   llama-3.2-vision renders with the template's own fallback date, ``date_string="26 Jul 2024"``);
 2. render it a second time with a unique sentinel in place of each answer, so that each
    answer's place is known from the conversation's structure (never by searching its text,
    which a user message may repeat), and check the real render is exactly the sentinel render
-   with each sentinel replaced by the answer as the family's template writes it;
+   with each sentinel replaced by the answer as the family's template writes it (as written, or
+   trimmed where the template trims); a third render with a sentinel in place of every other
+   text too gives the template's own text right before each answer (its header);
 3. expand each media placeholder to the processor's token count (written out below, and
    checked against the processor / image processor in the test);
-4. tokenize with offsets; the supervised tokens are exactly those inside
-   ``lead + answer + end_of_turn`` (``lead`` is the space a sentencepiece word carries);
-   no token may straddle either boundary; each span must decode to ``answer + end_of_turn``.
+4. tokenize with offsets and apply the boundary rule: the supervised region of a turn is
+   ``lead + answer + end_of_turn`` (``lead``: the template's space that a sentencepiece
+   tokenizer attaches to the answer's first word); every token overlapping it is supervised,
+   so a token that straddles its START (header text merged with the answer's first characters:
+   ChatML ``assistant\\n`` + an answer starting with ``\\n``, mistral-v0.2 ``[/INST]`` + ``[``)
+   is supervised, and only header text may be in it; no token may straddle its END, which is
+   a special token; bos first and never doubled where the family has one; each span must
+   decode to its text;
+5. control tokens typed inside a user's message are plain text (the cardtune default), as
+   transformers' own ``mark_control_tokens`` + ``sanitize_control_tokens`` encode them.
 
 The tests check that this reference still reproduces the frozen ids (a tokenizer or template
 change shows up there), then that the engine produces exactly the frozen ids.
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +55,12 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("CARDTUNE_UPDATE_GOLDEN") == "1"
 IGNORE = -100
 SENTINEL = "QZXANSWER{}QZX"
+TEXT_SENTINEL = "QZXTEXT{}QZX"
+ANY_SENTINEL = re.compile(r"QZX(?:ANSWER|TEXT)\d+QZX")
+FIXED_DATE = "26 Jul 2024"  # llama-3.2's template falls back to this literal without strftime_now
 
 # -- the images: generated, fixed sizes ---------------------------------------------------------
+# (anyres families give them different token counts: 56x56 and 112x84 pick different grids)
 IMAGE_SIZES = {"red": (56, 56), "blue": (112, 84)}  # (width, height)
 IMAGE_COLOURS = {"red": (220, 20, 20), "blue": (20, 40, 220)}
 
@@ -61,7 +78,7 @@ def _same(answer: str) -> str:
     return answer
 
 
-def _strip(answer: str) -> str:  # llama-2's `content.strip()`, mistral v0.3's `|trim`
+def _strip(answer: str) -> str:  # llama-2's `content.strip()`; `|trim` of mistral v0.3, llama-3, gemma
     return answer.strip()
 
 
@@ -71,22 +88,41 @@ class Family:
     eot: str
     """What the template (or the card) writes after an answer that must be trained."""
     renderer: str
-    """Whose template renders: processor | folder_template | card_template | tokenizer."""
+    """Whose template renders: processor | folder_template | card_template | tokenizer |
+    declarative (a card's own format, written out here) | hand (a hub template, written out here)."""
     bos: str | None
     """``template`` writes it, ``tokenizer`` adds it, or None (the family has no bos)."""
     lead: str = ""
     """Template text before the answer that tokenizes into the answer's first token."""
     form: Callable[[str], str] = _same
     content: str = "string"  # how messages are handed to the template: string | parts
+    system_content: str = ""
+    """``string`` where the template reads the system prompt as a string even when the other
+    messages are parts (llama-3.2-vision: ``messages[0]['content']|trim`` of a list is its repr)."""
     append_eot: bool = False  # llava-1.5: the card's end of turn is appended to the answer
-    fold_system: bool = False  # mistral: system folded into the first user turn
+    fold_system: str = "never"
+    """never | always (the template refuses or drops system prompts) | with_images (it refuses
+    them together with images: llama-3.2-vision)."""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     image_token: str | None = None
     image_tokens: dict[str, int] = field(default_factory=dict)  # image name -> expanded count
+    multi_image_tokens: int | None = None
+    """The count of each image of a sample with several, where it differs (onevision: no anyres)."""
+    image_text: str | None = None
+    """String-content templates with images: what an image part is written as, before the text."""
+    media_keys: tuple[str, ...] = ()
+    """Tensors the processor returns besides ``pixel_values``."""
     role_strings: str = ""
     """A user message quoting this family's own role strings, with a different answer."""
     hand_format: Callable[[list[dict[str, Any]]], str] | None = None
-    """For cards that declare their template: the format written out here from its upstream
-    definition (FastChat, Qwen's ``make_context``, Phi-2's model card), never the card's."""
+    """For cards that declare their template, and a hub template a folder lacks: the format
+    written out here from its upstream definition, never the card's."""
+    folder: str | None = None
+    """The fixture folder, where its name is not the model id."""
+
+    @property
+    def fixture(self) -> str:
+        return self.folder or self.model_id
 
 
 def _vicuna_v1(messages: list[dict[str, Any]]) -> str:
@@ -119,7 +155,49 @@ def _phi2_qa(messages: list[dict[str, Any]]) -> str:
     return out
 
 
+# The hub's chat template of llava-hf/LLaVA-NeXT-Video-7B-hf (chat_template.json, 838 bytes, the
+# commit "Update chat_template.json to incorporate `generation` tag (#3)"; the same file in
+# llava-hf/LLaVA-NeXT-Video-7B-32K-hf, blob d942abb, was read from
+# https://huggingface.co/llava-hf/LLaVA-NeXT-Video-7B-32K-hf/blob/976d933751038dba91e389c5edcf6e780c999b01/chat_template.json;
+# json.dumps(..., indent=2) of this text is 838 bytes, and transformers' own
+# tests/models/llava_next_video/test_processor_llava_next_video.py expects
+# "USER: <image>\nWhat is shown in this image? ASSISTANT:" from it). The fixture folder ships no
+# template (SOURCES.md), so the reference renders with _llava_next_video_hub below, written out
+# by hand from this text; test_llava_next_video_hand_render_is_the_hub_template checks the two agree.
+LLAVA_NEXT_VIDEO_HUB_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all images first #}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] "
+    "| selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for "
+    "content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _llava_next_video_hub(messages: list[dict[str, Any]]) -> str:
+    """The hub template above by hand: every message but the system one opens with
+    ``ROLE: `` (role upper-cased), then ``<image>\\n`` per image part and ``<video>\\n`` per
+    video part, then each text part followed by a space (the system text too, bare). It writes
+    no end of turn: the card's ``</s>`` is appended to each answer (as for llava-1.5)."""
+    out = ""
+    for m in messages:
+        parts = m["content"]
+        if m["role"] != "system":
+            out += m["role"].upper() + ": "
+        out += "<image>\n" * sum(p["type"] == "image" for p in parts)
+        out += "<video>\n" * sum(p["type"] == "video" for p in parts)
+        out += "".join(p["text"] + " " for p in parts if p["type"] == "text")
+    return out
+
+
 CHATML_ROLES = "Is this a valid turn?\n<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\nand <|im_start|>user too?"
+LLAVA_ROLES = "Is 'USER: hi ASSISTANT: {}</s>' a valid transcript? ASSISTANT: maybe"
+MISTRAL_V02_ROLES = "Is this valid? [/INST]{}</s>[INST] ok"
+LLAMA3_ROLES = ("Is this valid?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{}<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\nok")
 
 FAMILIES: dict[str, Family] = {
     f.model_id: f
@@ -127,7 +205,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "llava-1.5-7b", eot="</s>", renderer="processor", bos="tokenizer", lead=" ", content="parts",
             append_eot=True, image_token="<image>", image_tokens={"red": 576, "blue": 576},
-            role_strings="Is 'USER: hi ASSISTANT: {}</s>' a valid transcript? ASSISTANT: maybe",
+            role_strings=LLAVA_ROLES,
         ),
         Family(
             "llava-interleave-qwen-7b", eot="<|im_end|>", renderer="folder_template", bos=None, content="parts",
@@ -137,11 +215,13 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "qwen2.5-vl-3b-instruct", eot="<|im_end|>", renderer="folder_template", bos=None, content="parts",
-            image_token="<|image_pad|>", image_tokens={"red": 4, "blue": 12}, role_strings=CHATML_ROLES,
+            image_token="<|image_pad|>", image_tokens={"red": 4, "blue": 12}, media_keys=("image_grid_thw",),
+            role_strings=CHATML_ROLES,
         ),
         Family(
             "qwen2-vl-2b", eot="<|im_end|>", renderer="card_template", bos=None, content="parts",
-            image_token="<|image_pad|>", image_tokens={"red": 4, "blue": 12}, role_strings=CHATML_ROLES,
+            image_token="<|image_pad|>", image_tokens={"red": 4, "blue": 12}, media_keys=("image_grid_thw",),
+            role_strings=CHATML_ROLES,
         ),
         Family(
             "phi3-v", eot="<|end|>", renderer="tokenizer", bos="tokenizer",
@@ -155,30 +235,66 @@ FAMILIES: dict[str, Family] = {
             "qwen2.5-7b-instruct", eot="<|im_end|>", renderer="tokenizer", bos=None, role_strings=CHATML_ROLES,
         ),
         Family(
-            "mistral-7b-instruct-v0.2", eot="</s>", renderer="tokenizer", bos="template", fold_system=True,
-            role_strings="Is this valid? [/INST]{}</s>[INST] ok",
+            "mistral-7b-instruct-v0.2", eot="</s>", renderer="tokenizer", bos="template", fold_system="always",
+            role_strings=MISTRAL_V02_ROLES,
         ),
         Family(
             "mistral-7b-instruct-v0.3", eot="</s>", renderer="tokenizer", bos="template", lead=" ", form=_strip,
-            fold_system=True, role_strings="Is this valid?[/INST] {}</s>[INST] ok",
+            fold_system="always", role_strings="Is this valid?[/INST] {}</s>[INST] ok",
         ),
         # cards that declare their template (the folders ship none)
         Family(
             "vicuna-7b-v1.5", eot="</s>", renderer="declarative", bos="tokenizer", lead=" ",
-            hand_format=_vicuna_v1,
-            role_strings="Is 'USER: hi ASSISTANT: {}</s>' a valid transcript? ASSISTANT: maybe",
+            hand_format=_vicuna_v1, role_strings=LLAVA_ROLES,
         ),
         Family(
             "qwen-vl-chat", eot="<|im_end|>", renderer="declarative", bos=None, hand_format=_qwen_chatml,
             role_strings=CHATML_ROLES,
         ),
         Family(  # no system role: a system prompt is folded into the first user turn
-            "phi-2", eot="<|endoftext|>", renderer="declarative", bos=None, lead=" ", fold_system=True,
+            "phi-2", eot="<|endoftext|>", renderer="declarative", bos=None, lead=" ", fold_system="always",
             hand_format=_phi2_qa, role_strings="Is this valid?\nOutput: {}<|endoftext|>Instruct: ok",
         ),
         Family(
             "deepseek-coder-6.7b-instruct", eot="\n<|EOT|>", renderer="tokenizer", bos="template",
             role_strings="Is this valid?\n### Response:\n{}\n<|EOT|>\n### Instruction:\nok",
+        ),
+        # -- the folders added in 2026-12 (SOURCES.md) -----------------------------------------
+        Family(  # the original release: the template always ends with an empty assistant header
+            "llama-3-8b-instruct", eot="<|eot_id|>", renderer="tokenizer", bos="template", form=_strip,
+            role_strings=LLAMA3_ROLES,
+        ),
+        Family(  # Mllama: one <|image|> per image, cross-attention tensors beside the pixels
+            "llama-3.2-11b-vision-instruct", eot="<|eot_id|>", renderer="processor", bos="template",
+            content="parts", system_content="string", fold_system="with_images",
+            template_kwargs={"date_string": FIXED_DATE}, image_token="<|image|>", image_tokens={"red": 1, "blue": 1},
+            media_keys=("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"), role_strings=LLAMA3_ROLES,
+        ),
+        Family(
+            "qwen2-vl-2b-instruct", eot="<|im_end|>", renderer="folder_template", bos=None, content="parts",
+            image_token="<|image_pad|>", image_tokens={"red": 4, "blue": 12}, media_keys=("image_grid_thw",),
+            role_strings=CHATML_ROLES,
+        ),
+        Family(  # anyres for a single image; each image of a multi-image sample: 729 + 1 newline
+            "llava-onevision-0.5b-ov", eot="<|im_end|>", renderer="folder_template", bos=None, content="parts",
+            image_token="<image>", image_tokens={"red": 1485, "blue": 1317}, multi_image_tokens=730,
+            media_keys=("image_sizes", "batch_num_images"), role_strings=CHATML_ROLES,
+            folder="llava-onevision-qwen2-0.5b-ov-hf",
+        ),
+        Family(  # the tokenizer's mistral v0.2 template, string content: "<image>\n" before the text
+            "llava-1.6-mistral-7b", eot="</s>", renderer="tokenizer", bos="template", fold_system="always",
+            image_token="<image>", image_tokens={"red": 1176, "blue": 1368}, image_text="<image>\n",
+            media_keys=("image_sizes",), role_strings=MISTRAL_V02_ROLES, folder="llava-v1.6-mistral-7b-hf",
+        ),
+        Family(  # no template in the folder: the hub's vicuna-style one, written out by hand
+            "llava-next-video-7b", eot="</s>", renderer="hand", bos="tokenizer", lead=" ", content="parts",
+            append_eot=True, image_token="<image>", image_tokens={"red": 1176, "blue": 1368},
+            media_keys=("image_sizes",), hand_format=_llava_next_video_hub, role_strings=LLAVA_ROLES,
+        ),
+        Family(  # system refused (folded), assistant rendered "model", content trimmed
+            "gemma-2-2b-it", eot="<end_of_turn>", renderer="tokenizer", bos="template", form=_strip,
+            fold_system="always",
+            role_strings="Is this valid?<end_of_turn>\n<start_of_turn>model\n{}<end_of_turn>\n<start_of_turn>user\nok",
         ),
     ]
 }
@@ -227,12 +343,17 @@ def conversation(case: str, fam: Family) -> tuple[list[dict[str, Any]], list[str
             _user("Describe the first picture.", images=1), _msg("assistant", "A red square."),
             _user("And this one?", images=1), _msg("assistant", "A blue rectangle."),
         ], ["red", "blue"]
+    if case == "system_one_image":
+        return [
+            _msg("system", "You are a terse art critic."),
+            _user("What colour is the square?", images=1), _msg("assistant", "Red."),
+        ], ["red"]
     raise KeyError(case)
 
 
 TEXT_CASES = ["single_turn", "system_3turns", "role_strings_in_user", "spoofed_turn_in_user",
               "code_answer", "cjk_emoji", "one_char"]
-IMAGE_CASES = ["one_image", "two_images"]
+IMAGE_CASES = ["one_image", "two_images", "system_one_image"]
 
 
 def cases_of(model_id: str) -> list[str]:
@@ -241,6 +362,13 @@ def cases_of(model_id: str) -> list[str]:
 
 def answers_of(messages: list[dict[str, Any]]) -> list[str]:
     return ["".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "assistant"]
+
+
+def image_count(fam: Family, name: str, n_images: int) -> int:
+    """How many tokens the processor expands image ``name`` to, in a sample of ``n_images``."""
+    if n_images > 1 and fam.multi_image_tokens is not None:
+        return fam.multi_image_tokens
+    return fam.image_tokens[name]
 
 
 # -- the independent reference ------------------------------------------------------------------
@@ -253,17 +381,61 @@ class Reference:
     model_id: str
     tokenizer: Any
     render: Callable[[list[dict[str, Any]]], str]
-    processor: Any = None
+    counter: Any = None
+    """The processor whose own expansion the image counts are checked against."""
     image_processor: Any = None
     template: str | None = None
     """The Jinja template that renders (None for the hand-written formats)."""
 
 
+def _images_only(cls: type) -> type:
+    """``cls`` (a transformers processor) built without its video processor: that one needs
+    torchvision, which this machine lacks, and the processor's constructor insists on a
+    video-processor instance. Images go through the class's own code unchanged."""
+
+    class ImagesOnly(cls):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImagesOnly
+
+
+def _processor_config(folder: Path) -> dict[str, Any]:
+    path = folder / "processor_config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v for k, v in raw.items() if k != "processor_class"}
+
+
+def _counter(model_id: str, folder: Path, tok: Any, image_processor: Any) -> Any:
+    """The processor that expands image tokens for the families whose AutoProcessor fails here."""
+    import transformers
+
+    if model_id == "llava-onevision-0.5b-ov":
+        return _images_only(transformers.LlavaOnevisionProcessor)(
+            image_processor=image_processor, tokenizer=tok, video_processor=None, **_processor_config(folder))
+    if model_id == "llava-next-video-7b":
+        return _images_only(transformers.LlavaNextVideoProcessor)(
+            image_processor=image_processor, tokenizer=tok, video_processor=None, **_processor_config(folder))
+    if model_id == "llava-1.6-mistral-7b":
+        # The ASSEMBLED folder's processor_config.json names only the class, so AutoProcessor
+        # builds a LlavaNextProcessor without patch_size that cannot count. The model's own
+        # config says patch 14 and the "default" feature strategy; CLIP adds one class token
+        # (num_additional_image_tokens 1, as llava-1.5's and LLaVA-NeXT-Video's RAW hub
+        # processor_config.json say for the same vision tower).
+        config = json.loads((folder / "config.json").read_text())
+        return transformers.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=config["vision_config"]["patch_size"],
+            vision_feature_select_strategy=config["vision_feature_select_strategy"], num_additional_image_tokens=1)
+    return None
+
+
 def load_reference(model_id: str) -> Reference:
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2Tokenizer
 
-    folder = require_fixture(model_id)
     fam = FAMILIES[model_id]
+    folder = require_fixture(fam.fixture)
 
     def image_processor():
         try:
@@ -273,16 +445,21 @@ def load_reference(model_id: str) -> Reference:
 
     if fam.renderer == "declarative":
         tok = QwenTiktoken(folder / "qwen.tiktoken") if model_id == "qwen-vl-chat" else AutoTokenizer.from_pretrained(folder)
-        return Reference(model_id, tok, fam.hand_format)
+        return Reference(model_id, tok, fam.hand_format)  # (their control tokens: the special ones)
     if fam.renderer == "processor":
         proc = AutoProcessor.from_pretrained(folder)
-        return Reference(model_id, proc.tokenizer, lambda m: proc.apply_chat_template(m, tokenize=False),
+        return Reference(model_id, proc.tokenizer,
+                         lambda m: proc.apply_chat_template(m, tokenize=False, **fam.template_kwargs),
                          proc, proc.image_processor, proc.chat_template)
     if model_id == "llava-interleave-qwen-7b":
         # AutoTokenizer fails on this folder with transformers 5 (SOURCES.md): its declared class
         tok = Qwen2Tokenizer.from_pretrained(folder)
     else:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    images = image_processor() if fam.image_token else None
+    counter = _counter(model_id, folder, tok, images) if images is not None else None
+    if fam.renderer == "hand":
+        return Reference(model_id, tok, fam.hand_format, counter, images, LLAVA_NEXT_VIDEO_HUB_TEMPLATE)
     if fam.renderer == "folder_template":
         template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     elif fam.renderer == "card_template":
@@ -293,10 +470,9 @@ def load_reference(model_id: str) -> Reference:
         template = None
 
     def render(messages):
-        return tok.apply_chat_template(messages, tokenize=False, chat_template=template)
+        return tok.apply_chat_template(messages, tokenize=False, chat_template=template, **fam.template_kwargs)
 
-    return Reference(model_id, tok, render, None, image_processor() if fam.image_token else None,
-                     template or tok.chat_template)
+    return Reference(model_id, tok, render, counter, images, template or tok.chat_template)
 
 
 class QwenTiktoken:
@@ -305,6 +481,7 @@ class QwenTiktoken:
     tokens from id 151643 in upstream order. Only what :func:`reference` needs."""
 
     PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    FIRST_SPECIAL = 151643
     SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)),
                 "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
 
@@ -317,7 +494,7 @@ class QwenTiktoken:
                  for tok, rank in (line.split() for line in path.read_text().splitlines() if line)}
         assert len(ranks) == 151643
         self.enc = tiktoken.Encoding("qwen", pat_str=self.PATTERN, mergeable_ranks=ranks,
-                                     special_tokens={t: 151643 + i for i, t in enumerate(self.SPECIALS)})
+                                     special_tokens={t: self.FIRST_SPECIAL + i for i, t in enumerate(self.SPECIALS)})
 
     def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
         ids = self.enc.encode(text, allowed_special="all")
@@ -335,53 +512,149 @@ class QwenTiktoken:
         return self.enc.encode_single_token(token)
 
 
-def _prepare(messages: list[dict[str, Any]], fam: Family, answer_texts: list[str]) -> list[dict[str, Any]]:
-    """The documented per-family preparation, with ``answer_texts`` as the assistant contents."""
+def _prepare(
+    messages: list[dict[str, Any]], fam: Family, answer_texts: list[str], other_texts: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The documented per-family preparation, with ``answer_texts`` as the assistant contents
+    (and ``other_texts``, when given, in place of every other text part, in order)."""
     out = [dict(m) for m in messages]
     answers = iter(answer_texts)
+    others = iter(other_texts) if other_texts is not None else None
     for i, m in enumerate(out):
         if m["role"] == "assistant":
             text = next(answers) + (fam.eot if fam.append_eot else "")
             out[i] = {"role": "assistant", "content": [{"type": "text", "text": text}]}
-    if fam.fold_system and out[0]["role"] == "system":
+        elif others is not None:
+            out[i] = {**m, "content": [{"type": "text", "text": next(others)} if p["type"] == "text" else p
+                                       for p in m["content"]]}
+    has_images = any(p["type"] == "image" for m in out for p in m["content"])
+    fold = fam.fold_system == "always" or (fam.fold_system == "with_images" and has_images)
+    if fold and out[0]["role"] == "system":
         system = out.pop(0)["content"][0]["text"]
         first = out[0]
         parts = list(first["content"])
         t = next(j for j, p in enumerate(parts) if p["type"] == "text")
         parts[t] = {"type": "text", "text": f"{system}\n\n{parts[t]['text']}"}
         out[0] = {**first, "content": parts}
-    if fam.content == "string" or fam.hand_format:
-        out = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
-               for m in out]
+
+    def as_string(m: dict[str, Any]) -> dict[str, Any]:
+        pieces = [p["text"] if p["type"] == "text" else fam.image_text for p in m["content"]]
+        assert None not in pieces, f"{fam.model_id}: no image_text to write an image into string content"
+        return {"role": m["role"], "content": "".join(pieces)}
+
+    if fam.content == "string":
+        return [as_string(m) for m in out]
+    if fam.system_content == "string" and out[0]["role"] == "system":
+        out[0] = as_string(out[0])
     return out
 
 
+def special_ids(tok: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (added tokens flagged special included: Llama-3's
+    ``<|eot_id|>`` is one, though not in ``all_special_ids``)."""
+    if isinstance(tok, QwenTiktoken):
+        return set(range(QwenTiktoken.FIRST_SPECIAL, QwenTiktoken.FIRST_SPECIAL + len(QwenTiktoken.SPECIALS)))
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+@dataclass
+class Region:
+    """One supervised region in the text: [start, end) and the template's text before it."""
+
+    start: int
+    end: int
+    header: str
+
+
+def supervise(tok: Any, text: str, regions: list[Region], *, add_bos: bool, where: str) -> dict[str, Any]:
+    """Tokenize ``text`` with offsets and label every token overlapping a region (the boundary
+    rule); returns ``input_ids``, ``labels`` and the decoded supervised spans."""
+    enc = tok(text, add_special_tokens=add_bos, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    specials = special_ids(tok)
+    labels = [IGNORE] * len(ids)
+    supervised: list[str] = []
+    for region in regions:
+        cs, ce = region.start, region.end
+        inside = []
+        for i, (s, e) in enumerate(offsets):
+            if e <= s:  # zero width: bos, or (tiktoken) a piece of a character split over tokens
+                if cs <= s < ce:
+                    inside.append(i)
+                continue
+            assert not s < ce < e, (
+                f"{where}: token {tok.convert_ids_to_tokens(ids[i])!r} at {s}:{e} straddles the END of the "
+                f"supervised region {cs}:{ce} {text[cs:ce]!r}"
+            )
+            if s < ce and e > cs:  # inside, or straddling the start: the model must emit it
+                inside.append(i)
+        assert inside and inside == list(range(inside[0], inside[-1] + 1)), f"{where}: supervised tokens not contiguous"
+        first = min(offsets[inside[0]][0], cs)
+        head = text[first:cs]
+        assert region.header.endswith(head), (
+            f"{where}: the token straddling the start holds {head!r}, which is not the template's own text "
+            f"before the answer ({region.header[-20:]!r})"
+        )
+        assert ids[inside[-1]] in specials, f"{where}: the region ends with {tok.convert_ids_to_tokens(ids[inside[-1]])!r}, not a special token"
+        for i in inside:
+            labels[i] = ids[i]
+        decoded = tok.decode([ids[i] for i in inside], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        want = text[first:ce]
+        # a sentencepiece decode drops the leading space of the first word, a byte-level one keeps it
+        assert decoded == want or (want.startswith(" ") and decoded == want[1:]), (decoded, want)
+        supervised.append(decoded)
+    return {"input_ids": ids, "labels": labels, "supervised": supervised}
+
+
+def check_bos(tok: Any, ids: list[int], rendered: str, bos: str | None, where: str) -> None:
+    """bos first and never doubled: once where the tokenizer adds it, else as often as the
+    template writes it (llama-2 opens every turn with ``<s>``)."""
+    if bos is None:
+        return
+    bos_id = tok.bos_token_id
+    want = rendered.count(tok.bos_token) + (bos == "tokenizer")
+    assert ids[0] == bos_id and ids[1] != bos_id and ids.count(bos_id) == want, (
+        f"{where}: bos {bos_id} {ids.count(bos_id)} times (want {want}), ids[:2]={ids[:2]}")
+
+
 def reference(ref: Reference, case: str) -> dict[str, Any]:
+    messages, images = conversation(case, FAMILIES[ref.model_id])
+    return reference_of(ref, messages, images, where=f"{ref.model_id}/{case}")
+
+
+def reference_of(ref: Reference, messages: list[dict[str, Any]], images: list[str], *, where: str) -> dict[str, Any]:
+    """The frozen form of one conversation: its render, ids, labels and decoded spans."""
     fam = FAMILIES[ref.model_id]
-    messages, images = conversation(case, fam)
     answers = answers_of(messages)
+    n_other = sum(p["type"] == "text" for m in messages if m["role"] != "assistant" for p in m["content"])
     sentinels = [SENTINEL.format(k) for k in range(len(answers))]
     marked = ref.render(_prepare(messages, fam, sentinels))
+    all_marked = ref.render(_prepare(messages, fam, sentinels, [TEXT_SENTINEL.format(k) for k in range(n_other)]))
     rendered = ref.render(_prepare(messages, fam, answers))
 
-    # 2. each answer's place, from the sentinel render
-    char_spans: list[tuple[int, int]] = []
+    # 2. each answer's place, from the sentinel render; its header, from the all-sentinel one
+    headers = []
+    for sentinel in sentinels:
+        at = all_marked.index(sentinel)
+        before = max((m.end() for m in ANY_SENTINEL.finditer(all_marked, 0, at)), default=0)
+        headers.append(all_marked[before:at])
+    regions: list[Region] = []
     rebuilt, cursor = "", 0
-    for sentinel, answer in zip(sentinels, answers, strict=True):
+    for sentinel, answer, header in zip(sentinels, answers, headers, strict=True):
+        assert marked.count(sentinel) == 1, f"{where}: sentinel rendered {marked.count(sentinel)} times"
+        assert header.endswith(fam.lead), f"{where}: the lead {fam.lead!r} is not template text ({header!r})"
         at = marked.index(sentinel, cursor)
-        assert marked.count(sentinel) == 1, f"{ref.model_id}/{case}: sentinel rendered twice"
         rebuilt += marked[cursor:at]
         start = len(rebuilt) - len(fam.lead)
         rebuilt += fam.form(answer)
-        end = len(rebuilt) + len(fam.eot)
-        char_spans.append((start, end))
+        regions.append(Region(start, len(rebuilt) + len(fam.eot), header[: len(header) - len(fam.lead)]))
         cursor = at + len(sentinel)
     rebuilt += marked[cursor:]
-    assert rebuilt == rendered, f"{ref.model_id}/{case}: the template writes the answers differently than assumed"
-    for (s, e), answer in zip(char_spans, answers, strict=True):
-        assert rendered[s:e] == fam.lead + fam.form(answer) + fam.eot, (rendered[s:e], answer)
+    assert rebuilt == rendered, f"{where}: the template writes the answers differently than assumed"
+    for r, answer in zip(regions, answers, strict=True):
+        assert rendered[r.start : r.end] == fam.lead + fam.form(answer) + fam.eot, (rendered[r.start : r.end], answer)
 
-    # 3. media expansion, left to right, shifting the spans behind each placeholder
+    # 3. media expansion, left to right, shifting the regions behind each placeholder
     expanded = rendered
     if images:
         pieces = expanded.split(fam.image_token)
@@ -389,42 +662,23 @@ def reference(ref: Reference, case: str) -> dict[str, Any]:
         expanded = pieces[0]
         for name, piece in zip(images, pieces[1:], strict=True):
             at = len(expanded)
-            shift = fam.image_token * fam.image_tokens[name]
-            char_spans = [(s + len(shift) - len(fam.image_token), e + len(shift) - len(fam.image_token))
-                          if s > at else (s, e) for s, e in char_spans]
-            expanded += shift + piece
+            shift = len(fam.image_token) * (image_count(fam, name, len(images)) - 1)
+            for r in regions:
+                if r.start > at:
+                    r.start, r.end = r.start + shift, r.end + shift
+            expanded += fam.image_token * image_count(fam, name, len(images)) + piece
 
-    # 4. tokenize with offsets; the supervised tokens lie exactly inside the spans
-    tok = ref.tokenizer
-    enc = tok(expanded, add_special_tokens=fam.bos == "tokenizer", return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    labels = [IGNORE] * len(ids)
-    supervised: list[str] = []
-    for (cs, ce), answer in zip(char_spans, answers, strict=True):
-        inside = []
-        for i, (s, e) in enumerate(offsets):
-            if e <= s:  # zero width: bos, or (tiktoken) a piece of a character split over tokens
-                if cs <= s < ce:
-                    inside.append(i)
-                continue
-            assert not (s < cs < e or s < ce < e), (
-                f"{ref.model_id}/{case}: token {tok.convert_ids_to_tokens(ids[i])!r} at {s}:{e} straddles "
-                f"the supervised span {cs}:{ce} {expanded[cs:ce]!r}"
-            )
-            if cs <= s and e <= ce:
-                inside.append(i)
-        assert inside == list(range(inside[0], inside[-1] + 1)), "supervised tokens not contiguous"
-        for i in inside:
-            labels[i] = ids[i]
-        text = tok.decode([ids[i] for i in inside], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        # a sentencepiece decode drops the leading space of the first word, a byte-level one keeps it
-        assert text.removeprefix(fam.lead) == fam.form(answer) + fam.eot, (text, fam.form(answer) + fam.eot)
-        supervised.append(text)
-    ids, labels = typed_controls_as_text(ref, messages, expanded, ids, offsets, labels)
-    return {"rendered": rendered, "supervised": supervised, "input_ids": ids, "labels": labels}
+    # 4. tokenize with offsets; label by the boundary rule
+    out = supervise(ref.tokenizer, expanded, regions, add_bos=fam.bos == "tokenizer", where=where)
+    check_bos(ref.tokenizer, out["input_ids"], rendered, fam.bos, where)
+    # 5. control tokens typed in a user's message are text
+    out["input_ids"], out["labels"] = typed_controls_as_text(ref, messages, out["input_ids"], out["labels"])
+    if fam.bos is not None:
+        assert out["input_ids"][0] == ref.tokenizer.bos_token_id != out["input_ids"][1], f"{where}: bos"
+    return {"rendered": rendered, **out}
 
 
-def typed_controls_as_text(ref: Reference, messages, text: str, ids: list[int], offsets, labels: list[int]):
+def typed_controls_as_text(ref: Reference, messages, ids: list[int], labels: list[int]):
     """5. Control tokens typed inside a user's message are plain text (the cardtune default),
     as transformers' ``sanitize_control_tokens`` encodes them: the user texts are marked with
     transformers' markers, rendered again, and the render is tokenized with sanitizing on
@@ -518,17 +772,25 @@ def references() -> Callable[[str], Reference]:
     return get
 
 
-@pytest.fixture(scope="module")
-def encoders() -> Callable[[str], Any]:
+def build_encoder(model_id: str, derived: bool = False) -> Any:
+    """The engine for ``model_id``'s fixture folder: its registered card, or (``derived``) the
+    card cardtune derives from the folder alone."""
     from cardtune.collators.engine import ChatEncoder
     from cardtune.loaders.resolve import load_processing, resolve_model
 
+    folder = require_fixture(FAMILIES[model_id].fixture)
+    r = resolve_model(model_path=folder) if derived else resolve_model(model_id, folder)
+    assert r.derived == derived
+    return ChatEncoder(r.card, load_processing(r), max_length=None)
+
+
+@pytest.fixture(scope="module")
+def encoders() -> Callable[[str], Any]:
     cache: dict[str, Any] = {}
 
     def get(model_id: str) -> Any:
         if model_id not in cache:
-            r = resolve_model(model_id, require_fixture(model_id))
-            cache[model_id] = ChatEncoder(r.card, load_processing(r), max_length=None)
+            cache[model_id] = build_encoder(model_id)
         return cache[model_id]
 
     return get
@@ -574,12 +836,55 @@ def _not_ready(model_id: str) -> str | None:
     return None
 
 
+def xfail(reason: str) -> Any:
+    return pytest.mark.xfail(strict=True, reason=f"engine: {reason}")
+
+
+# Where the engine does not give the golden ids yet (issue 10). Strict: each one fails the suite
+# the moment it passes, so the mark goes when the engine is fixed. Keyed (model id, case);
+# case None means every case of that model.
+_LLAMA3_HEADER = ("the original llama-3 template always appends an assistant header; the end of turn derived "
+                  "from it takes the header in (the next header trained; label_contract on several turns)")
+_MLLAMA_TEXT = ("llama-3.2-vision renders with today's date (strftime_now), not date_string='26 Jul 2024', and a "
+                "system prompt given as parts renders as its Python repr (the template trims a string)")
+_MLLAMA_SYSTEM_IMAGE = "llama-3.2-vision: a system prompt with an image is refused by the template, not folded"
+_ONEVISION = "llava-onevision: no processor on this machine (its video processor needs torchvision): unsupported_media"
+_LLAVA16 = "llava-1.6-mistral-7b is not registered (llava-1.6 card, hf_path llava-hf/llava-v1.6-mistral-7b-hf)"
+_NEXT_VIDEO = ("llava-next-video-7b: AutoProcessor RecursionError (no video_preprocessor_config.json, no "
+               "torchvision), and the folder ships no chat template (the card's to come)")
+ENGINE_XFAIL: dict[tuple[str, str | None], str] = {
+    ("llama-3-8b-instruct", None): _LLAMA3_HEADER,
+    **{("llama-3.2-11b-vision-instruct", c): _MLLAMA_TEXT for c in TEXT_CASES},
+    ("llama-3.2-11b-vision-instruct", "system_one_image"): _MLLAMA_SYSTEM_IMAGE,
+    **{("llava-onevision-0.5b-ov", c): _ONEVISION for c in IMAGE_CASES},
+    ("llava-1.6-mistral-7b", None): _LLAVA16,
+    ("llava-next-video-7b", None): _NEXT_VIDEO,
+}
+DERIVED_XFAIL: dict[tuple[str, str | None], str] = {
+    ("llama-3-8b-instruct", None): _LLAMA3_HEADER,
+    **{("llama-3.2-11b-vision-instruct", c): _MLLAMA_TEXT for c in TEXT_CASES},
+    ("llama-3.2-11b-vision-instruct", "one_image"): "derived llama-3.2-vision card expects <image>, the template writes <|image|>",
+    ("llama-3.2-11b-vision-instruct", "two_images"): "derived llama-3.2-vision card expects <image>, the template writes <|image|>",
+    ("llama-3.2-11b-vision-instruct", "system_one_image"): _MLLAMA_SYSTEM_IMAGE,
+    **{("llava-onevision-0.5b-ov", c): _ONEVISION for c in IMAGE_CASES},
+    ("llava-1.6-mistral-7b", None): ("llava-1.6-mistral derived: TemplateProbeError, the processor has no chat template "
+                                     "(the tokenizer's is not used)"),
+}
+
+
+def _marks(table: dict[tuple[str, str | None], str], model_id: str, case: str | None) -> list[Any]:
+    reason = table.get((model_id, case)) or table.get((model_id, None))
+    return [xfail(reason)] if reason else []
+
+
 def _params(engine: bool) -> list[Any]:
     out = []
     for model_id in FAMILIES:
         not_ready = _not_ready(model_id) if engine else None
         for case in cases_of(model_id):
             marks = [pytest.mark.skip(reason=not_ready)] if not_ready else []
+            if engine and not not_ready:
+                marks += _marks(ENGINE_XFAIL, model_id, case)
             out.append(pytest.param(model_id, case, id=f"{model_id}/{case}", marks=marks))
     return out
 
@@ -610,6 +915,17 @@ def _first_difference(tok: Any, a: list[int], b: list[int]) -> str:
             f"{[tok.convert_ids_to_tokens(x) if x >= 0 else x for x in b[ctx]]}")
 
 
+def assert_same_encoding(tok: Any, got: Any, want: dict[str, Any], where: str) -> None:
+    assert got.input_ids == want["input_ids"], (
+        f"{where} input_ids differ; golden supervised {want['supervised']!r}; "
+        + _first_difference(tok, got.input_ids, want["input_ids"])
+    )
+    assert got.labels == want["labels"], (
+        f"{where}: engine supervises {_show(tok, got.input_ids, got.labels)}, "
+        f"golden {want['supervised']!r}; " + _first_difference(tok, got.labels, want["labels"])
+    )
+
+
 # -- the tests ----------------------------------------------------------------------------------
 
 
@@ -623,11 +939,14 @@ def test_reference_reproduces_golden(references, golden, model_id, case):
     assert got["supervised"] == want["supervised"], f"decoded supervised spans: {got['supervised']!r}"
     assert got["input_ids"] == want["input_ids"], _first_difference(ref.tokenizer, got["input_ids"], want["input_ids"])
     assert got["labels"] == want["labels"], f"supervised {want['supervised']!r}"
-    # the frozen labels decode to exactly answer + end-of-turn, one span per assistant turn
+    # the frozen labels decode to the frozen spans, one per assistant turn, each ending with
+    # the answer as the template writes it and its end of turn
     fam = FAMILIES[model_id]
     answers = answers_of(conversation(case, fam)[0])
-    shown = [t.removeprefix(fam.lead) for t in _spans_text(ref.tokenizer, want["input_ids"], want["labels"])]
-    assert shown == [fam.form(a) + fam.eot for a in answers]
+    shown = _spans_text(ref.tokenizer, want["input_ids"], want["labels"])
+    assert shown == want["supervised"]
+    assert len(shown) == len(answers)
+    assert all(s.endswith(fam.form(a) + fam.eot) for s, a in zip(shown, answers, strict=True)), shown
 
 
 @pytest.mark.parametrize("model_id", [m for m, f in FAMILIES.items()
@@ -637,7 +956,7 @@ def test_typed_control_tokens_reference_is_transformers_sanitize(references, gol
     encodes control tokens found in the messages as plain text) on the quoted-turn cases."""
     ref = references(model_id)
     fam = FAMILIES[model_id]
-    folder = require_fixture(model_id)
+    folder = require_fixture(fam.fixture)
     if fam.renderer == "folder_template":
         template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     elif fam.renderer == "card_template":
@@ -661,30 +980,28 @@ def test_typed_control_tokens_reference_is_transformers_sanitize(references, gol
 def test_engine_matches_golden(encoders, golden, model_id, case):
     want = golden(model_id)[case]
     enc = encoders(model_id)
-    tok = enc.tokenizer
-    e = encode(encoders, model_id, case)
-    assert e.input_ids == want["input_ids"], (
-        f"{model_id}/{case} input_ids differ; golden supervised {want['supervised']!r}; "
-        + _first_difference(tok, e.input_ids, want["input_ids"])
-    )
-    assert e.labels == want["labels"], (
-        f"{model_id}/{case}: engine supervises {_show(tok, e.input_ids, e.labels)}, "
-        f"golden {want['supervised']!r}; " + _first_difference(tok, e.labels, want["labels"])
-    )
+    assert_same_encoding(enc.tokenizer, encode(encoders, model_id, case), want, f"{model_id}/{case}")
 
 
 @pytest.mark.parametrize("model_id", VLMS)
-def test_image_token_counts_are_the_processors(references, model_id):
-    """The expansion counts written above are what the processor itself produces."""
+@pytest.mark.parametrize("case", IMAGE_CASES)
+def test_image_token_counts_are_the_processors(references, model_id, case):
+    """The expansion counts written above are what the processor itself produces, for the
+    images of this case in one sample."""
     ref = references(model_id)
     fam = FAMILIES[model_id]
-    for name, count in fam.image_tokens.items():
-        image = make_image(name)
-        if ref.processor is not None:
-            out = ref.processor(text=[f"USER: {fam.image_token}\nx"], images=[image], return_tensors="pt")
-            image_id = ref.tokenizer.convert_tokens_to_ids(fam.image_token)
-            assert out["input_ids"][0].tolist().count(image_id) == count
-        elif "image_grid_thw" in (out := ref.image_processor(images=[image], return_tensors="pt")):
+    _, images = conversation(case, fam)
+    pil = [make_image(n) for n in images]
+    want = [image_count(fam, n, len(images)) for n in images]
+    if ref.counter is not None:
+        text = "".join(f"{fam.image_token}\nx " for _ in images)
+        out = ref.counter(text=[text], images=[pil], return_tensors="pt")  # one sample, its images
+        image_id = ref.tokenizer.convert_tokens_to_ids(fam.image_token)
+        assert out["input_ids"][0].tolist().count(image_id) == sum(want)
+        return
+    for image, count in zip(pil, want, strict=True):
+        out = ref.image_processor(images=[image], return_tensors="pt")
+        if "image_grid_thw" in out:
             merge = ref.image_processor.merge_size ** 2
             assert int(out["image_grid_thw"][0].prod()) // merge == count, out["image_grid_thw"]
         else:  # llava-interleave: SigLIP 384 / patch 14, strategy "full", no extra tokens
@@ -692,24 +1009,93 @@ def test_image_token_counts_are_the_processors(references, model_id):
             assert side * side == count
 
 
-@pytest.mark.parametrize("model_id", VLMS)
-@pytest.mark.parametrize("case", IMAGE_CASES)
+def _media_params() -> list[Any]:
+    return [pytest.param(m, case, id=f"{m}/{case}", marks=_marks(ENGINE_XFAIL, m, case))
+            for m in VLMS for case in IMAGE_CASES]
+
+
+@pytest.mark.parametrize("model_id,case", _media_params())
 def test_engine_media_tokens_unlabelled_and_counted(encoders, golden, model_id, case):
     fam = FAMILIES[model_id]
     enc = encoders(model_id)
     image_id = enc.tokenizer.convert_tokens_to_ids(fam.image_token)
     e = encode(encoders, model_id, case)
     _, images = conversation(case, fam)
-    assert e.input_ids.count(image_id) == sum(fam.image_tokens[n] for n in images)
+    assert e.input_ids.count(image_id) == sum(image_count(fam, n, len(images)) for n in images)
     assert all(lab == IGNORE for i, lab in zip(e.input_ids, e.labels, strict=True) if i == image_id)
+    assert set(fam.media_keys) <= set(e.media_tensors), sorted(e.media_tensors)
     # one pixel tensor per image, never duplicated per turn
     pv = e.media_tensors["pixel_values"]
     if "image_grid_thw" in e.media_tensors:
         grids = e.media_tensors["image_grid_thw"]
         assert grids.shape[0] == len(images)
         assert pv.shape[0] == int(grids.prod(dim=1).sum())
+    elif "cross_attention_mask" in e.media_tensors:  # Mllama: one row of tiles per image
+        assert tuple(pv.shape[:2]) == (1, len(images))
+        assert tuple(e.media_tensors["cross_attention_mask"].shape[:3]) == (1, len(e.input_ids), len(images))
+        assert tuple(e.media_tensors["aspect_ratio_ids"].shape) == (1, len(images))
     else:
         assert pv.shape[0] == len(images)
+    if "batch_num_images" in e.media_tensors:  # onevision: the images of one sample
+        assert e.media_tensors["batch_num_images"].tolist() == [len(images)]
+
+
+# -- what the frozen renders say about each new folder (reviewed by hand) ---------------------
+
+
+def test_llama_vision_renders_a_fixed_date(golden):
+    """cardtune renders with the template's fallback date: labels never depend on the day."""
+    cases = golden("llama-3.2-11b-vision-instruct")
+    assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are a terse geography tutor.<|eot_id|>" \
+        in cases["system_3turns"]["rendered"]
+    assert "Today Date: 26 Jul 2024" in cases["single_turn"]["rendered"]  # the header is always written
+    # with an image the template writes no system header, and refuses a system prompt: folded
+    assert "Today Date" not in cases["one_image"]["rendered"]
+    assert ("<|start_header_id|>user<|end_header_id|>\n\n<|image|>You are a terse art critic.\n\nWhat colour"
+            in cases["system_one_image"]["rendered"])
+
+
+def test_frozen_renders_of_the_new_text_families(golden):
+    llama3 = golden("llama-3-8b-instruct")["system_3turns"]
+    # the original release appends an empty assistant header after the last turn: never trained
+    assert llama3["rendered"].endswith("inhabitants than Rome.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert llama3["supervised"] == ["Paris.<|eot_id|>", "Rome.<|eot_id|>", "Paris has more inhabitants than Rome.<|eot_id|>"]
+    assert llama3["labels"][-5:] == [128009] + [IGNORE] * 4 and llama3["input_ids"].count(128000) == 1
+    gemma = golden("gemma-2-2b-it")["system_3turns"]
+    assert gemma["rendered"].startswith(
+        "<bos><start_of_turn>user\nYou are a terse geography tutor.\n\nCapital of France?<end_of_turn>\n"
+        "<start_of_turn>model\nParis.<end_of_turn>\n")
+    assert gemma["supervised"] == ["Paris.<end_of_turn>", "Rome.<end_of_turn>", "Paris has more inhabitants than Rome.<end_of_turn>"]
+    assert gemma["input_ids"].count(2) == 1 and gemma["input_ids"][0] == 2
+
+
+def test_frozen_renders_of_the_new_image_families(golden):
+    mistral = golden("llava-1.6-mistral-7b")["two_images"]
+    assert mistral["rendered"] == ("<s>[INST] <image>\nDescribe the first picture. [/INST]A red square.</s>"
+                                   "[INST] <image>\nAnd this one? [/INST]A blue rectangle.</s>")
+    assert mistral["input_ids"].count(32000) == 1176 + 1368
+    video = golden("llava-next-video-7b")["two_images"]
+    assert video["rendered"] == ("USER: <image>\nDescribe the first picture. ASSISTANT: A red square.</s> "
+                                 "USER: <image>\nAnd this one? ASSISTANT: A blue rectangle.</s> ")
+    assert video["input_ids"].count(32001) == 1176 + 1368 and video["input_ids"][0] == 1
+    onevision = golden("llava-onevision-0.5b-ov")
+    assert onevision["two_images"]["input_ids"].count(151646) == 2 * 730  # no anyres for several images
+    assert onevision["one_image"]["input_ids"].count(151646) == 1485
+    assert onevision["one_image"]["rendered"].startswith("<|im_start|>user\n<image>\nWhat colour")  # no default system
+    qwen = golden("qwen2-vl-2b-instruct")["one_image"]
+    assert qwen["rendered"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert "<|vision_start|><|image_pad|><|vision_end|>What colour" in qwen["rendered"]
+
+
+def test_llava_next_video_hand_render_is_the_hub_template(references):
+    """The hand-written reference render agrees with the hub template text it was written from."""
+    ref = references("llava-next-video-7b")
+    fam = FAMILIES["llava-next-video-7b"]
+    for case in cases_of("llava-next-video-7b"):
+        messages, _ = conversation(case, fam)
+        prepared = _prepare(messages, fam, answers_of(messages))
+        assert ref.tokenizer.apply_chat_template(prepared, tokenize=False, chat_template=LLAVA_NEXT_VIDEO_HUB_TEMPLATE) \
+            == ref.render(prepared), case
 
 
 # -- auto-derived cards: a local folder with no card gives the same ids -------------------------
@@ -717,39 +1103,34 @@ def test_engine_media_tokens_unlabelled_and_counted(encoders, golden, model_id, 
 
 @pytest.fixture(scope="module")
 def derived_encoders() -> Callable[[str], Any]:
-    from cardtune.collators.engine import ChatEncoder
-    from cardtune.loaders.resolve import load_processing, resolve_model
-
     cache: dict[str, Any] = {}
 
     def get(model_id: str) -> Any:
         if model_id not in cache:
-            r = resolve_model(model_path=require_fixture(model_id))
-            assert r.derived
-            cache[model_id] = ChatEncoder(r.card, load_processing(r), max_length=None)
+            cache[model_id] = build_encoder(model_id, derived=True)
         return cache[model_id]
 
     return get
 
 
-# qwen2-vl-2b's own template is not a chat template (the card gives one); declarative cards
-# exist because their folders ship no template at all
-DERIVABLE = [m for m, f in FAMILIES.items() if f.renderer != "declarative" and m != "qwen2-vl-2b"]
+# qwen2-vl-2b's own template is not a chat template (the card gives one); declarative cards and
+# LLaVA-NeXT-Video exist because their folders ship no template at all
+DERIVABLE = [m for m, f in FAMILIES.items() if f.renderer not in ("declarative", "hand") and m != "qwen2-vl-2b"]
 
 
-@pytest.mark.parametrize("model_id", DERIVABLE)
-def test_derived_card_gives_the_golden_ids(derived_encoders, golden, model_id):
+def _derived_params() -> list[Any]:
+    return [pytest.param(m, case, id=f"{m}/{case}", marks=_marks(DERIVED_XFAIL, m, case))
+            for m in DERIVABLE for case in cases_of(m)]
+
+
+@pytest.mark.parametrize("model_id,case", _derived_params())
+def test_derived_card_gives_the_golden_ids(derived_encoders, golden, model_id, case):
     from cardtune.conversation import Media, Sample
 
     enc = derived_encoders(model_id)
-    for case in cases_of(model_id):
-        messages, images = conversation(case, FAMILIES[model_id])
-        e = enc.encode(Sample(case, messages), Media(images=[make_image(n) for n in images]))
-        want = golden(model_id)[case]
-        assert (e.input_ids, e.labels) == (want["input_ids"], want["labels"]), (
-            f"{model_id}/{case} with a derived card: {_show(enc.tokenizer, e.input_ids, e.labels)}, "
-            f"golden {want['supervised']!r}"
-        )
+    messages, images = conversation(case, FAMILIES[model_id])
+    e = enc.encode(Sample(case, messages), Media(images=[make_image(n) for n in images]))
+    assert_same_encoding(enc.tokenizer, e, golden(model_id)[case], f"{model_id}/{case} with a derived card")
 
 
 def test_base_model_template_is_refused_when_derived():
