@@ -568,12 +568,13 @@ class Region:
 
 def supervise(tok: Any, text: str, regions: list[Region], *, add_bos: bool, where: str) -> dict[str, Any]:
     """Tokenize ``text`` with offsets and label every token overlapping a region (the boundary
-    rule); returns ``input_ids``, ``labels`` and the decoded supervised spans."""
+    rule); returns ``input_ids``, ``labels``, the decoded supervised spans and their text."""
     enc = tok(text, add_special_tokens=add_bos, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     specials = special_ids(tok)
     labels = [IGNORE] * len(ids)
-    supervised: list[str] = []
+    supervised: list[str] = []  # decoded
+    texts: list[str] = []  # the supervised characters of the text
     for region in regions:
         cs, ce = region.start, region.end
         inside = []
@@ -603,7 +604,8 @@ def supervise(tok: Any, text: str, regions: list[Region], *, add_bos: bool, wher
         # a sentencepiece decode drops the leading space of the first word, a byte-level one keeps it
         assert decoded == want or (want.startswith(" ") and decoded == want[1:]), (decoded, want)
         supervised.append(decoded)
-    return {"input_ids": ids, "labels": labels, "supervised": supervised}
+        texts.append(want)
+    return {"input_ids": ids, "labels": labels, "supervised": supervised, "texts": texts}
 
 
 def check_bos(tok: Any, ids: list[int], rendered: str, bos: str | None, where: str) -> None:
