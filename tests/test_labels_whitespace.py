@@ -155,8 +155,6 @@ def _assert_texts_as_written(sample: Any, questions: list[str], answers: list[st
     assert texts == want, texts
 
 
-@pytest.mark.xfail(strict=True, reason="engine: the data loader strips the whitespace around every message "
-                                       "(cardtune.data.formats._strip_message / value.strip())")
 def test_llava_json_texts_reach_the_sample_as_written(tmp_path: Path):
     from cardtune.data.formats import load_samples
 
@@ -172,8 +170,6 @@ def test_llava_json_texts_reach_the_sample_as_written(tmp_path: Path):
     assert samples[1].messages[1]["content"] == [{"type": "text", "text": " Red. "}]
 
 
-@pytest.mark.xfail(strict=True, reason="engine: the data loader strips the whitespace around every message "
-                                       "(cardtune.data.formats._strip_message / value.strip())")
 def test_messages_jsonl_texts_reach_the_sample_as_written(tmp_path: Path):
     from cardtune.data.formats import load_samples
 
