@@ -40,14 +40,6 @@ FOLDERS: dict[str, tuple[str, str | None]] = {
     "qwen-vl-chat": ("qwen-vl-chat", "qwen-vl"),
     # its own template, but remote code that is not in the folder
     "phi3-vision": ("phi3-v", "phi3-v"),
-    # added in 2026-12 (SOURCES.md)
-    "gemma-2-2b-it": ("gemma-2-2b-it", None),
-    "llama-3-8b-instruct": ("llama-3-8b-instruct", None),
-    "llama-3.2-11b-vision-instruct": ("llama-3.2-11b-vision-instruct", None),
-    "qwen2-vl-2b-instruct": ("qwen2-vl-2b-instruct", None),
-    "llava-onevision-qwen2-0.5b-ov-hf": ("llava-onevision-0.5b-ov", None),
-    "llava-v1.6-mistral-7b-hf": ("llava-1.6-mistral-7b", None),  # its processor has no template: the tokenizer's
-    "llava-next-video-7b": ("llava-next-video-7b", "llava-next-video"),  # no template in the folder
 }
 
 
@@ -116,26 +108,7 @@ def _encoder(card: Any, folder: Path) -> Any:
     return ChatEncoder(card, LOADERS[card.loader](card, folder).load_processing())
 
 
-# add-model on folders where it does not give a card that passes check yet (issue 10); strict:
-# each turns into a failure the moment it passes, so the mark goes with the fix
-ADD_MODEL_XFAIL = {
-    "llama-3-8b-instruct": "the derived end of turn takes in the assistant header the original template always "
-                           "appends: masked-label round trip FAILs",
-    "llama-3.2-11b-vision-instruct": "image check FAILs: 1 image gives 1 image token, 0 trained; answer not supervised exactly",
-    "llava-next-video-7b": "load FAILs: AutoProcessor RecursionError (no video_preprocessor_config.json, no torchvision)",
-    "llava-onevision-qwen2-0.5b-ov-hf": "image check FAILs: no processor on this machine (LlavaOnevisionProcessor "
-                                        "not assembled without torchvision)",
-    "llava-v1.6-mistral-7b-hf": "the meta-device build fails (AutoModelForCausalLM for a LlavaNext config), and "
-                                "llava-1.6-mistral-7b is not registered",
-}
-
-
-def _folder_params() -> list[Any]:
-    return [pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=f"engine: {ADD_MODEL_XFAIL[name]}")]
-                         if name in ADD_MODEL_XFAIL else []) for name in sorted(FOLDERS)]
-
-
-@pytest.mark.parametrize("folder_name", _folder_params())
+@pytest.mark.parametrize("folder_name", sorted(FOLDERS))
 def test_added_card_passes_check_and_labels_like_the_hand_written_card(folder_name: str, cards_dir: str) -> None:
     from cardtune.collators.engine import IGNORE_INDEX
     from cardtune.conversation import Media

@@ -63,16 +63,9 @@ def _strict(reason: str) -> Any:
     return pytest.mark.xfail(strict=True, reason=f"engine: {reason}")
 
 
-_LLAMA3 = _strict("the original llama-3 template always appends an assistant header; the derived end of turn "
-                  "takes it in")
-# (model, case) -> why the engine does not give the reference's ids yet (issue 10, items 8 and 9)
-_CHATML_NEWLINE = _strict("ChatML: an answer starting with \\n merges with the header's newline (\\n\\n): "
-                          "label_contract (the merged token is not taken as the answer's first)")
 _MISTRAL_MERGE = _strict("mistral v0.2: an answer starting with [ or < merges with [/INST] (][ / ]<): label_contract")
+# (model, case) -> why the engine does not give the reference's ids yet (issue 10, item 9)
 ENGINE_XFAIL: dict[tuple[str, str], Any] = {
-    **{("llama-3-8b-instruct", case): _LLAMA3 for case in CASES},
-    **{("qwen2.5-7b-instruct", case): _CHATML_NEWLINE for case in
-       ("leading_newline_code", "leading_newline_list", "newlines_and_spaces_around", "two_turns_mixed")},
     ("mistral-7b-instruct-v0.2", "starts_with_bracket"): _MISTRAL_MERGE,
     ("mistral-7b-instruct-v0.2", "starts_with_angle"): _MISTRAL_MERGE,
 }

@@ -283,12 +283,7 @@ def qwen3_style_encoder() -> Any:
     return _encoders["qwen3"]
 
 
-REASONING_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "engine: reasoning is not supported: the empty think block the template writes before the last answer "
-    "breaks the derived roles / spans, and reasoning_content is neither passed to the template nor supervised"))
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[REASONING_XFAIL]) for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_engine_gives_the_reference_ids(tokenizer, case):
     from cardtune.conversation import Sample
 
