@@ -848,13 +848,16 @@ def xfail(reason: str) -> Any:
 _ONEVISION_MULTI = ("llava-onevision: a sample's images reach the processor as a flat list (batch_num_images [1, 1]: "
                     "anyres per image, 1485 + 1317 tokens); as one sample's images (batch_num_images [2]) "
                     "LlavaOnevisionProcessor gives each 729 + 1 (the multi-image form, no anyres)")
-_LLAVA16_COUNT = ("llava-1.6-mistral: the assembled LlavaNextProcessor lacks num_additional_image_tokens=1 (CLIP's class "
-                  "token): one image token fewer than the model's features (1175 for 1176)")
+_LLAVA16_DERIVED = ("llava-1.6-mistral derived card: its processor lacks num_additional_image_tokens=1 (CLIP's class "
+                    "token; only the registered card's processor_defaults set it): one image token fewer than the "
+                    "model's features (1175 for 1176)")
 ENGINE_XFAIL: dict[tuple[str, str | None], str] = {
     ("llava-onevision-0.5b-ov", "two_images"): _ONEVISION_MULTI,
-    **{("llava-1.6-mistral-7b", c): _LLAVA16_COUNT for c in IMAGE_CASES},
 }
-DERIVED_XFAIL: dict[tuple[str, str | None], str] = dict(ENGINE_XFAIL)
+DERIVED_XFAIL: dict[tuple[str, str | None], str] = {
+    **ENGINE_XFAIL,
+    **{("llava-1.6-mistral-7b", c): _LLAVA16_DERIVED for c in IMAGE_CASES},
+}
 
 
 def _marks(table: dict[tuple[str, str | None], str], model_id: str, case: str | None) -> list[Any]:
@@ -992,6 +995,17 @@ def test_image_token_counts_are_the_processors(references, model_id, case):
         else:  # llava-interleave: SigLIP 384 / patch 14, strategy "full", no extra tokens
             side = out["pixel_values"].shape[-1] // 14
             assert side * side == count
+
+
+def test_llava16_counts_are_those_of_the_same_tower_with_hub_settings(references):
+    """llava-1.6-mistral's ASSEMBLED folder ships no processor settings (its counter takes them from
+    config.json, plus CLIP's class token); LLaVA-NeXT-Video's RAW hub processor_config.json says
+    them (patch 14, "default", 1 additional token) for the same CLIP-336 tower and grid pinpoints."""
+    mistral, video = references("llava-1.6-mistral-7b"), references("llava-next-video-7b")
+    for name in IMAGE_SIZES:
+        counts = [r.counter(text=["<image>\nx"], images=[[make_image(name)]], return_tensors="pt")["input_ids"][0]
+                  .tolist().count(r.tokenizer.convert_tokens_to_ids("<image>")) for r in (mistral, video)]
+        assert counts == [FAMILIES["llava-1.6-mistral-7b"].image_tokens[name]] * 2, (name, counts)
 
 
 def _media_params() -> list[Any]:
