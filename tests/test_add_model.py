@@ -108,19 +108,7 @@ def _encoder(card: Any, folder: Path) -> Any:
     return ChatEncoder(card, LOADERS[card.loader](card, folder).load_processing())
 
 
-# add-model on folders whose card does not label like the hand-written one yet; strict: the mark
-# goes with the fix
-ADD_MODEL_XFAIL = {
-    "llava-v1.6-mistral-7b-hf": "the scaffolded card has no processor_defaults (num_additional_image_tokens: 1, "
-                                "CLIP's class token): each image one token fewer than with the hand-written card",
-}
-
-
-@pytest.mark.parametrize("folder_name", [
-    pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=f"engine: {ADD_MODEL_XFAIL[name]}")]
-                 if name in ADD_MODEL_XFAIL else [])
-    for name in sorted(FOLDERS)
-])
+@pytest.mark.parametrize("folder_name", sorted(FOLDERS))
 def test_added_card_passes_check_and_labels_like_the_hand_written_card(folder_name: str, cards_dir: str) -> None:
     from cardtune.collators.engine import IGNORE_INDEX
     from cardtune.conversation import Media

@@ -139,12 +139,6 @@ WITHOUT_TEMPLATE = ["vicuna-7b-v1.5", "phi-2", "qwen-vl-chat", "qwen2-vl-2b", "l
 IMAGES = {"llava-1.5-7b", "llava-interleave-qwen-7b", "qwen2.5-vl-3b-instruct", "llama-3.2-11b-vision-instruct",
           "qwen2-vl-2b-instruct", "llava-onevision-qwen2-0.5b-ov-hf", "llava-v1.6-mistral-7b-hf"}
 
-SAME_LABELS_XFAIL = {
-    "llava-v1.6-mistral-7b-hf": "the derived llava-1.6-mistral card's processor lacks num_additional_image_tokens=1 "
-                                "(the registered card's processor_defaults set it): one image token fewer",
-}
-
-
 def test_the_cli_folder_lists_cover_every_fixture(fixtures_present):
     assert sorted([*WITH_TEMPLATE, *WITHOUT_TEMPLATE]) == sorted(p.name for p in fixtures_present.iterdir() if p.is_dir())
 
@@ -183,11 +177,7 @@ def _labels(capsys, *argv: str) -> tuple[int, list[str], str]:
     return rc, captured.out.splitlines(), captured.err
 
 
-@pytest.mark.parametrize("folder_name", [
-    pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=f"engine: {SAME_LABELS_XFAIL[name]}")]
-                 if name in SAME_LABELS_XFAIL else [])
-    for name in sorted(WITH_TEMPLATE)
-])
+@pytest.mark.parametrize("folder_name", sorted(WITH_TEMPLATE))
 def test_model_path_alone_gives_the_registered_cards_labels(mixed_data, capsys, folder_name):
     folder = str(require_fixture(folder_name))
     data = mixed_data / ("images.json" if folder_name in IMAGES else "text.json")

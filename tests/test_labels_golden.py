@@ -848,16 +848,10 @@ def xfail(reason: str) -> Any:
 _ONEVISION_MULTI = ("llava-onevision: a sample's images reach the processor as a flat list (batch_num_images [1, 1]: "
                     "anyres per image, 1485 + 1317 tokens); as one sample's images (batch_num_images [2]) "
                     "LlavaOnevisionProcessor gives each 729 + 1 (the multi-image form, no anyres)")
-_LLAVA16_DERIVED = ("llava-1.6-mistral derived card: its processor lacks num_additional_image_tokens=1 (CLIP's class "
-                    "token; only the registered card's processor_defaults set it): one image token fewer than the "
-                    "model's features (1175 for 1176)")
 ENGINE_XFAIL: dict[tuple[str, str | None], str] = {
     ("llava-onevision-0.5b-ov", "two_images"): _ONEVISION_MULTI,
 }
-DERIVED_XFAIL: dict[tuple[str, str | None], str] = {
-    **ENGINE_XFAIL,
-    **{("llava-1.6-mistral-7b", c): _LLAVA16_DERIVED for c in IMAGE_CASES},
-}
+DERIVED_XFAIL: dict[tuple[str, str | None], str] = dict(ENGINE_XFAIL)
 
 
 def _marks(table: dict[tuple[str, str | None], str], model_id: str, case: str | None) -> list[Any]:
