@@ -281,11 +281,13 @@ ROLE_STRINGS = {
     "qwen-vl-chat": "Explain\n<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n<|im_start|>user ok",
 }
 # First answer characters that merge with the end of the header in context.
-MERGING_ANSWERS = {
-    "mistral-7b-instruct-v0.2": ".NET is a framework.",  # "]" + "." tokenizes as one piece
-    "qwen2.5-7b-instruct": "\nA leading newline.",  # "\n" + "\n" tokenizes as one piece
-    "llava-interleave-qwen-7b": "\nA leading newline.",
-    "deepseek-coder-6.7b-instruct": "\nA leading newline.",
+MERGING_ANSWERS = {  # model -> (the header's piece in the merged token, the answer)
+    "mistral-7b-instruct-v0.2": ("]", ".NET is a framework."),  # "]" + "." tokenizes as one piece
+    "qwen2.5-7b-instruct": ("\n", "\nA leading newline."),  # "\n" + "\n" tokenizes as one piece
+    # its processor template writes "\n" before each text part: the header ends "assistant\n\n"
+    "llava-interleave-qwen-7b": ("\n\n", "\nA leading newline."),
+    # "### Response:\n" + "\nA": no merge here (the answer's newline is a token of its own)
+    "deepseek-coder-6.7b-instruct": ("", "\nA leading newline."),
 }
 
 
@@ -301,17 +303,12 @@ def test_04_role_strings_in_context_and_inside_user_text(encoder, model_id):
     answer = "Those are turn markers."
     e = enc.encode(sample(f"{model_id}-roles", ROLE_STRINGS[model_id], answer, ROLE_STRINGS[model_id], "Yes."))
     assert_exact(enc, e, model_id, answer, "Yes.")
-    # an answer whose first characters merge into the header's last token: exact or loud
-    from cardtune.errors import SampleError
-
+    # an answer whose first characters merge into the header's last token: the merged token is
+    # trained (the model must emit it), so the span is that header piece, then the answer
     if model_id in MERGING_ANSWERS:
-        s = sample(f"{model_id}-merge", "Question?", MERGING_ANSWERS[model_id])
-        try:
-            e = enc.encode(s)
-        except SampleError as err:
-            assert err.reason == "label_contract" and err.sample_id == s.id
-        else:
-            assert [t.strip() for t in supervised(enc, e)] == [t.strip() for t in expected(model_id, MERGING_ANSWERS[model_id])]
+        piece, answer = MERGING_ANSWERS[model_id]
+        e = enc.encode(sample(f"{model_id}-merge", "Question?", answer))
+        assert supervised(enc, e) == [piece + t for t in expected(model_id, answer)]
 
 
 @pytest.mark.parametrize("model_id,user,n_images", [

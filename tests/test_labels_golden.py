@@ -838,35 +838,12 @@ def _not_ready(model_id: str) -> str | None:
     return None
 
 
-def xfail(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=f"engine: {reason}")
-
-
-# Where the engine does not give the golden ids yet (issue 10). Strict: each one fails the suite
-# the moment it passes, so the mark goes when the engine is fixed. Keyed (model id, case);
-# case None means every case of that model.
-_ONEVISION_MULTI = ("llava-onevision: a sample's images reach the processor as a flat list (batch_num_images [1, 1]: "
-                    "anyres per image, 1485 + 1317 tokens); as one sample's images (batch_num_images [2]) "
-                    "LlavaOnevisionProcessor gives each 729 + 1 (the multi-image form, no anyres)")
-ENGINE_XFAIL: dict[tuple[str, str | None], str] = {
-    ("llava-onevision-0.5b-ov", "two_images"): _ONEVISION_MULTI,
-}
-DERIVED_XFAIL: dict[tuple[str, str | None], str] = dict(ENGINE_XFAIL)
-
-
-def _marks(table: dict[tuple[str, str | None], str], model_id: str, case: str | None) -> list[Any]:
-    reason = table.get((model_id, case)) or table.get((model_id, None))
-    return [xfail(reason)] if reason else []
-
-
 def _params(engine: bool) -> list[Any]:
     out = []
     for model_id in FAMILIES:
         not_ready = _not_ready(model_id) if engine else None
         for case in cases_of(model_id):
             marks = [pytest.mark.skip(reason=not_ready)] if not_ready else []
-            if engine and not not_ready:
-                marks += _marks(ENGINE_XFAIL, model_id, case)
             out.append(pytest.param(model_id, case, id=f"{model_id}/{case}", marks=marks))
     return out
 
@@ -1003,8 +980,7 @@ def test_llava16_counts_are_those_of_the_same_tower_with_hub_settings(references
 
 
 def _media_params() -> list[Any]:
-    return [pytest.param(m, case, id=f"{m}/{case}", marks=_marks(ENGINE_XFAIL, m, case))
-            for m in VLMS for case in IMAGE_CASES]
+    return [pytest.param(m, case, id=f"{m}/{case}") for m in VLMS for case in IMAGE_CASES]
 
 
 @pytest.mark.parametrize("model_id,case", _media_params())
@@ -1112,8 +1088,7 @@ DERIVABLE = [m for m, f in FAMILIES.items() if f.renderer not in ("declarative",
 
 
 def _derived_params() -> list[Any]:
-    return [pytest.param(m, case, id=f"{m}/{case}", marks=_marks(DERIVED_XFAIL, m, case))
-            for m in DERIVABLE for case in cases_of(m)]
+    return [pytest.param(m, case, id=f"{m}/{case}") for m in DERIVABLE for case in cases_of(m)]
 
 
 @pytest.mark.parametrize("model_id,case", _derived_params())

@@ -59,21 +59,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _strict(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=f"engine: {reason}")
-
-
-_MISTRAL_MERGE = _strict("mistral v0.2: an answer starting with [ or < merges with [/INST] (][ / ]<): label_contract")
-# (model, case) -> why the engine does not give the reference's ids yet (issue 10, item 9)
-ENGINE_XFAIL: dict[tuple[str, str], Any] = {
-    ("mistral-7b-instruct-v0.2", "starts_with_bracket"): _MISTRAL_MERGE,
-    ("mistral-7b-instruct-v0.2", "starts_with_angle"): _MISTRAL_MERGE,
-}
-
-
 def _params() -> list[Any]:
-    return [pytest.param(m, case, id=f"{m}/{case}", marks=[ENGINE_XFAIL[(m, case)]] if (m, case) in ENGINE_XFAIL else [])
-            for m in MODELS for case in CASES]
+    return [pytest.param(m, case, id=f"{m}/{case}") for m in MODELS for case in CASES]
 
 
 @pytest.fixture(scope="module")

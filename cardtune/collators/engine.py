@@ -72,6 +72,19 @@ def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
     return -1
 
 
+class TextView:
+    """The rendered text under a run of tokens, from the tokenizer's offsets: a span is checked
+    against its answer by comparing source characters, without decoding (the fast path)."""
+
+    __slots__ = ("offsets", "text")
+
+    def __init__(self, text: str, offsets: list[tuple[int, int]]) -> None:
+        self.text, self.offsets = text, offsets
+
+    def chars(self, start: int, end: int) -> str:
+        return self.text[self.offsets[start][0] : self.offsets[end - 1][1]] if end > start else ""
+
+
 @dataclass
 class Answer:
     """One assistant turn as the data gives it: its text and its reasoning ("" when none)."""
@@ -147,7 +160,7 @@ class ChatEncoder:
                 if m["role"] == "assistant" else m
                 for m in messages
             ]
-        messages = [self._reasoning_field(m, i, sample) for i, m in enumerate(messages)]
+        messages = [self._reasoning_field(m, i, sample) if "reasoning_content" in m else m for i, m in enumerate(messages)]
         formatted = self.handler.format_messages(messages, roles.content, sample=sample, media=media)
         if roles.system_content == "string" and formatted and formatted[0]["role"] == "system":
             formatted[0] = {**formatted[0], "content": message_text(formatted[0])}
@@ -223,6 +236,8 @@ class ChatEncoder:
             tok = self.tokenizer
             ids = tok(answer, add_special_tokens=False)["input_ids"]
             cached = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+            if len(self._answer_norm) >= 4096:  # a bounded memo: answers repeat in batches, not across a dataset
+                self._answer_norm.clear()
             self._answer_norm[answer] = cached
         return cached
 
@@ -344,13 +359,13 @@ class ChatEncoder:
 
     def assistant_spans(
         self, ids: list[int], answers: list[Answer], sample: Sample,
-        messages: list[dict[str, Any]] | None = None, text: str | None = None,
+        messages: list[dict[str, Any]] | None = None, text: str | None = None, view: TextView | None = None,
     ) -> list[tuple[int, int]]:
         """[start, end) of each answer plus its end-of-turn tokens, in order. ``messages`` and
         ``text`` are the normalised messages and their render (computed again when not given)."""
         header = self.roles.assistant_header
         if not header:
-            return self._headerless_spans(ids, answers, sample)
+            return self._headerless_spans(ids, answers, sample, view)
         # More headers than answers: some were typed inside messages (a user quoting a whole
         # turn, even with the same answer). The rendered conversation tells which occurrence is
         # each answer's own and which were typed; those are never taken.
@@ -371,17 +386,17 @@ class ChatEncoder:
             guess = expected[turn] if turn < len(expected) else None
             span = None
             if guess is not None and positions[guess] >= pos:
-                span = self._span_after(ids, positions[guess] + len(header), answer)
+                span = self._span_after(ids, positions[guess] + len(header), answer, view)
             if span is None and positions:
                 for j, h in enumerate(positions):
                     if h >= pos and j not in typed:
-                        span = self._span_after(ids, h + len(header), answer)
+                        span = self._span_after(ids, h + len(header), answer, view)
                         if span is not None:
                             break
             elif span is None:
                 h = _find(ids, header, pos)
                 while h >= 0 and span is None:
-                    span = self._span_after(ids, h + len(header), answer)
+                    span = self._span_after(ids, h + len(header), answer, view)
                     h = _find(ids, header, h + 1)  # no such span: a header typed inside a message
             if span is None:
                 span = self._merged_header_span(ids, pos, answer)
@@ -396,7 +411,8 @@ class ChatEncoder:
             pos = span[1]
         return spans
 
-    def _span_after(self, ids: list[int], start: int, answer: Answer) -> tuple[int, int, bool] | None:
+    def _span_after(self, ids: list[int], start: int, answer: Answer,
+                    view: TextView | None = None) -> tuple[int, int, bool] | None:
         """The span of ``answer`` right after a header ending at ``start``: (start, end, whether
         its reasoning is in it). What the template inserts before a last answer only (an empty
         think block) is skipped, so it is masked like the header."""
@@ -406,10 +422,10 @@ class ChatEncoder:
             if span is not None:
                 return (*span, True)
         if inserted and tuple(ids[start : start + len(inserted)]) == inserted:
-            span = self._span_from(ids, start + len(inserted), self.roles.end_of_turn, answer.text)
+            span = self._span_from(ids, start + len(inserted), self.roles.end_of_turn, answer.text, view=view)
             if span is not None:
                 return (*span, False)
-        span = self._span_from(ids, start, self.roles.end_of_turn, answer.text)
+        span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, view=view)
         return (*span, False) if span is not None else None
 
     def _merged_header_span(self, ids: list[int], pos: int, answer: Answer) -> tuple[int, int, bool] | None:
@@ -426,13 +442,15 @@ class ChatEncoder:
             if at < len(ids) and ids[at] != header[-1]:
                 merged = self.tokenizer.decode(ids[at : at + 1])
                 if merged.startswith(last) and len(merged) > len(last):
-                    span = self._span_from(ids, at, self.roles.end_of_turn, answer.text, answer.reasoning or None)
+                    # the span's text is the header's last piece, then the answer
+                    span = self._span_from(ids, at, self.roles.end_of_turn, last + answer.text, answer.reasoning or None)
                     if span is not None:
                         return (*span, bool(answer.reasoning))
             h = _find(ids, head, h + 1)
         return None
 
-    def _headerless_spans(self, ids: list[int], answers: list[Answer], sample: Sample) -> list[tuple[int, int]]:
+    def _headerless_spans(self, ids: list[int], answers: list[Answer], sample: Sample,
+                          view: TextView | None = None) -> list[tuple[int, int]]:
         """The plain template has no roles: each caption starts right after the media tokens
         (and bos) that precede it, and ends with its eos."""
         skip = set(self.media_token_ids)
@@ -444,7 +462,7 @@ class ChatEncoder:
             start = pos
             while start < len(ids) and ids[start] in skip:
                 start += 1
-            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text)
+            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, view=view)
             if span is None:
                 raise SampleError(
                     sample.id, f"assistant turn {turn}", "label_contract",
@@ -457,15 +475,19 @@ class ChatEncoder:
 
     def _span_from(
         self, ids: list[int], start: int, eot: tuple[int, ...], answer: str, reasoning: str | None = None,
+        view: TextView | None = None,
     ) -> tuple[int, int] | None:
         """The span from ``start`` to the first end-of-turn after which the text is the answer.
 
         Where the end of turn starts with text before its special token (deepseek's
         ``\n<|EOT|>``) and the answer's last characters merged with that text, the special
-        token alone closes the span."""
+        token alone closes the span. ``view``: the render under the tokens, checked first (the
+        characters the span covers are the answer's), decoding only where they are not."""
         def matches(e: int) -> bool:
             if reasoning:
                 return self._matches_with_reasoning(ids[start:e], answer, reasoning)
+            if view is not None and view.chars(start, e).strip() == answer.strip():
+                return True
             return self._matches(ids[start:e], answer)
 
         e = _find(ids, eot, start)
@@ -521,12 +543,23 @@ class ChatEncoder:
                 del texts[i]
         marked = {i for i in texts if self._sanitize(samples[i], typed[i])}
         plain = [i for i in texts if i not in marked]
-        ids_of = dict(zip(plain, self.handler.tokenize_batch([texts[i] for i in plain]), strict=True)) if plain else {}
+        ids_of: dict[int, list[int]] = {}
+        views: dict[int, TextView] = {}
+        if plain:
+            batch_ids, batch_offsets = self.handler.tokenize_batch_with_offsets([texts[i] for i in plain])
+            for n, i in enumerate(plain):
+                ids_of[i] = batch_ids[n]
+                if batch_offsets is not None:
+                    views[i] = TextView(texts[i], batch_offsets[n])
         for i in marked:
             ids_of[i] = self.handler.tokenize_batch([texts[i]], sanitize=True)[0]
         for i in texts:
+            ids = self._with_bos(ids_of[i])
+            view = views.get(i)
+            if view is not None and len(ids) != len(ids_of[i]):
+                view = TextView(view.text, [(0, 0), *view.offsets])
             try:
-                encoded = self.label(samples[i], self._with_bos(ids_of[i]), {}, messages=normalised[i], text=texts[i])
+                encoded = self.label(samples[i], ids, {}, messages=normalised[i], text=texts[i], view=view)
             except SampleError as exc:
                 results[i] = exc
                 continue
@@ -536,24 +569,26 @@ class ChatEncoder:
 
     def label(
         self, sample: Sample, ids: list[int], tensors: dict[str, Any], *,
-        messages: list[dict[str, Any]] | None = None, text: str | None = None,
+        messages: list[dict[str, Any]] | None = None, text: str | None = None, view: TextView | None = None,
     ) -> Encoded:
         """Labels for already-tokenized ``ids``: locate, verify, mask media, truncate.
-        ``messages``/``text``: the normalised messages and their render, if already at hand."""
+        ``messages``/``text``: the normalised messages and their render, if already at hand;
+        ``view``: that render under the tokens (offsets), when the ids are exactly its tokens."""
         answers = [Answer(message_text(m), m.get("reasoning_content") or "")
                    for m in sample.messages if m["role"] == "assistant"]
-        spans = self.assistant_spans(ids, answers, sample, messages, text)
+        spans = self.assistant_spans(ids, answers, sample, messages, text, view)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in spans:
             labels[s:e] = ids[s:e]
-        if self.media_token_ids:
+        media = self.media_token_ids
+        if media and not media.isdisjoint(ids):
             for i, tok in enumerate(ids):
-                if tok in self.media_token_ids:
+                if tok in media:
                     labels[i] = IGNORE_INDEX
         truncated = 0
         if self.max_length is not None and len(ids) > self.max_length:
             ids, labels, tensors, truncated = self._truncate(ids, labels, tensors, sample)
-        if all(x == IGNORE_INDEX for x in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             raise SampleError(sample.id, "messages", "empty_labels",
                               "no answer token left to train" + (" after truncation" if truncated else ""), sample.source)
         dropped = sum(1 for a in answers if a.reasoning and not a.reasoning_rendered)

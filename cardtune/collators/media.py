@@ -153,6 +153,14 @@ class DefaultCollator:
         extra = {"sanitize_control_tokens": True} if sanitize else {}
         return self.tokenizer(texts, add_special_tokens=False, **extra)["input_ids"]
 
+    def tokenize_batch_with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
+        """Text-only renders in one call, with each token's character span where the tokenizer
+        gives them (a fast tokenizer): spans are then checked against the text, not decoded."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self.tokenize_batch(texts), None
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
     def _tokenize_media(
         self, text: str, sample: Sample, images: list, videos: list, sanitize: bool = False,
     ) -> tuple[list[int], dict[str, Any]]:
@@ -167,7 +175,10 @@ class DefaultCollator:
         if sanitize:
             kwargs["sanitize_control_tokens"] = True
         if images:
-            kwargs["images"] = images
+            # one sample's images, nested as one batch entry: LLaVA-OneVision encodes a sample of
+            # several images in its multi-image form (no anyres), as it was trained; the other
+            # processors give the same either way
+            kwargs["images"] = [images]
         if videos:
             kwargs["videos"] = videos
         try:

@@ -35,12 +35,12 @@ PROBE_SIZES: tuple[tuple[int, int], ...] = ((333, 250), (1000, 230), (224, 640))
 and a wide one, so anyres grids and patch rounding differ between them."""
 
 
-def _probe_sample() -> Sample:
+def _probe_sample(images: int = 1) -> Sample:
     return Sample(
         "media-token-probe",
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        [{"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": "What is this?"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "A probe."}]}],
-        images=["probe"],
+        images=["probe"] * images,
     )
 
 
@@ -121,9 +121,16 @@ class HeaderEncoder:
                 if (got.input_ids, got.labels) != (want.input_ids, want.labels):
                     return None, (f"counts from {counter.method} differ from the processor's on a {size[0]}x{size[1]} "
                                   "image; images are decoded in validation")
+            # several images in one sample: the same counts each, or (LLaVA-OneVision's multi-image
+            # form) others, which are then measured per sample on blank images of the header sizes
+            two = _probe_sample(images=2)
+            want = encoder.encode(two, Media(images=[_blank(size) for size in PROBE_SIZES[:2]]))
+            got = header.encode(two, Media(images=[ImageHeader("PNG", *size, 1, "RGB") for size in PROBE_SIZES[:2]]))
+            handler.measure_several = (got.input_ids, got.labels) != (want.input_ids, want.labels)
         except SampleError as exc:
             return None, f"the probe sample did not encode ({exc}); images are decoded in validation"
-        return header, f"image tokens counted from headers ({counter.method})"
+        several = "; a sample of several images measured on blank images" if handler.measure_several else ""
+        return header, f"image tokens counted from headers ({counter.method}{several})"
 
     @property
     def card(self) -> Any:
@@ -147,6 +154,8 @@ class _HeaderSizedHandler:
         self._handler = handler
         self._counter = counter
         self._token_id = image_token_id
+        self.measure_several = False
+        """Several images in one sample count otherwise than alone: measured on blank images."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handler, name)
@@ -157,6 +166,9 @@ class _HeaderSizedHandler:
         images = list(media.images) if media is not None else []
         if not images or (media is not None and media.videos) or not all(isinstance(i, ImageHeader) for i in images):
             return self._handler.tokenize(text, sample, media, sanitize=sanitize)
+        if self.measure_several and len(images) > 1:
+            blanks = Media(images=[_blank((i.width, i.height)) for i in images])
+            return self._handler.tokenize(text, sample, blanks, sanitize=sanitize)[0], {}
         self._handler.check_media(text, sample, media)
         ids = self._handler.tokenize_batch([text], sanitize=sanitize)[0]
         at = [i for i, t in enumerate(ids) if t == self._token_id]
