@@ -44,6 +44,7 @@ class TypedControlTokens:
                 strings.add(text)
         self.pattern = (re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
                         if strings else None)
+        self._first_chars = {s[0] for s in strings}
 
     def count(self, messages: list[dict[str, Any]]) -> int:
         """Control-token strings in the messages' texts (and reasoning)."""
@@ -51,6 +52,8 @@ class TypedControlTokens:
             return 0
         # one search over all texts ("\0" is in no token); most samples have none
         joined = "\0".join(text for m in messages for text in (message_text(m), m.get("reasoning_content") or "") if text)
+        if not any(c in joined for c in self._first_chars):  # a cheap scan first: most texts have none
+            return 0
         return len(self.pattern.findall(joined)) if self.pattern.search(joined) else 0
 
     def mark(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -76,12 +76,14 @@ class TextView:
     """The rendered text under a run of tokens, from the tokenizer's offsets: a span is checked
     against its answer by comparing source characters, without decoding (the fast path)."""
 
-    __slots__ = ("offsets", "text")
+    __slots__ = ("offsets", "shift", "text")
 
-    def __init__(self, text: str, offsets: list[tuple[int, int]]) -> None:
-        self.text, self.offsets = text, offsets
+    def __init__(self, text: str, offsets: list[tuple[int, int]], shift: int = 0) -> None:
+        """``shift``: ids in front of the text's tokens (a bos cardtune adds)."""
+        self.text, self.offsets, self.shift = text, offsets, shift
 
     def chars(self, start: int, end: int) -> str:
+        start, end = max(start - self.shift, 0), end - self.shift
         return self.text[self.offsets[start][0] : self.offsets[end - 1][1]] if end > start else ""
 
 
@@ -556,8 +558,8 @@ class ChatEncoder:
         for i in texts:
             ids = self._with_bos(ids_of[i])
             view = views.get(i)
-            if view is not None and len(ids) != len(ids_of[i]):
-                view = TextView(view.text, [(0, 0), *view.offsets])
+            if view is not None:
+                view.shift = len(ids) - len(ids_of[i])
             try:
                 encoded = self.label(samples[i], ids, {}, messages=normalised[i], text=texts[i], view=view)
             except SampleError as exc:
