@@ -220,6 +220,11 @@ class ChatEncoder:
     def _apply_template(self, messages: Any) -> Any:
         return render_chat(self.processing.renderer, messages, self._template_kwargs)
 
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """Normalised ``messages`` rendered with the generation prompt (inference, ``cardtune
+        chat``), with the same template arguments as training (a frozen date)."""
+        return render_chat(self.processing.renderer, messages, {**self._template_kwargs, "add_generation_prompt": True})
+
     def tokenize(self, text: str, sample: Sample, media: Media | None) -> tuple[list[int], dict[str, Any]]:
         ids, tensors = self.handler.tokenize(text, sample, media, sanitize=self._sanitize(sample))
         return self._with_bos(ids), tensors

@@ -66,7 +66,7 @@ class ChatSession:
         sample = Sample("chat", messages + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
                         images=list(self.images))
         normalised = self.encoder.normalise(sample)[:-1]
-        text = self.processing.renderer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True)
+        text = self.encoder.render_prompt(normalised)
         media = Media(images=list(self.images)) if self.images else None
         try:
             ids, tensors = self.encoder.tokenize(text, sample, media)
