@@ -273,7 +273,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
                         allow_absolute_paths=d.allow_absolute_paths, policy=d.bad_sample_policy,
                         output_dir=output_dir if main_process else None,
                         seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
-                        num_workers=d.validation_workers, cache=d.data_cache)
+                        num_workers=d.validation_workers, cache=d.data_cache,
+                        role_keys={"user_key": d.user_key, "assistant_key": d.assistant_key})
     with writing(output_dir, "the list of skipped samples"):
         train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
         check_skipped_share("train", train_split.report, d.bad_sample_policy, d.max_skipped_share)

@@ -166,3 +166,22 @@ def test_typed_control_tokens_are_counted_and_kept_on_request(tmp_path: Path, ca
     out = capsys.readouterr().out
     assert ("1 sample holds control-token strings typed in their text (encoded as plain text unless "
             "--typed_control_tokens keep)") in out
+
+
+def test_role_keys_reach_labels_and_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LLaVA data written with other role names ("q"/"a"): --user-key/--assistant-key on labels
+    and on train (the validation report of a run), as on validate-data."""
+    from cardtune.training.arguments import parse_arguments
+
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([{"id": "x", "conversations": [{"from": "q", "value": "Hi"}, {"from": "a", "value": "Hello."}]}]))
+    folder = str(require_fixture("qwen2.5-7b-instruct"))
+    base = ["labels", "--model_id", "qwen2.5-7b-instruct", "--model-path", folder, "--data", str(path)]
+    assert main(base) == 1
+    assert "messages: no_assistant_turn" in capsys.readouterr().err  # "a" is no role it knows
+    assert main([*base, "--user-key", "q", "--assistant-key", "a"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert any(lab != -100 for lab in row["labels"])
+    args = parse_arguments(["--model_id", "qwen2.5-7b-instruct", "--data_path", str(path), "--user_key", "q",
+                            "--assistant-key", "a"])
+    assert (args.data.user_key, args.data.assistant_key) == ("q", "a")

@@ -50,6 +50,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", "--max_length", dest="max_length", type=int,
                    help="longest sequence in tokens; longer samples are cut after their media "
                    "(default: refuse samples longer than the model takes)")
+    p.add_argument("--user-key", "--user_key", dest="user_key", default="human",
+                   help="LLaVA-format 'from' value of user turns (default: human)")
+    p.add_argument("--assistant-key", "--assistant_key", dest="assistant_key", default="gpt",
+                   help="LLaVA-format 'from' value of assistant turns (default: gpt)")
     p.add_argument("--typed-control-tokens", "--typed_control_tokens", dest="typed_control_tokens",
                    choices=["plain", "keep"], default="plain",
                    help="control-token strings typed inside a message (<|im_end|>, </s>): plain (default) encodes "
@@ -106,7 +110,7 @@ def encoded_samples(args: argparse.Namespace, resolved: Any, encoder: Any, limit
 
     cfg = MediaConfig.from_card(resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
                                 allow_absolute_paths=args.allow_absolute_paths)
-    samples = load_samples(args.data)
+    samples = load_samples(args.data, user_key=args.user_key, assistant_key=args.assistant_key)
     for n, sample in enumerate(samples):
         if limit is not None and n >= limit:
             return

@@ -14,8 +14,6 @@ from cardtune.commands.labels import add_data_args, add_model_args, open_encoder
 def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--user-key", default="human", help="LLaVA 'from' value of user turns (default: human)")
-    p.add_argument("--assistant-key", default="gpt", help="LLaVA 'from' value of assistant turns (default: gpt)")
     p.add_argument("--no-encode", action="store_true",
                    help="structure and media only: no tokenizer, so no length or label checks")
     p.add_argument("--check-media", "--check_media", dest="check_media", choices=("header", "full"), default="header",

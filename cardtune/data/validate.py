@@ -147,8 +147,8 @@ def _media_parts(content: Any) -> int:
 
 
 # Where a LLaVA `from` value other than human/gpt/system gets its role.
-ROLE_KEYS_HINT = ("a LLaVA 'from' value maps to a role with --user-key/--assistant-key in cardtune validate-data, "
-                  "or user_key/assistant_key/system_key of a source in a mix YAML")
+ROLE_KEYS_HINT = ("a LLaVA 'from' value maps to a role with --user-key/--assistant-key (train, labels, inspect, "
+                  "validate-data), or user_key/assistant_key/system_key of a source in a mix YAML")
 
 
 def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError]:

@@ -86,6 +86,14 @@ class DataArguments:
         metadata={"help": "with --bad_sample_policy skip: the largest share of a split's records that may be "
                   "dropped (0.1: 10%%); more stops the run before step 1 (a wrong --image_folder, say)"},
     )
+    user_key: str = field(
+        default="human", metadata={"help": "LLaVA-format 'from' value of user turns (a mix file sets its own)",
+                                   "aliases": ["--user-key"]},
+    )
+    assistant_key: str = field(
+        default="gpt", metadata={"help": "LLaVA-format 'from' value of assistant turns (a mix file sets its own)",
+                                 "aliases": ["--assistant-key"]},
+    )
     typed_control_tokens: Literal["plain", "keep"] = field(
         default="plain",
         metadata={"help": "control-token strings typed inside a message (<|im_end|>, </s>): plain encodes them as "

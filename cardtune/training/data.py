@@ -92,6 +92,7 @@ def prepare_split(
     max_image_pixels: int | None = None,
     num_workers: int | None = None,
     cache: str | None = None,
+    role_keys: dict[str, str] | None = None,
 ) -> SplitData:
     """Read, validate (every sample encoded once, in ``num_workers`` processes, default the
     cores) and apply the policy to one split. The validated split is kept in the data cache
@@ -105,7 +106,8 @@ def prepare_split(
                 "max_length": encoder.max_length, "length_limit": getattr(getattr(encoder, "limit", None), "tokens", None),
                 "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
                 "max_image_pixels": max_image_pixels,
-                "typed_control_tokens": "keep" if getattr(encoder, "keep_typed_control_tokens", False) else "plain"}
+                "typed_control_tokens": "keep" if getattr(encoder, "keep_typed_control_tokens", False) else "plain",
+                "role_keys": role_keys or {}}
     root = data_cache.cache_root(cache)
     key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
     folder = root / key if root is not None and key is not None else None
@@ -116,7 +118,7 @@ def prepare_split(
             samples, report, flags = kept_before
             log(f"data ({split}): {data_path}: validated before; read from the cache {folder}")
         else:
-            samples = load_samples(data_path, seed=seed)
+            samples = load_samples(data_path, seed=seed, **(role_keys or {}))
             report = validate(samples, encoder, card=card, image_folder=image_folder, video_folder=video_folder,
                               allow_absolute_paths=allow_absolute_paths, check_media=check_media,  # type: ignore[arg-type]
                               max_image_pixels=max_image_pixels,
