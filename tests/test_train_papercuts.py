@@ -278,8 +278,8 @@ def test_an_unknown_llava_role_says_how_to_map_it(tmp_path: Path, capsys: pytest
                        str(require_fixture("llama-2-7b-chat")), "--data", str(data))
     assert code == 1
     assert ("unknown_role       role 'bot' (known: system, user, assistant; a LLaVA 'from' value maps to a role with "
-            "--user-key/--assistant-key in cardtune validate-data, or user_key/assistant_key/system_key of a source "
-            "in a mix YAML)\n") in out, out
+            "--user-key/--assistant-key (train, labels, inspect, validate-data), or user_key/assistant_key/system_key "
+            "of a source in a mix YAML)\n") in out, out
     code, out, _ = cli(capsys, "validate-data", "--model_id", "llama-2-7b-chat", "--model-path",
                        str(require_fixture("llama-2-7b-chat")), "--data", str(data), "--assistant-key", "bot")
     assert code == 0, out
