@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cardtune.collators.media import is_per_token
 from cardtune.collators.roles import render_chat
 from cardtune.conversation import Media, Processing, Sample, join_text_parts, message_text
 from cardtune.errors import SampleError
@@ -497,18 +498,12 @@ class ChatEncoder:
                 return True
             return self._matches(ids[start:e], answer)
 
-        e = _find(ids, eot, start)
-        while e >= 0 and not matches(e):
-            e = _find(ids, eot, e + 1)
-        if e >= 0:
-            return start, e + len(eot)
-        if len(eot) > 1:
-            anchor = eot[-1:]
-            e = _find(ids, anchor, start)
+        for closing in (eot, eot[-1:]) if len(eot) > 1 else (eot,):
+            e = _find(ids, closing, start)
             while e >= 0 and not matches(e):
-                e = _find(ids, anchor, e + 1)
+                e = _find(ids, closing, e + 1)
             if e >= 0:
-                return start, e + 1
+                return start, e + len(closing)
         return None
 
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:
@@ -617,6 +612,5 @@ class ChatEncoder:
                 f"(last media token at {last_media})", sample.source,
             )
         n = len(ids)
-        tensors = {k: v[:, :keep] if getattr(v, "dim", lambda: 0)() >= 2 and v.shape[0] == 1 and v.shape[1] == n else v
-                   for k, v in tensors.items()}
+        tensors = {k: v[:, :keep] if is_per_token(v, n) else v for k, v in tensors.items()}
         return ids[:keep], labels[:keep], tensors, n - keep

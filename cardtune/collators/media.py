@@ -241,6 +241,12 @@ class DefaultCollator:
         return self._batch_aligned
 
 
+def is_per_token(tensor: Any, length: int) -> bool:
+    """A media tensor with one row per token of its sample, shape (1, ``length``, ...)
+    (Qwen2-VL's ``mm_token_type_ids``, Mllama's ``cross_attention_mask``)."""
+    return getattr(tensor, "dim", lambda: 0)() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == length
+
+
 def batch_media(per_sample: list[dict[str, Any]], lengths: list[int], longest: int,
                 batch_aligned: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The media tensors of a batch.
@@ -259,7 +265,7 @@ def batch_media(per_sample: list[dict[str, Any]], lengths: list[int], longest: i
     out: dict[str, Any] = {}
     for key in keys:
         present = [(row, d[key]) for row, d in enumerate(per_sample) if key in d]
-        per_token = all(t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == lengths[row] for row, t in present)
+        per_token = all(is_per_token(t, lengths[row]) for row, t in present)
         if per_token or key in batch_aligned:
             first = present[0][1]
             inner = [max(t.shape[i] for _, t in present) for i in range(1, first.dim())]

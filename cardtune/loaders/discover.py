@@ -11,12 +11,12 @@ where it cannot be built here).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cardtune.loaders.generic import read_json
 from cardtune.registry.errors import CardError
 
 # Module names, classified by their last dotted component (lower case).
@@ -34,10 +34,6 @@ _LAYOUT_MODULES = {
 _TEXT_MODULES = {"llm": ["model", "lm_head"]}
 # Unused tokens a vocabulary keeps for later: candidates for a missing pad (MoE-LLaVA's practice).
 _RESERVED = re.compile(r"^<\|?(extra|reserved|unused|reg)[_a-z]*\d+\|?>$")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 @dataclass

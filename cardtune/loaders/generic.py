@@ -17,7 +17,7 @@ from cardtune.registry.schema import FamilyCard
 log = logging.getLogger(__name__)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
@@ -25,7 +25,7 @@ def folder_chat_template(folder: Path) -> str | None:
     """The processor-level template a model folder ships (chat_template.jinja or .json)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return _read_json(folder / "chat_template.json").get("chat_template")
+    return read_json(folder / "chat_template.json").get("chat_template")
 
 
 @register_loader("generic")
@@ -66,7 +66,7 @@ class GenericLoader:
         import transformers
 
         folder = Path(self.path)
-        declared = _read_json(folder / "tokenizer_config.json").get("tokenizer_class") or ""
+        declared = read_json(folder / "tokenizer_config.json").get("tokenizer_class") or ""
         candidates = [getattr(transformers, declared, None)]
         if (folder / "tokenizer.json").is_file():
             candidates.append(getattr(transformers, "TokenizersBackend", None) or transformers.PreTrainedTokenizerFast)
@@ -166,10 +166,10 @@ class GenericLoader:
         it every image is one token short of the model's features), then unset ones
         (``patch_size``, ``vision_feature_select_strategy`` of the llava-next processors: without
         them an image cannot be expanded) from the model config by the same name."""
-        config = _read_json(Path(self.path) / "config.json")
+        config = read_json(Path(self.path) / "config.json")
         places = [config, config.get("vision_config") or {}]
         filled = []
-        written = _read_json(Path(self.path) / "processor_config.json")
+        written = read_json(Path(self.path) / "processor_config.json")
         if "num_additional_image_tokens" in vars(processor) and "num_additional_image_tokens" not in written:
             extra = self._vision_extra_tokens()
             if extra is not None and extra != processor.num_additional_image_tokens:
@@ -221,13 +221,13 @@ class GenericLoader:
         folder = Path(self.path)
         for name in (
             self.card.processor_class,
-            _read_json(folder / "processor_config.json").get("processor_class"),
-            _read_json(folder / "preprocessor_config.json").get("processor_class"),
-            _read_json(folder / "tokenizer_config.json").get("processor_class"),
+            read_json(folder / "processor_config.json").get("processor_class"),
+            read_json(folder / "preprocessor_config.json").get("processor_class"),
+            read_json(folder / "tokenizer_config.json").get("processor_class"),
         ):
             if name:
                 return name
-        model_type = _read_json(folder / "config.json").get("model_type")
+        model_type = read_json(folder / "config.json").get("model_type")
         if model_type:
             from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
@@ -243,7 +243,7 @@ class GenericLoader:
         if cls is None:
             notes.append("no processor class to assemble" + (f" ({name} is not a transformers class)" if name else ""))
             return None
-        kwargs = {k: v for k, v in _read_json(folder / "processor_config.json").items() if k != "processor_class"}
+        kwargs = {k: v for k, v in read_json(folder / "processor_config.json").items() if k != "processor_class"}
         template = folder_chat_template(folder) if self.card.chat.template == "own" else None
         try:
             processor = _without_video(cls)(
