@@ -28,6 +28,53 @@ def folder_chat_template(folder: Path) -> str | None:
     return read_json(folder / "chat_template.json").get("chat_template")
 
 
+class TokenizerClassMemo:
+    """The tokenizer class AutoTokenizer chose for a local folder (a :class:`~cardtune.hashing.FolderMemo`).
+
+    AutoTokenizer decides the class from config.json, tokenizer_config.json, tokenizer.json and
+    the folder's path, then calls ``<class>.from_pretrained(path)``; deciding imports every
+    model config, and with them torch. The memo keeps only that decision: a later load calls
+    the same ``from_pretrained`` of the same class directly, and anything that could change the
+    decision (a file of the folder, the loading arguments, transformers' version) is a miss.
+    Only classes that are attributes of ``transformers`` are kept (never remote code), and a
+    memo that no longer loads is passed over.
+    """
+
+    def __init__(self, path: str, kwargs: dict[str, Any], memo: Any) -> None:
+        self.path, self.kwargs, self.memo = path, kwargs, memo
+
+    @classmethod
+    def of(cls, path: str, kwargs: dict[str, Any]) -> TokenizerClassMemo | None:
+        from cardtune.hashing import FolderMemo
+
+        if kwargs.get("trust_remote_code"):
+            return None
+        memo = FolderMemo.of("tokenizer-classes", path, kwargs)
+        return cls(path, kwargs, memo) if memo is not None else None
+
+    def load(self) -> Any:
+        """The tokenizer, loaded with the class kept; None without a (usable) memo."""
+        import transformers
+
+        kept = self.memo.load()
+        name = kept.get("class") if isinstance(kept, dict) else None
+        tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if not isinstance(tokenizer_class, type):
+            return None
+        try:
+            return tokenizer_class.from_pretrained(self.path, **self.kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever changed, AutoTokenizer decides again
+            log.info("tokenizer class %s kept for %s did not load (%s)", name, self.path, _first_line(exc))
+            return None
+
+    def store(self, tokenizer: Any) -> None:
+        import transformers
+
+        name = type(tokenizer).__name__
+        if getattr(transformers, name, None) is type(tokenizer):  # never a cardtune or remote-code subclass
+            self.memo.store({"class": name, "path": self.path})
+
+
 @register_loader("generic")
 class GenericLoader:
     """Loads from a local folder or a hub path; ``card`` decides templates and fix-ups."""
@@ -52,14 +99,21 @@ class GenericLoader:
         lacks; a ``model_type`` transformers does not know, as for remote-code families), the
         class tokenizer_config.json declares is loaded when transformers has it, else the
         folder's tokenizer.json through the tokenizers backend. Remote code never runs here
-        unless the card says ``trust_remote_code: true``.
+        unless the card says ``trust_remote_code: true``. The class chosen for a local folder is
+        remembered (:class:`TokenizerClassMemo`), so later loads skip AutoTokenizer's import of
+        the model configs, which imports torch: about 2 s of every CLI start.
         """
-        from transformers import AutoTokenizer
+        memo = TokenizerClassMemo.of(self.path, self._kwargs())
+        tokenizer = memo.load() if memo is not None else None
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path, **self._kwargs())
-        except Exception as auto_error:  # noqa: BLE001 - any failure: try the native fallbacks
-            tokenizer = self._native_tokenizer(auto_error)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path, **self._kwargs())
+            except Exception as auto_error:  # noqa: BLE001 - any failure: try the native fallbacks
+                tokenizer = self._native_tokenizer(auto_error)
+            if memo is not None:
+                memo.store(tokenizer)
         return self._finish_tokenizer(tokenizer)
 
     def _native_tokenizer(self, auto_error: Exception) -> Any:

@@ -50,7 +50,27 @@ def resolve_model(
 def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
     """A card for an unregistered local folder, from what the folder says about itself
     (:mod:`cardtune.loaders.discover`, the discovery ``add-model`` writes up too); says what it
-    derived. Remote code is never run: the card does not trust it."""
+    derived. Remote code is never run: the card does not trust it.
+
+    The card and what was said are kept (a :class:`~cardtune.hashing.FolderMemo` keyed by the
+    folder's files and cardtune's code): discovery builds the model on the meta device, which
+    takes seconds and torch, so a later run on the same folder reads them back instead."""
+    from cardtune.hashing import FolderMemo, code_fingerprint
+
+    memo = FolderMemo.of("derived-cards", folder, code_fingerprint())
+    kept = memo.load() if memo is not None else None
+    if isinstance(kept, dict):
+        try:
+            return FamilyCard.model_validate(kept["card"]), [str(n) for n in kept["notes"]]
+        except (KeyError, TypeError, ValueError):
+            pass  # not what this code writes: derived again
+    card, notes = _derive_card(folder)
+    if memo is not None:
+        memo.store({"card": card.model_dump(mode="json"), "notes": notes})
+    return card, notes
+
+
+def _derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
     from cardtune.loaders.discover import (
         layout_modules,
         media_tokens,
