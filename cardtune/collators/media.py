@@ -158,8 +158,30 @@ class DefaultCollator:
         gives them (a fast tokenizer): spans are then checked against the text, not decoded."""
         if not getattr(self.tokenizer, "is_fast", False):
             return self.tokenize_batch(texts), None
+        backend = self._plain_backend()
+        if backend is not None:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in encodings], [e.offsets for e in encodings]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
+
+    def _plain_backend(self) -> Any:
+        """The tokenizers backend, where calling it is exactly what the tokenizer's own call
+        does (transformers' ``TokenizersBackend`` calls ``backend_tokenizer.encode_batch`` after
+        turning the backend's truncation and padding off and setting its special-token
+        splitting): a class that encodes its own way, or a backend whose settings differ, goes
+        through the tokenizer. Skips transformers' conversion of every encoding to lists and
+        dicts, which the labels do not need."""
+        from transformers import TokenizersBackend
+
+        tok = self.tokenizer
+        if not isinstance(tok, TokenizersBackend) or type(tok)._encode_plus is not TokenizersBackend._encode_plus:
+            return None
+        backend = tok.backend_tokenizer
+        if backend.truncation is not None or backend.padding is not None or \
+                backend.encode_special_tokens != bool(tok.split_special_tokens):
+            return None
+        return backend
 
     def _tokenize_media(
         self, text: str, sample: Sample, images: list, videos: list, sanitize: bool = False,
