@@ -10,7 +10,9 @@ reading, validation, model, the step, saving); its peak RSS is read from ``wait4
     python bench/first_step.py [--n 20000,200000] [--m 2000] [--workdir /tmp/first-step]
 
 The last line is ``RESULT ms_per_sample_cold=<ms> warm_over_cold=<ratio> rss_ratio=<largest/smallest N>``
-(the first two at the largest N).
+(the first two at the largest N). The line before it gives the import floor: what a fresh
+process spends importing torch, transformers' Trainer, peft and datasets, which a warm start
+pays whatever is cached.
 """
 
 from __future__ import annotations
@@ -86,6 +88,19 @@ def run_train(data: Path, images: Path, out: Path, env: dict[str, str], log: Pat
     return wall, usage.ru_maxrss / 1024, text
 
 
+def import_floor(env: dict[str, str]) -> float:
+    """Seconds a fresh process takes to import what any training run imports before its first
+    line of work (torch, transformers' Trainer, peft, datasets): the part of a warm start that
+    no cache can remove."""
+    code = "import torch, peft, datasets\nfrom transformers import Trainer, TrainingArguments"
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="20000,200000", help="record counts, comma-separated")
@@ -127,6 +142,9 @@ def main() -> None:
         (n0, c0, *_), (n1, c1, *_) = rows[0], rows[-1]
         print(f"marginal cold cost: {1000 * (c1 - c0) / (n1 - n0):.3f} ms per extra sample")
     n, cold, warm, cold_rss, _, _ = rows[-1]
+    floor = import_floor(env)
+    print(f"import floor (torch, transformers' Trainer, peft, datasets in a fresh process, best of 3): {floor:.1f}s; "
+          f"warm beyond it at N={n}: {warm - floor:.1f}s = {(warm - floor) / cold:.3f} of cold")
     rss_ratio = max(cold_rss, rows[-1][4]) / max(rows[0][3], rows[0][4])
     print(f"RESULT ms_per_sample_cold={1000 * cold / n:.3f} warm_over_cold={warm / cold:.3f} rss_ratio={rss_ratio:.2f}")
 
