@@ -19,14 +19,16 @@ import os
 import pickle
 import random
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
+from cardtune.data.json_stream import JsonStream, NotJson
 from cardtune.errors import SampleError
 from cardtune.registry.errors import InputFileError
 from cardtune.registry.loader import load_yaml, not_utf8, read_text, validation_lines
@@ -158,14 +160,13 @@ class SampleSet(Sequence[Sample]):
 
     @classmethod
     def from_samples(cls, samples: Iterable[Sample], errors: Iterable[SampleError] = ()) -> SampleSet:
-        chunks: list[bytes] = []
-        offsets = [0]
+        # One growing buffer, viewed by numpy as it is: never the pickles and their join at once.
+        pickled = bytearray()
+        offsets = array("q", [0])
         for sample in samples:
-            blob = pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
-            chunks.append(blob)
-            offsets.append(offsets[-1] + len(blob))
-        buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-        return cls(buffer, np.asarray(offsets, dtype=np.int64), list(errors))
+            pickled += pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
+            offsets.append(len(pickled))
+        return cls(np.frombuffer(pickled, dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64), list(errors))
 
     def __len__(self) -> int:
         return len(self._order) if self._order is not None else len(self._offsets) - 1
@@ -196,6 +197,8 @@ class SampleSet(Sequence[Sample]):
 
 
 def concat(sets: Sequence[SampleSet]) -> SampleSet:
+    if len(sets) == 1:  # one source: its buffer as it is, not a copy of it
+        return sets[0]
     chunks, offsets, errors, orders, shift, count = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 0
     duplicate_ids: dict[str, list[str]] = {}
     for s in sets:
@@ -361,6 +364,9 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", "
 """A ``--data`` path ending so names a file, never a hub dataset."""
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+JSON_CHUNK_SIZE = 1 << 20
+"""Bytes of a JSON data file read at a time: reading one holds a chunk or so of its text and one
+sample's objects, whatever the file's size."""
 
 
 def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
@@ -373,12 +379,7 @@ def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
         yield from _json_lines(path, name)
         return
     if path.is_file() and path.suffix == ".json":
-        data = _json_document(path, name)
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise InputFileError(f"{name}: a JSON data file is a list of samples (or JSONL, one per line)")
-        for index, record in enumerate(data):
+        for index, record in enumerate(_json_list(path, name)):
             yield index, f"{name}[{index}]", record
         return
     yield from _hf_records(source)
@@ -416,7 +417,63 @@ def _id_of_unreadable(raw: bytes, index: int) -> str:
     return str(raw_id) if raw_id not in (None, "") else str(index)
 
 
+class _JsonDocument:
+    """A JSON data file read a chunk at a time: its samples are the elements of its top-level
+    list, or of the list under its top-level ``"data"`` key."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.stream = JsonStream(file, JSON_CHUNK_SIZE)
+        self.has_list = False
+
+    def samples(self) -> Iterator[Any]:
+        """Every sample, as the document's top-level value is parsed (not what may follow it)."""
+        stream = self.stream
+        first = stream.next_char()
+        if first == "[":
+            self.has_list = True
+            yield from stream.array()
+        elif first == "{":
+            seen = False
+            for key in stream.object_keys():
+                if key != "data":
+                    stream.value()
+                    continue
+                if seen:  # json keeps the last, but the first one's samples are already read
+                    raise _RepeatedData
+                seen = True
+                self.has_list = stream.next_char() == "["
+                if self.has_list:
+                    yield from stream.array()
+                else:
+                    stream.value()
+        else:
+            stream.value()
+
+
+class _RepeatedData(Exception):
+    """A second top-level ``"data"`` key."""
+
+
+def _json_list(path: Path, name: str) -> Iterator[Any]:
+    """The samples of a JSON data file, one at a time; it is never held whole. A file that is
+    not UTF-8 JSON is parsed whole again, to name the line, column and reason as :mod:`json` does."""
+    with path.open("rb") as f:
+        document = _JsonDocument(f)
+        try:
+            yield from document.samples()
+            document.stream.expect_end()
+        except NotJson:
+            _json_document(path, name)
+            raise AssertionError(f"{name}: read in chunks it is not JSON, read whole it is") from None
+        except _RepeatedData:
+            raise InputFileError(f"{name}: the key 'data' is written twice; a JSON data file holds one list of samples") from None
+    if not document.has_list:
+        raise InputFileError(f"{name}: a JSON data file is a list of samples (or JSONL, one per line)")
+
+
 def _json_document(path: Path, name: str) -> Any:
+    """A JSON file parsed whole: an :class:`InputFileError` at ``FILE:LINE:COL`` when it is not
+    UTF-8 JSON (``is it cut short?`` when it ends inside the document)."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
@@ -437,12 +494,26 @@ def _json_problem(exc: json.JSONDecodeError) -> str:
 
 
 def _is_json_lines(path: Path) -> bool:
-    """A ``.json`` file holding one object per line (a common naming) is read as JSONL."""
+    """A ``.json`` file holding one object per line (a common naming) is read as JSONL: its first
+    line holds one whole JSON object, or a broken one (that line is reported, the rest loads),
+    unless that object is all the file holds and its ``"data"`` is the list of samples. A
+    document whose first line does not close it (a pretty-printed ``{"data": [...]}``) is not."""
     with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                return line.removeprefix(_UTF8_BOM).lstrip().startswith(b"{")
-    return False
+        document = _JsonDocument(f)
+        stream = document.stream
+        try:
+            if stream.next_char() != "{":
+                return False
+            for _ in document.samples():
+                if stream.past_first_line():
+                    return False
+            if stream.past_first_line():
+                return False
+            return not document.has_list or stream.next_char() != ""
+        except NotJson as exc:
+            return not stream.past_first_line(exc.pos)
+        except _RepeatedData:
+            return not stream.past_first_line()
 
 
 def _hf_records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
@@ -505,26 +576,47 @@ def read_source(source: DataSource) -> SampleSet:
     each record by its line too, so training goes on)."""
     errors: list[SampleError] = []
     id_column = source.columns.get("id", "id")
-    written: dict[str, list[str]] = {}
+    # Per record that writes an id: its hash and where the record went (a sample's index, or ~ an
+    # error's), 16 bytes rather than the id and its place as Python strings.
+    id_hashes, id_slots = array("q"), array("q")
+    kept = 0
 
     def samples() -> Iterator[Sample]:
+        nonlocal kept
         for index, where, record in _records(source):
             if isinstance(record, SampleError):
                 errors.append(record)
                 continue
-            if isinstance(record, dict):
-                raw_id = record.get(id_column, record.get("id"))
-                if raw_id not in (None, ""):
-                    written.setdefault(str(raw_id), []).append(where)
+            raw_id = record.get(id_column, record.get("id")) if isinstance(record, dict) else None
             try:
-                yield record_to_sample(record, index, where, source)
+                sample = record_to_sample(record, index, where, source)
             except SampleError as exc:
+                slot = ~len(errors)
                 errors.append(exc)
+            else:
+                slot, kept = kept, kept + 1
+                yield sample
+            if raw_id not in (None, ""):
+                id_hashes.append(hash(str(raw_id)))
+                id_slots.append(slot)
 
     result = SampleSet.from_samples(samples())
     result.errors = errors
-    result.duplicate_ids = {i: wheres for i, wheres in written.items() if len(wheres) > 1}
+    result.duplicate_ids = _duplicate_ids(result, np.frombuffer(id_hashes, dtype=np.int64), id_slots)
     return result
+
+
+def _duplicate_ids(samples: SampleSet, hashes: np.ndarray, slots: Sequence[int]) -> dict[str, list[str]]:
+    """Ids written by more than one record -> where each record is, in order. Only records whose
+    id's hash repeats are looked at; the id and place of each are its sample's (or error's), which
+    :func:`record_to_sample` names by the record's id and ``where``."""
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    written: dict[str, list[str]] = {}
+    for k in np.flatnonzero(counts[inverse] > 1).tolist():
+        slot = slots[k]
+        found = samples[slot] if slot >= 0 else samples.errors[~slot]
+        written.setdefault(found.id if isinstance(found, Sample) else found.sample_id, []).append(found.source)
+    return {i: wheres for i, wheres in written.items() if len(wheres) > 1}
 
 
 def mix(sets: Sequence[SampleSet], weights: Sequence[float] | None, seed: int = 0, num_samples: int | None = None) -> SampleSet:
