@@ -120,6 +120,27 @@ def settle_evaluation(args: Arguments) -> list[str]:
     return [f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
 
 
+ENGINES = {"FSDP": ("ACCELERATE_USE_FSDP", "is_fsdp_enabled"),
+           "DeepSpeed": ("ACCELERATE_USE_DEEPSPEED", "is_deepspeed_enabled")}
+
+
+def check_engine(trainer: Any) -> None:
+    """The engine the accelerate config asked for (``accelerate launch`` says so in the
+    processes' environment) is the one the Trainer's accelerator runs. accelerate 1.15 turns
+    FSDP and DeepSpeed on only on accelerator devices: on CPU the same processes would train
+    plain DDP over gloo, unsharded, without a word."""
+    import os
+
+    for engine, (env, enabled) in ENGINES.items():
+        if os.environ.get(env, "false").lower() == "true" and not getattr(trainer, enabled, False):
+            device = trainer.args.device.type
+            raise ArgumentError(
+                f"the accelerate config asks for {engine}, but accelerate did not turn it on: these processes run on "
+                f"{device}, and accelerate runs {engine} only on GPUs (or other accelerators), so they would train "
+                "unsharded DDP instead. On CPU, launch with configs/accelerate/cpu.yaml (DDP over gloo)"
+            )
+
+
 def default_num_workers(accelerator: bool, cpus: int, processes: int) -> tuple[int, str]:
     """Data-loading processes when nothing sets them: on an accelerator, the cores each
     training process can spare (at most 4); on CPU none, as training itself needs the cores."""
@@ -328,6 +349,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         card_files=card_files,
         moe=prepared.moe,
     )
+    check_engine(trainer)
     start_step = checkpoint_step(resume) if resume else 0
     train_started = time.perf_counter()
     try:

@@ -269,3 +269,14 @@ def test_build_is_deterministic(model_dir: Path, tmp_path: Path) -> None:
     other_seed.mkdir()
     demo_build.write_demo_model(other_seed, demo_build.DemoModelSpec(seed=1))
     assert _sha256(other_seed / "model.safetensors") != _sha256(model_dir / "model.safetensors")
+
+
+def test_a_build_that_wrote_no_weights_is_never_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an FSDP launch transformers' save_pretrained writes no config or weights on ranks
+    other than 0: a folder built that way is an error, not a cached demo model."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, folder, **kwargs: None)
+    with pytest.raises(RuntimeError, match="building the demo model wrote no config.json or weights into"):
+        ensure_demo_model(tmp_path)
+    assert list(tmp_path.iterdir()) == []

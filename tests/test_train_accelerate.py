@@ -101,3 +101,38 @@ def test_deepspeed_configs_parse_with_deepspeed(stage: int, tmp_path: Path) -> N
     assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps, parsed.train_batch_size) == (4, 2, 8)
     assert parsed.gradient_clipping == 0.5
     assert parsed.zero_config.gather_16bit_weights_on_model_save is (stage == 3)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not on PATH")
+def test_an_fsdp_config_on_cpu_is_refused_not_trained_as_ddp(tmp_path: Path) -> None:
+    """accelerate 1.15 turns FSDP on only on accelerator devices: on CPU the shipped FSDP config
+    would train unsharded DDP without a word. Each rank says so in one line and nothing trains;
+    the demo model, built by rank 0 first (under FSDP, transformers writes no weights on other
+    ranks), is complete."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs FSDP for real")
+    from cardtune.demo import IMAGE_DIR, TRAIN_FILE, ensure_demo_dataset
+
+    data = ensure_demo_dataset()
+    cache = tmp_path / "cache"  # an empty model cache: the ranks build the demo model themselves
+    shutil.copytree(data, cache / data.name)
+    out = tmp_path / "out"
+    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", str(REPO / "train.py"), "--model_id", "tiny-llava-demo",
+           "--data_path", str(cache / data.name / TRAIN_FILE),
+           "--image_folder", str(cache / data.name / IMAGE_DIR), "--output_dir", str(out), "--max_steps", "2",
+           "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "CARDTUNE_CACHE": str(cache), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    line = ("train: the accelerate config asks for FSDP, but accelerate did not turn it on: these processes run on "
+            "cpu, and accelerate runs FSDP only on GPUs (or other accelerators), so they would train unsharded DDP "
+            "instead. On CPU, launch with configs/accelerate/cpu.yaml (DDP over gloo)")
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).count(line) == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Unrecognized model" not in done.stderr
+    assert not (out / "log_history.json").exists() and not (out / "adapter_model.safetensors").exists()
+    (model,) = cache.glob("tiny-llava-demo-v*")
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()

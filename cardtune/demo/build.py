@@ -221,6 +221,10 @@ def write_demo_model(folder: Path, spec: DemoModelSpec = SPEC) -> None:
     tokenizer = build_tokenizer(spec)
     build_model(tokenizer, spec).save_pretrained(folder)
     build_processor(tokenizer, spec).save_pretrained(folder)
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        # transformers' save_pretrained writes no weights on a rank it takes for a non-main FSDP
+        # process (ACCELERATE_USE_FSDP in the environment): such a folder is never kept
+        raise RuntimeError(f"building the demo model wrote no config.json or weights into {folder}")
 
 
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -230,4 +234,9 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$CARDTUNE_CACHE`` or ``~/.cache/cardtune``.
     """
     target = cache_root(cache_dir) / f"{MODEL_NAME}-{model_version()}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a multi-process launch: rank 0 builds, the others wait
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():
+            return build_once(target, write_demo_model)
     return build_once(target, write_demo_model)
