@@ -167,6 +167,8 @@ def test_upsampled_repeats_are_reported_and_dropped_each_time(dirty, llava_card,
     report = validate(mixed, card=llava_card, image_folder=str(imgs), check_media="full")
     assert [p.index for p in report.problems] == [1, 2, 3]
     assert [s.id for s in apply_policy(report, mixed, "skip", log=lambda _: None)] == ["good-image", "good-image"]
+    parallel = validate(mixed, card=llava_card, image_folder=str(imgs), check_media="full", num_workers=2)
+    assert parallel.to_dict() == report.to_dict() and parallel.lengths == report.lengths
 
 
 # -- with the real engine -----------------------------------------------------------------------

@@ -15,10 +15,12 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from cardtune.conversation import ROLES, Sample
 from cardtune.data.media import MediaConfig, load_headers_checked, load_media_checked
@@ -272,26 +274,45 @@ def validate(
         report.notes.append(note)
     report.duplicate_ids = dict(getattr(samples, "duplicate_ids", {}))
     # upsampled repeats of one record (a weighted mix) are checked once, reported each time
-    storage_index = getattr(samples, "storage_index", None)
-    first_of: dict[int, int] = {}
-    owner = [first_of.setdefault(storage_index(i), i) if storage_index else i for i in range(len(samples))]
-    unique = sorted(set(owner))
+    owner = _first_of_each_record(samples)
+    unique = np.flatnonzero(owner == np.arange(len(owner)))
     work = _Work(samples, encoder, header_encoder, card, cfg, check_media)
     if num_workers is None:
         num_workers = default_workers() if len(unique) >= AUTO_WORKERS_MIN_SAMPLES else 0
     if num_workers > 1 and len(unique) > 1:
-        results = dict(zip(unique, _check_in_workers(work, unique, num_workers), strict=True))
+        checks = _check_in_workers(work, unique, num_workers)
         report.notes.append(f"checked in {num_workers} processes")
     else:
-        results = {i: work.check(i) for i in unique}
-    report.lengths = [None] * len(samples)
-    for index in range(len(samples)):
-        errs, truncated, length, typed = results[owner[index]]
-        report.problems += [Problem(index, e) for e in errs]
-        report.num_truncated += truncated
-        report.num_typed_control_tokens += typed
-        report.lengths[index] = length
+        checks = (work.check(i) for i in unique.tolist())
+    # kept as arrays as they come: a list of every sample's result tuple takes ~150 bytes a sample
+    errors_of: dict[int, list[SampleError]] = {}
+    lengths = np.full(len(unique), -1, dtype=np.int64)
+    truncated, typed = np.zeros(len(unique), dtype=bool), np.zeros(len(unique), dtype=bool)
+    for k, (errs, was_truncated, length, has_typed) in enumerate(checks):
+        if errs:
+            errors_of[k] = errs
+        truncated[k], typed[k] = was_truncated, has_typed
+        if length is not None:
+            lengths[k] = length
+    checked_as = np.searchsorted(unique, owner)  # each sample's position in unique
+    has_errors = np.zeros(len(unique), dtype=bool)
+    has_errors[list(errors_of)] = True
+    for index in np.flatnonzero(has_errors[checked_as]).tolist():
+        report.problems += [Problem(index, e) for e in errors_of[int(checked_as[index])]]
+    report.num_truncated = int(truncated[checked_as].sum())
+    report.num_typed_control_tokens = int(typed[checked_as].sum())
+    report.lengths = [None if n < 0 else n for n in lengths[checked_as].tolist()]
     return report
+
+
+def _first_of_each_record(samples: Sequence[Sample]) -> np.ndarray:
+    """For each position, the first position that holds the same stored record."""
+    storage_index = getattr(samples, "storage_index", None)
+    if storage_index is None:
+        return np.arange(len(samples))
+    stored = np.fromiter((storage_index(i) for i in range(len(samples))), dtype=np.int64, count=len(samples))
+    _, first, inverse = np.unique(stored, return_index=True, return_inverse=True)
+    return first[inverse]
 
 
 @dataclass
@@ -347,16 +368,18 @@ def _check_chunk(indices: list[int]) -> list[tuple[list[SampleError], bool, int 
     return [_WORK.check(i) for i in indices]
 
 
-def _check_in_workers(work: _Work, indices: list[int], num_workers: int) -> list[tuple[list[SampleError], bool, int | None, int]]:
+def _check_in_workers(work: _Work, indices: np.ndarray, num_workers: int) -> Iterator[tuple[list[SampleError], bool, int | None, int]]:
+    """The checks of ``indices``, in order, as the workers send them back."""
     import multiprocessing
 
     global _WORK
     _WORK = work
     size = max(1, min(256, len(indices) // (num_workers * 4) or 1))
-    chunks = [indices[k : k + size] for k in range(0, len(indices), size)]
+    chunks = (indices[k : k + size].tolist() for k in range(0, len(indices), size))
     try:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            return [r for chunk in pool.imap(_check_chunk, chunks) for r in chunk]
+            for chunk in pool.imap(_check_chunk, chunks):
+                yield from chunk
     finally:
         _WORK = None
 
