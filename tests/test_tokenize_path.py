@@ -37,6 +37,7 @@ def test_ids_and_offsets_are_the_tokenizers_own(name: str) -> None:
     handler, tokenizer = collator(name)
     ids, offsets = handler.tokenize_batch_with_offsets(TEXTS)
     assert (ids, [list(map(tuple, o)) for o in offsets]) == through_the_tokenizer(tokenizer, TEXTS)
+    assert handler.tokenize_batch(TEXTS) == ids
     assert handler._plain_backend() is tokenizer.backend_tokenizer  # every fast folder here takes the direct path
 
 
@@ -46,6 +47,8 @@ def test_a_backend_with_truncation_set_goes_through_the_tokenizer() -> None:
     assert handler._plain_backend() is None
     ids, _ = handler.tokenize_batch_with_offsets([TEXTS[1]])
     assert len(ids[0]) == len(tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]) > 8
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    assert handler.tokenize_batch([TEXTS[1]]) == ids
 
 
 def test_a_backend_with_padding_set_goes_through_the_tokenizer() -> None:

@@ -150,8 +150,12 @@ class DefaultCollator:
 
     def tokenize_batch(self, texts: list[str], *, sanitize: bool = False) -> list[list[int]]:
         """Text-only renders in one call: the tokenizer's batch path runs in parallel."""
-        extra = {"sanitize_control_tokens": True} if sanitize else {}
-        return self.tokenizer(texts, add_special_tokens=False, **extra)["input_ids"]
+        if not sanitize:
+            backend = self._plain_backend()
+            if backend is not None:
+                return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
 
     def tokenize_batch_with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
         """Text-only renders in one call, with each token's character span where the tokenizer
