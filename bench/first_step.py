@@ -129,6 +129,7 @@ def main() -> None:
         shutil.rmtree(data_cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         cold, cold_rss, cold_log = run_train(data, images, out, env, work / f"cold-{n}.log")
+        shutil.rmtree(out)  # warm: the data cache is kept, not the run (an output folder holds one run)
         warm, warm_rss, warm_log = run_train(data, images, out, env, work / f"warm-{n}.log")
         used_cache = "from the cache" in warm_log
         rows.append((n, cold, warm, cold_rss, warm_rss, used_cache))
