@@ -26,11 +26,10 @@ import numpy as np
 from cardtune.data.formats import SampleSet, parse_data_arg
 from cardtune.data.validate import Problem, Report
 from cardtune.errors import SampleError
+from cardtune.hashing import WEIGHT_SUFFIXES, code_fingerprint, hash_file, hash_tree, hasher
 
 CACHE_ENV = "CARDTUNE_DATA_CACHE"
 FORMAT = 1  # bump when what a cache folder holds changes
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
-PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def cache_root(explicit: str | None = None) -> Path | None:
@@ -43,56 +42,19 @@ def cache_root(explicit: str | None = None) -> Path | None:
     return Path(chosen) if chosen else cardtune_cache() / "data"
 
 
-def _hasher() -> Any:
-    try:
-        import xxhash
-
-        return xxhash.xxh3_128()
-    except ImportError:  # xxhash comes with datasets; blake2b is the fallback
-        import hashlib
-
-        return hashlib.blake2b(digest_size=16)
-
-
-def _hash_file(h: Any, path: Path) -> None:
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-
-
-def _hash_tree(h: Any, folder: Path, skip: tuple[str, ...] = ()) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.name.endswith(skip) or "__pycache__" in path.parts:
-            continue
-        h.update(str(path.relative_to(folder)).encode())
-        _hash_file(h, path)
-
-
 def data_fingerprint(data_path: str) -> str | None:
     """The data files' contents and the mix's settings; None for a source with no local files."""
     spec = parse_data_arg(data_path)
-    h = _hasher()
+    h = hasher()
     h.update(spec.model_dump_json().encode())
     for source in spec.sources:
         path = Path(source.path)
         if path.is_file():
-            _hash_file(h, path)
+            hash_file(h, path)
         elif path.is_dir():
-            _hash_tree(h, path)
+            hash_tree(h, path)
         else:
             return None
-    return h.hexdigest()
-
-
-def code_fingerprint() -> str:
-    """cardtune's version and the source of every module (the engine, the data code, the loaders)."""
-    from cardtune import __version__
-
-    h = _hasher()
-    h.update(__version__.encode())
-    for path in sorted(PACKAGE.rglob("*.py")):
-        h.update(str(path.relative_to(PACKAGE)).encode())
-        _hash_file(h, path)
     return h.hexdigest()
 
 
@@ -101,12 +63,12 @@ def split_key(data_path: str, card: Any, model_folder: str | None, settings: dic
     data = data_fingerprint(data_path)
     if data is None:
         return None
-    h = _hasher()
+    h = hasher()
     h.update(json.dumps({"format": FORMAT, "data": data, "code": code_fingerprint(),
                          "card": card.model_dump(mode="json"), "settings": settings}, sort_keys=True, default=str).encode())
     folder = Path(model_folder) if model_folder else None
     if folder is not None and folder.is_dir():
-        _hash_tree(h, folder, skip=WEIGHT_SUFFIXES)
+        hash_tree(h, folder, skip=WEIGHT_SUFFIXES)
     else:
         h.update(str(model_folder).encode())
     return h.hexdigest()
