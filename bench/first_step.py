@@ -5,7 +5,8 @@ Generates N LLaVA-style records over M distinct 640x480 JPEGs (one image and one
 record, answers of a few words to a few sentences), then runs ``train.py --max_steps 1`` as a
 fresh process per measurement: once with an empty data cache (cold) and once more on the same
 data (warm). Each run's wall time covers everything before and around the one step (imports,
-reading, validation, model, the step, saving); its peak RSS is read from ``wait4``.
+reading, validation, model, the step, saving); its peak RSS is read from ``wait4`` (the inputs
+are made in a child process, so no run inherits the peak of the process that starts it).
 
     python bench/first_step.py [--n 20000,200000] [--m 2000] [--workdir /tmp/first-step]
 
@@ -101,30 +102,43 @@ def import_floor(env: dict[str, str]) -> float:
     return best
 
 
+def prepare(work: Path, m: int, sizes: list[int]) -> None:
+    """The inputs: the images, the records of every N, and the demo model (built outside the timed runs)."""
+    from cardtune.demo import ensure_demo_model
+
+    make_images(work / "images", m)
+    for n in sizes:
+        make_records(work / f"records-{n}.json", n, m)
+    ensure_demo_model()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="20000,200000", help="record counts, comma-separated")
     ap.add_argument("--m", type=int, default=2000, help="distinct images")
     ap.add_argument("--workdir", default="/tmp/cardtune-first-step")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the child that makes the inputs
     args = ap.parse_args()
     work = Path(args.workdir)
     images = work / "images"
-    make_images(images, args.m)
     sizes = [int(x) for x in args.n.split(",")]
     model_cache = work / "model-cache"  # the demo model, built once and shared by every run
     data_cache = work / "data-cache"
     env = {**os.environ, "CARDTUNE_CACHE": str(model_cache), "CARDTUNE_DATA_CACHE": str(data_cache),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
-    from cardtune.demo import ensure_demo_model  # built outside the timed runs
-
-    os.environ["CARDTUNE_CACHE"] = str(model_cache)
-    ensure_demo_model()
+    if args.prepare:
+        prepare(work, args.m, sizes)
+        return
+    # Images, records and the demo model are made in a child process: on Linux a process's peak
+    # RSS carries over from the process it was forked from, so this one stays small, or every
+    # train.py measured would report this process's peak (200k records in memory) as its own.
+    subprocess.run([sys.executable, __file__, "--workdir", str(work), "--m", str(args.m), "--n", args.n,
+                    "--prepare"], env=env, check=True)
 
     rows = []
     for n in sizes:
         data = work / f"records-{n}.json"
-        make_records(data, n, args.m)
         out = work / f"out-{n}"
         shutil.rmtree(data_cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -140,12 +140,56 @@ def _relative_to(source: DataSource, base: Path) -> DataSource:
 
 
 # -- the sample store ---------------------------------------------------------------------------
+class SpilledBuffer:
+    """Pickled samples in an unlinked temporary file (``$TMPDIR``), read back one sample at a time
+    (``os.pread``): what a set holds lives in the page cache, not in the memory of any process,
+    so reading a dataset of N records costs the same memory for every N. Processes forked from
+    this one (validation workers, DataLoader workers) read the same file; pickled (a spawned
+    worker), it becomes the bytes themselves."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(prefix="cardtune-samples-")
+        self.nbytes = 0
+
+    def append(self, blob: bytes) -> None:
+        self._file.write(blob)
+        self.nbytes += len(blob)
+
+    def close_writing(self) -> SpilledBuffer:
+        self._file.flush()
+        return self
+
+    def __getitem__(self, span: slice) -> bytes:
+        return os.pread(self._file.fileno(), span.stop - span.start, span.start)
+
+    def chunks(self) -> Iterator[bytes]:
+        for start in range(0, self.nbytes, self.CHUNK):
+            yield self[start : min(start + self.CHUNK, self.nbytes)]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return np.frombuffer, (b"".join(self.chunks()), np.uint8)
+
+
+def buffer_chunks(buffer: Any) -> Iterator[Any]:
+    """A sample buffer's bytes a few MiB at a time (a spilled file, or an array, mapped or not)."""
+    if isinstance(buffer, SpilledBuffer):
+        yield from buffer.chunks()
+        return
+    for start in range(0, len(buffer), SpilledBuffer.CHUNK):
+        yield buffer[start : start + SpilledBuffer.CHUNK]
+
+
 class SampleSet(Sequence[Sample]):
-    """Samples (pickled in one buffer) plus the records that could not become samples."""
+    """Samples (pickled, one after another in one buffer: a :class:`SpilledBuffer` as read, an
+    array memory-mapped from the data cache) plus the records that could not become samples."""
 
     def __init__(
         self,
-        buffer: np.ndarray,
+        buffer: Any,
         offsets: np.ndarray,
         errors: list[SampleError] | None = None,
         order: np.ndarray | None = None,
@@ -160,13 +204,12 @@ class SampleSet(Sequence[Sample]):
 
     @classmethod
     def from_samples(cls, samples: Iterable[Sample], errors: Iterable[SampleError] = ()) -> SampleSet:
-        # One growing buffer, viewed by numpy as it is: never the pickles and their join at once.
-        pickled = bytearray()
+        buffer = SpilledBuffer()
         offsets = array("q", [0])
         for sample in samples:
-            pickled += pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
-            offsets.append(len(pickled))
-        return cls(np.frombuffer(pickled, dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64), list(errors))
+            buffer.append(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+            offsets.append(buffer.nbytes)
+        return cls(buffer.close_writing(), np.frombuffer(offsets, dtype=np.int64), list(errors))
 
     def __len__(self) -> int:
         return len(self._order) if self._order is not None else len(self._offsets) - 1
@@ -179,7 +222,7 @@ class SampleSet(Sequence[Sample]):
         if not 0 <= index < len(self):
             raise IndexError(index)
         i = int(self._order[index]) if self._order is not None else index
-        return pickle.loads(self._buffer[self._offsets[i] : self._offsets[i + 1]].tobytes())
+        return pickle.loads(self._buffer[int(self._offsets[i]) : int(self._offsets[i + 1])])
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
@@ -195,24 +238,33 @@ class SampleSet(Sequence[Sample]):
         return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)],
                          self.duplicate_ids)
 
+    def save_buffer(self, path: Path) -> None:
+        """The pickled samples as one ``.npy`` array of bytes (``np.load(mmap_mode="r")`` reads it
+        back), written a chunk at a time: saving costs no memory either."""
+        size = int(self._offsets[-1])
+        with path.open("wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+            for chunk in buffer_chunks(self._buffer):
+                f.write(chunk)
+
 
 def concat(sets: Sequence[SampleSet]) -> SampleSet:
     if len(sets) == 1:  # one source: its buffer as it is, not a copy of it
         return sets[0]
-    chunks, offsets, errors, orders, shift, count = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 0
+    buffer = SpilledBuffer()
+    offsets, errors, orders, count = [np.zeros(1, dtype=np.int64)], [], [], 0
     duplicate_ids: dict[str, list[str]] = {}
     for s in sets:
         for sample_id, wheres in s.duplicate_ids.items():
             duplicate_ids.setdefault(sample_id, []).extend(wheres)
-        chunks.append(s._buffer)
-        offsets.append(s._offsets[1:] + shift)
+        offsets.append(s._offsets[1:] + buffer.nbytes)
+        for chunk in buffer_chunks(s._buffer):
+            buffer.append(bytes(chunk))
         orders.append((s._order if s._order is not None else np.arange(len(s._offsets) - 1)) + count)
-        shift += int(s._offsets[-1])
         count += len(s._offsets) - 1
         errors += s.errors
-    buffer = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
     order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
-    return SampleSet(buffer, np.concatenate(offsets), errors, order, duplicate_ids)
+    return SampleSet(buffer.close_writing(), np.concatenate(offsets), errors, order, duplicate_ids)
 
 
 # -- records to samples -------------------------------------------------------------------------

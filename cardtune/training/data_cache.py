@@ -112,7 +112,7 @@ def save(folder: Path, samples: SampleSet, report: Report, media: tuple[list[str
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        np.save(staging / "buffer.npy", np.asarray(samples._buffer))
+        samples.save_buffer(staging / "buffer.npy")
         np.save(staging / "offsets.npy", np.asarray(samples._offsets))
         if samples._order is not None:
             np.save(staging / "order.npy", np.asarray(samples._order))
