@@ -4,15 +4,18 @@ one at a time, so reading N records does not cost memory in N; forked workers, s
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import pickle
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cardtune.conversation import Sample
 from cardtune.data.formats import SampleSet, SpilledBuffer, concat
+from cardtune.registry.errors import InputFileError
 
 
 def samples(n: int, tag: str = "s") -> list[Sample]:
@@ -76,3 +79,21 @@ def test_concat_and_the_saved_buffer_read_back_the_same(tmp_path: Path) -> None:
 def test_an_empty_set() -> None:
     empty = SampleSet.from_samples([])
     assert len(empty) == 0 and list(empty) == [] and empty._buffer.nbytes == 0
+
+
+
+class _FullFile:
+    def write(self, blob: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_full_temporary_folder_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tempfile.TemporaryFile", lambda **kwargs: _FullFile())
+    monkeypatch.setattr("tempfile.gettempdir", lambda: "/tmp/small")
+    with pytest.raises(InputFileError) as err:
+        SampleSet.from_samples(samples(3))
+    assert str(err.value) == ("/tmp/small: no space left for the samples read from the data (0 MiB written): "
+                              "set TMPDIR to a folder with room")

@@ -14,6 +14,7 @@ counts change), and memory per sample is a few hundred bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -156,12 +157,27 @@ class SpilledBuffer:
         self.nbytes = 0
 
     def append(self, blob: bytes) -> None:
-        self._file.write(blob)
+        try:
+            self._file.write(blob)
+        except OSError as exc:
+            raise self._full(exc) from None
         self.nbytes += len(blob)
 
     def close_writing(self) -> SpilledBuffer:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._full(exc) from None
         return self
+
+    def _full(self, exc: OSError) -> Exception:
+        import tempfile
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        return InputFileError(
+            f"{tempfile.gettempdir()}: no space left for the samples read from the data "
+            f"({self.nbytes / 2**20:,.0f} MiB written): set TMPDIR to a folder with room")
 
     def __getitem__(self, span: slice) -> bytes:
         return os.pread(self._file.fileno(), span.stop - span.start, span.start)
