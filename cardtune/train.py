@@ -557,11 +557,27 @@ def _closing(summary: dict[str, Any], t: Any) -> str:
     return "\n".join(lines)
 
 
+def name_deepspeed_accelerator() -> None:
+    """deepspeed, which accelerate imports whenever it is installed, warns on every run of a
+    machine without an accelerator that it "was unable to detect" one and takes its CPU
+    accelerator. There that is the only choice, so it is named through deepspeed's own override
+    (``DS_ACCELERATOR=cpu``) and the run says nothing false; a setting of the user's is kept."""
+    import os
+
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from cardtune.training.data import DataStop
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", category=UserWarning)
+    name_deepspeed_accelerator()
     try:
         run(argv)
     except (DataStop, SkipLimitError, DiskFullError) as exc:

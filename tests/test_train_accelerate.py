@@ -136,3 +136,22 @@ def test_an_fsdp_config_on_cpu_is_refused_not_trained_as_ddp(tmp_path: Path) -> 
     assert not (out / "log_history.json").exists() and not (out / "adapter_model.safetensors").exists()
     (model,) = cache.glob("tiny-llava-demo-v*")
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+
+
+def test_deepspeed_on_a_machine_without_an_accelerator_says_nothing_false() -> None:
+    """accelerate imports deepspeed in every run once it is installed; on CPU deepspeed then warns
+    that it 'was unable to detect' an accelerator. The run names the CPU accelerator instead."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator: deepspeed detects it")
+    code = ("import os\nfrom cardtune.train import name_deepspeed_accelerator\nname_deepspeed_accelerator()\n"
+            "import deepspeed\nfrom deepspeed.accelerator import get_accelerator\n"
+            "print(os.environ['DS_ACCELERATOR'], get_accelerator().device_name())\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cpu", "cpu"]
+    assert "unable to detect" not in done.stdout + done.stderr
