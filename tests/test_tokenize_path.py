@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from conftest import MODELS, require_fixture
 
+from cardtune.collators.engine import TextView
 from cardtune.collators.media import DefaultCollator
 from cardtune.conversation import Processing
 from cardtune.loaders.generic import GenericLoader
@@ -35,9 +36,14 @@ def through_the_tokenizer(tokenizer, texts):
 @pytest.mark.parametrize("name", FOLDERS)
 def test_ids_and_offsets_are_the_tokenizers_own(name: str) -> None:
     handler, tokenizer = collator(name)
-    ids, offsets = handler.tokenize_batch_with_offsets(TEXTS)
-    assert (ids, [list(map(tuple, o)) for o in offsets]) == through_the_tokenizer(tokenizer, TEXTS)
+    ids, encodings = handler.tokenize_batch_with_offsets(TEXTS)
+    assert (ids, [list(map(tuple, e.offsets)) for e in encodings]) == through_the_tokenizer(tokenizer, TEXTS)
     assert handler.tokenize_batch(TEXTS) == ids
+    # what a span check reads: the text under any run of tokens, asked of the encoding a token at a time
+    for text, e in zip(TEXTS, encodings, strict=True):
+        view, listed = TextView(text, e), TextView(text, e.offsets)
+        runs = [(a, b) for a in range(len(e.ids)) for b in range(a, min(len(e.ids), a + 6) + 1)]
+        assert [view.chars(a, b) for a, b in runs] == [listed.chars(a, b) for a, b in runs]
     assert handler._plain_backend() is tokenizer.backend_tokenizer  # every fast folder here takes the direct path
 
 

@@ -77,15 +77,23 @@ class TextView:
     """The rendered text under a run of tokens, from the tokenizer's offsets: a span is checked
     against its answer by comparing source characters, without decoding (the fast path)."""
 
-    __slots__ = ("offsets", "shift", "text")
+    __slots__ = ("span_of", "shift", "text")
 
-    def __init__(self, text: str, offsets: list[tuple[int, int]], shift: int = 0) -> None:
-        """``shift``: ids in front of the text's tokens (a bos cardtune adds)."""
-        self.text, self.offsets, self.shift = text, offsets, shift
+    def __init__(self, text: str, offsets: Any, shift: int = 0) -> None:
+        """``offsets``: each token's ``(start, end)`` in ``text``, as a list or as the tokenizers
+        ``Encoding`` itself, asked a token at a time (``token_to_chars``): a span needs two of
+        them, and building every token's pair in Python costs more than the labels. ``shift``:
+        ids in front of the text's tokens (a bos cardtune adds)."""
+        self.text, self.shift = text, shift
+        self.span_of = getattr(offsets, "token_to_chars", None) or offsets.__getitem__
 
-    def chars(self, start: int, end: int) -> str:
+    def chars(self, start: int, end: int) -> str | None:
+        """The text under tokens ``[start, end)``; None where the tokenizer gives no offsets."""
         start, end = max(start - self.shift, 0), end - self.shift
-        return self.text[self.offsets[start][0] : self.offsets[end - 1][1]] if end > start else ""
+        if end <= start:
+            return ""
+        first, last = self.span_of(start), self.span_of(end - 1)
+        return self.text[first[0] : last[1]] if first is not None and last is not None else None
 
 
 @dataclass
@@ -494,7 +502,7 @@ class ChatEncoder:
         def matches(e: int) -> bool:
             if reasoning:
                 return self._matches_with_reasoning(ids[start:e], answer, reasoning)
-            if view is not None and view.chars(start, e).strip() == answer.strip():
+            if view is not None and (chars := view.chars(start, e)) is not None and chars.strip() == answer.strip():
                 return True
             return self._matches(ids[start:e], answer)
 

@@ -159,13 +159,14 @@ class DefaultCollator:
 
     def tokenize_batch_with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
         """Text-only renders in one call, with each token's character span where the tokenizer
-        gives them (a fast tokenizer): spans are then checked against the text, not decoded."""
+        gives them (a fast tokenizer): per text, a list of ``(start, end)`` or the tokenizers
+        ``Encoding`` that holds them. Spans are then checked against the text, not decoded."""
         if not getattr(self.tokenizer, "is_fast", False):
             return self.tokenize_batch(texts), None
         backend = self._plain_backend()
         if backend is not None:
             encodings = backend.encode_batch(texts, add_special_tokens=False)
-            return [e.ids for e in encodings], [e.offsets for e in encodings]
+            return [e.ids for e in encodings], encodings  # offsets read a token at a time (TextView)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
