@@ -27,14 +27,24 @@ def hash_file(h: Any, path: Path) -> None:
             h.update(chunk)
 
 
+LARGE_FILE = 64 * 2**20
+"""A model folder's file this big (an archive, a dataset copied in, weights under a name not
+known as weights) is keyed by its size and modification time, not read on every command."""
+
+
 def hash_tree(h: Any, folder: Path, skip: tuple[str, ...] = (), recursive: bool = True) -> None:
-    """Every file's relative name and bytes, in sorted order; names ending in ``skip`` left out."""
+    """Every file's relative name and bytes (size and mtime for one over :data:`LARGE_FILE`), in
+    sorted order; names ending in ``skip`` left out."""
     files = folder.rglob("*") if recursive else folder.iterdir()
     for path in sorted(p for p in files if p.is_file()):
         if path.name.endswith(skip) or "__pycache__" in path.parts:
             continue
         h.update(str(path.relative_to(folder)).encode())
-        hash_file(h, path)
+        stat = path.stat()
+        if stat.st_size > LARGE_FILE:
+            h.update(f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}".encode())
+        else:
+            hash_file(h, path)
 
 
 PACKAGE = Path(__file__).resolve().parent

@@ -159,3 +159,22 @@ def test_labels_on_a_kept_text_model_never_imports_torch(cache: Path, tmp_path: 
     assert runs[0].stdout == runs[1].stdout and '"labels"' in runs[0].stdout
     assert runs[0].stderr.splitlines()[-1] == "torch imported"  # the first run: AutoTokenizer decides
     assert runs[1].stderr.splitlines()[-1] == "torch not imported"
+
+
+def test_a_large_file_in_the_folder_is_keyed_by_its_size_and_time(cache: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big file that is not known as weights is not read on every command; changing it is still a miss."""
+    from cardtune import hashing
+
+    folder = tmp_path / "model"
+    shutil.copytree(require_fixture("mistral-7b-instruct-v0.3"), folder)
+    (folder / "archive.tar").write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(hashing, "LARGE_FILE", 1024)
+    read: list[str] = []
+    real = hashing.hash_file
+    monkeypatch.setattr(hashing, "hash_file", lambda h, path: (read.append(path.name), real(h, path))[1])
+    first = FolderMemo.of("probe", folder).file
+    assert "archive.tar" not in read and "tokenizer_config.json" not in read  # over 1 KiB here: stat only
+    assert "special_tokens_map.json" in read
+    os.utime(folder / "archive.tar", ns=(1, 1))
+    assert FolderMemo.of("probe", folder).file != first
