@@ -84,3 +84,19 @@ def test_a_class_that_encodes_its_own_way_is_called_as_itself() -> None:
     assert handler._plain_backend() is None
     text = "Picture 1: <img>a.jpg</img>\nWhat is it?"
     assert handler.tokenize_batch_with_offsets([text])[0] == tokenizer([text], add_special_tokens=False)["input_ids"]
+
+
+
+def test_a_transformers_class_with_its_own_call_is_called_as_itself() -> None:
+    """Classes that override the call (seamless-m4t, lasr) or the encode (Code Llama's infilling)
+    are never bypassed, whatever their backend."""
+    handler, tokenizer = collator("llama-3-8b-instruct")
+    base = type(tokenizer)
+    for name in ("__call__", "_encode_plus"):
+        def own(self, *args, _name=name, **kwargs):
+            return getattr(base, _name)(self, *args, **kwargs)
+
+        tokenizer.__class__ = type("Own", (base,), {name: own})
+        assert handler._plain_backend() is None, name
+    tokenizer.__class__ = base
+    assert handler._plain_backend() is tokenizer.backend_tokenizer

@@ -180,8 +180,9 @@ class DefaultCollator:
         from transformers import TokenizersBackend
 
         tok = self.tokenizer
-        if not isinstance(tok, TokenizersBackend) or type(tok)._encode_plus is not TokenizersBackend._encode_plus:
-            return None
+        if not isinstance(tok, TokenizersBackend) or any(
+                getattr(type(tok), name) is not getattr(TokenizersBackend, name) for name in ("__call__", "_encode_plus")):
+            return None  # a class with its own call (Code Llama's infilling, Qwen-VL's image paths, ...)
         backend = tok.backend_tokenizer
         if backend.truncation is not None or backend.padding is not None or \
                 backend.encode_special_tokens != bool(tok.split_special_tokens):
