@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +35,27 @@ LARGE_FILE = 64 * 2**20
 known as weights) is keyed by its size and modification time, not read on every command."""
 
 
-def hash_tree(h: Any, folder: Path, skip: tuple[str, ...] = (), recursive: bool = True) -> None:
-    """Every file's relative name and bytes (size and mtime for one over :data:`LARGE_FILE`), in
-    sorted order; names ending in ``skip`` left out."""
+def hash_tree(h: Any, folder: Path, skip: tuple[str, ...] = (), recursive: bool = True,
+              read_up_to: int | None = None) -> None:
+    """Every file's relative name and bytes, in sorted order; names ending in ``skip`` left out.
+    ``read_up_to``: a file bigger than this is keyed by its size and mtime instead (a model
+    folder's, :func:`hash_model_folder`; a data folder's files are always read)."""
     files = folder.rglob("*") if recursive else folder.iterdir()
     for path in sorted(p for p in files if p.is_file()):
         if path.name.endswith(skip) or "__pycache__" in path.parts:
             continue
         h.update(str(path.relative_to(folder)).encode())
         stat = path.stat()
-        if stat.st_size > LARGE_FILE:
+        if read_up_to is not None and stat.st_size > read_up_to:
             h.update(f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}".encode())
         else:
             hash_file(h, path)
+
+
+def hash_model_folder(h: Any, folder: Path, recursive: bool = True) -> None:
+    """A model folder as a key sees it: every file but the weights, one over :data:`LARGE_FILE`
+    by its size and mtime."""
+    hash_tree(h, folder, skip=WEIGHT_SUFFIXES, recursive=recursive, read_up_to=LARGE_FILE)
 
 
 PACKAGE = Path(__file__).resolve().parent
@@ -77,8 +88,6 @@ class FolderMemo:
     @classmethod
     def of(cls, kind: str, folder: str | Path, *parts: Any) -> FolderMemo | None:
         """None for a path that is not a local folder (a hub id: nothing to key on)."""
-        import json
-
         import transformers
 
         from cardtune.demo.cache import cache_root
@@ -90,24 +99,18 @@ class FolderMemo:
         h.update(json.dumps([kind, transformers.__version__, str(folder.resolve()), parts],
                             sort_keys=True, default=str).encode())
         try:
-            hash_tree(h, folder, skip=WEIGHT_SUFFIXES, recursive=False)
+            hash_model_folder(h, folder, recursive=False)
         except OSError:
             return None
         return cls(cache_root() / kind / f"{h.hexdigest()}.json")
 
     def load(self) -> Any:
-        import json
-
         try:
             return json.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
     def store(self, value: Any) -> None:
-        import json
-        import logging
-        import os
-
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.file.with_suffix(f".{os.getpid()}.tmp")

@@ -122,3 +122,20 @@ def test_train_says_it_used_the_cache(tmp_path: Path, capsys) -> None:
     assert "validated before" not in capsys.readouterr().out
     assert main([*argv, "--output_dir", str(tmp_path / "b")]) == 0
     assert f"data (train): {demo / TRAIN_FILE}: validated before; read from the cache" in capsys.readouterr().out
+
+
+def test_a_data_folder_is_keyed_by_its_bytes_however_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a model folder's big files are keyed by size and mtime; a data folder's are read."""
+    from cardtune import hashing
+    from cardtune.training import data_cache
+
+    monkeypatch.setattr(hashing, "LARGE_FILE", 16)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shard = folder / "train.jsonl"
+    shard.write_text('{"id": "a"}\n' * 10)
+    before = data_cache.data_fingerprint(str(folder))
+    stat = shard.stat()
+    shard.write_text('{"id": "b"}\n' * 10)  # same size
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
+    assert data_cache.data_fingerprint(str(folder)) != before

@@ -26,7 +26,7 @@ import numpy as np
 from cardtune.data.formats import SampleSet, parse_data_arg
 from cardtune.data.validate import Problem, Report
 from cardtune.errors import SampleError
-from cardtune.hashing import WEIGHT_SUFFIXES, code_fingerprint, hash_file, hash_tree, hasher
+from cardtune.hashing import code_fingerprint, hash_file, hash_model_folder, hash_tree, hasher
 
 CACHE_ENV = "CARDTUNE_DATA_CACHE"
 FORMAT = 1  # bump when what a cache folder holds changes
@@ -68,7 +68,7 @@ def split_key(data_path: str, card: Any, model_folder: str | None, settings: dic
                          "card": card.model_dump(mode="json"), "settings": settings}, sort_keys=True, default=str).encode())
     folder = Path(model_folder) if model_folder else None
     if folder is not None and folder.is_dir():
-        hash_tree(h, folder, skip=WEIGHT_SUFFIXES)
+        hash_model_folder(h, folder)
     else:
         h.update(str(model_folder).encode())
     return h.hexdigest()
