@@ -40,6 +40,7 @@ Regenerate (after reviewing why they changed!) with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -431,6 +432,18 @@ def _counter(model_id: str, folder: Path, tok: Any, image_processor: Any) -> Any
     return None
 
 
+def reference_template(model_id: str, fam: Any, folder: Path) -> str | None:
+    """The template the reference renders with when it is not the tokenizer's own: the folder's
+    chat_template.json, or the registered card's."""
+    if fam.renderer == "folder_template":
+        return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    if fam.renderer == "card_template":
+        from cardtune.registry import get_registry
+
+        return get_registry().get(model_id).family.chat.jinja
+    return None
+
+
 def load_reference(model_id: str) -> Reference:
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2Tokenizer
 
@@ -460,14 +473,7 @@ def load_reference(model_id: str) -> Reference:
     counter = _counter(model_id, folder, tok, images) if images is not None else None
     if fam.renderer == "hand":
         return Reference(model_id, tok, fam.hand_format, counter, images, LLAVA_NEXT_VIDEO_HUB_TEMPLATE)
-    if fam.renderer == "folder_template":
-        template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    elif fam.renderer == "card_template":
-        from cardtune.registry import get_registry
-
-        template = get_registry().get(model_id).family.chat.jinja
-    else:
-        template = None
+    template = reference_template(model_id, fam, folder)
 
     def render(messages):
         return tok.apply_chat_template(messages, tokenize=False, chat_template=template, **fam.template_kwargs)
@@ -762,16 +768,17 @@ def write_golden(model_id: str, data: dict[str, Any]) -> None:
 # -- module-scoped loading: each tokenizer/processor once ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def references() -> Callable[[str], Reference]:
-    cache: dict[str, Reference] = {}
+def cached_per_module(load: Callable[[str], Any]) -> Any:
+    """A module-scoped fixture giving ``load`` memoised: each model is loaded once per test module."""
 
-    def get(model_id: str) -> Reference:
-        if model_id not in cache:
-            cache[model_id] = load_reference(model_id)
-        return cache[model_id]
+    @pytest.fixture(scope="module")
+    def fixture() -> Callable[[str], Any]:
+        return functools.cache(load)
 
-    return get
+    return fixture
+
+
+references = cached_per_module(load_reference)
 
 
 def build_encoder(model_id: str, derived: bool = False) -> Any:
@@ -786,16 +793,7 @@ def build_encoder(model_id: str, derived: bool = False) -> Any:
     return ChatEncoder(r.card, load_processing(r), max_length=None)
 
 
-@pytest.fixture(scope="module")
-def encoders() -> Callable[[str], Any]:
-    cache: dict[str, Any] = {}
-
-    def get(model_id: str) -> Any:
-        if model_id not in cache:
-            cache[model_id] = build_encoder(model_id)
-        return cache[model_id]
-
-    return get
+encoders = cached_per_module(build_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -916,14 +914,7 @@ def test_typed_control_tokens_reference_is_transformers_sanitize(references, gol
     ref = references(model_id)
     fam = FAMILIES[model_id]
     folder = require_fixture(fam.fixture)
-    if fam.renderer == "folder_template":
-        template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    elif fam.renderer == "card_template":
-        from cardtune.registry import get_registry
-
-        template = get_registry().get(model_id).family.chat.jinja
-    else:
-        template = None
+    template = reference_template(model_id, fam, folder)
     for case in ("role_strings_in_user", "spoofed_turn_in_user"):
         messages, _ = conversation(case, fam)
         answers = answers_of(messages)
@@ -1070,16 +1061,7 @@ def test_llava_next_video_hand_render_is_the_hub_template(references):
 # -- auto-derived cards: a local folder with no card gives the same ids -------------------------
 
 
-@pytest.fixture(scope="module")
-def derived_encoders() -> Callable[[str], Any]:
-    cache: dict[str, Any] = {}
-
-    def get(model_id: str) -> Any:
-        if model_id not in cache:
-            cache[model_id] = build_encoder(model_id, derived=True)
-        return cache[model_id]
-
-    return get
+derived_encoders = cached_per_module(functools.partial(build_encoder, derived=True))
 
 
 # qwen2-vl-2b's own template is not a chat template (the card gives one); declarative cards and

@@ -22,6 +22,7 @@ from test_labels_golden import (
     FAMILIES,
     assert_same_encoding,
     build_encoder,
+    cached_per_module,
     load_reference,
     reference_of,
 )
@@ -63,28 +64,8 @@ def _params() -> list[Any]:
     return [pytest.param(m, case, id=f"{m}/{case}") for m in MODELS for case in CASES]
 
 
-@pytest.fixture(scope="module")
-def references() -> Any:
-    cache: dict[str, Any] = {}
-
-    def get(model_id: str) -> Any:
-        if model_id not in cache:
-            cache[model_id] = load_reference(model_id)
-        return cache[model_id]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def encoders() -> Any:
-    cache: dict[str, Any] = {}
-
-    def get(model_id: str) -> Any:
-        if model_id not in cache:
-            cache[model_id] = build_encoder(model_id)
-        return cache[model_id]
-
-    return get
+references = cached_per_module(load_reference)
+encoders = cached_per_module(build_encoder)
 
 
 @pytest.mark.parametrize("model_id", MODELS)
