@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from test_train import first_batch, image_dataset, logits, text_dataset, tiny_model, train
+from test_train_accelerate import launch_env
 
 from cardtune.training.arguments import RECIPE_DIR
 
@@ -248,8 +249,7 @@ def test_two_process_gloo_moe_run(tmp_path: Path) -> None:
            "--activation_checkpointing", "true"]
     if torch.cuda.is_available():  # this test is the CPU (gloo) path
         cmd += ["--use_cpu", "true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = launch_env()
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "moe: saved as Mixtral (the text_config of LlavaForConditionalGeneration)" in done.stdout

@@ -31,6 +31,13 @@ sys.exit(main())
 """
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of an ``accelerate launch`` from a test: offline, one thread per process,
+    and this interpreter's ``accelerate`` first on PATH."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
 def test_accelerate_config_files_load() -> None:
     from accelerate.commands.config.config_args import ClusterConfig
 
@@ -63,8 +70,7 @@ def test_two_process_cpu_run_completes_and_ranks_see_different_data(tmp_path: Pa
 
     if torch.cuda.is_available():  # this test is the CPU (gloo) path
         cmd += ["--use_cpu", "true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = launch_env()
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     if not torch.cuda.is_available():
@@ -124,8 +130,7 @@ def test_an_fsdp_config_on_cpu_is_refused_not_trained_as_ddp(tmp_path: Path) -> 
            "--data_path", str(cache / data.name / TRAIN_FILE),
            "--image_folder", str(cache / data.name / IMAGE_DIR), "--output_dir", str(out), "--max_steps", "2",
            "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "CARDTUNE_CACHE": str(cache), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = launch_env(CARDTUNE_CACHE=str(cache))
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     line = ("train: the accelerate config asks for FSDP, but accelerate did not turn it on: these processes run on "
             "cpu, and accelerate runs FSDP only on GPUs (or other accelerators), so they would train unsharded DDP "

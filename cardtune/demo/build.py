@@ -11,6 +11,7 @@ One 32x32 image is 16 patches of 8x8; the CLIP tower adds a CLS embedding that t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -234,9 +235,14 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$CARDTUNE_CACHE`` or ``~/.cache/cardtune``.
     """
     target = cache_root(cache_dir) / f"{MODEL_NAME}-{model_version()}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a multi-process launch: rank 0 builds, the others wait
-        from accelerate import PartialState
+    with _rank_zero_first():
+        return build_once(target, write_demo_model)
 
-        with PartialState().main_process_first():
-            return build_once(target, write_demo_model)
-    return build_once(target, write_demo_model)
+
+def _rank_zero_first() -> Any:
+    """In a multi-process launch, rank 0 builds while the others wait; alone, nothing to wait for."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
