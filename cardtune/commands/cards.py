@@ -108,8 +108,8 @@ def _configure_show(p: argparse.ArgumentParser) -> Handler:
 # -- check ----------------------------------------------------------------------------------
 @command(
     "check",
-    "validate the model cards (all, or the given ids); with --model-path or --models-dir, also load "
-    "the real tokenizer/processor and check special tokens, bos, template, role tokens and labels; "
+    "validate the model cards (all, or the given ids); with --model-path, --models-dir or --fetch, also "
+    "load the real tokenizer/processor and check special tokens, bos, template, role tokens and labels; "
     "non-zero exit on any problem",
 )
 def _configure_check(p: argparse.ArgumentParser) -> Handler:
@@ -123,10 +123,21 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
         help="a folder of model folders: check each registered model whose folder is there "
         "(folder named as the model id or its hub name)",
     )
+    p.add_argument(
+        "--fetch", action="store_true",
+        help="download each MODEL_ID's tokenizer, config and template files (no weights, no code) from the hub "
+        "at its hf_path and revision, into $CARDTUNE_CACHE/hub, and check the card on them",
+    )
+    p.add_argument(
+        "--changed-since", dest="changed_since", metavar="GIT_REF",
+        help="with --fetch or --models-dir: the model ids whose card entry (or family) changed since GIT_REF "
+        "in the current git repository, e.g. origin/main",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from cardtune.registry import Registry
 
+        _check_options(args)
         problems: list[str] = []
         registry = Registry()
         for path in iter_card_files(card_dirs(args.cards)):
@@ -144,7 +155,7 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
             print(f"FAIL {problem}", file=sys.stderr)
         if problems:
             return 1
-        if args.model_path is None and args.models_dir is None:
+        if args.model_path is None and args.models_dir is None and not args.fetch:
             checked = args.model_ids or list(registry.models)
             print(f"ok: {plural(len(checked), 'model id')} in {plural(len(registry.families), 'family', 'families')}")
             return 0
@@ -153,11 +164,32 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """--fetch and --changed-since with what they need and nothing they contradict."""
+    if args.fetch and (args.model_path is not None or args.models_dir is not None):
+        raise CardError("--fetch downloads the models' files: give it without --model-path and --models-dir")
+    if args.fetch and not args.model_ids and args.changed_since is None:
+        raise CardError("--fetch downloads each model's files: give MODEL_IDs or --changed-since GIT_REF")
+    if args.changed_since is not None and not (args.fetch or args.models_dir is not None):
+        raise CardError("--changed-since selects the models to check on their files: give --fetch or --models-dir")
+    if args.changed_since is not None and args.model_ids:
+        raise CardError("give MODEL_IDs or --changed-since, not both")
+
+
 def _check_folders(args: argparse.Namespace, registry) -> int:
     from pathlib import Path
 
     from cardtune.checks import check_model, format_report, match_model_folders
 
+    wanted = list(args.model_ids)
+    if args.changed_since is not None:
+        from cardtune.registry.changes import changed_model_ids
+
+        wanted = changed_model_ids(args.changed_since, card_dirs(args.cards))
+        if not wanted:
+            print(f"ok: no model entry changed since {args.changed_since}")
+            return 0
+        print(f"changed since {args.changed_since}: {', '.join(wanted)}")
     targets: list[tuple[str, str, object, str]] = []
     if args.model_path is not None:
         if len(args.model_ids) > 1:
@@ -176,7 +208,6 @@ def _check_folders(args: argparse.Namespace, registry) -> int:
         if not Path(args.models_dir).is_dir():
             raise CardError(f"--models-dir {args.models_dir}: not a folder")
         pairs, unmatched = match_model_folders(registry, args.models_dir)
-        wanted = set(args.model_ids)
         for model_id, folder in pairs:
             if wanted and model_id not in wanted:
                 continue
@@ -184,16 +215,34 @@ def _check_folders(args: argparse.Namespace, registry) -> int:
             targets.append((model_id, str(folder), spec.family, registry.family_sources[spec.family.family]))
         for folder in unmatched:
             print(f"skip {folder}: no registered model is named after this folder")
+        for model_id in sorted(set(wanted) - {model_id for model_id, _ in pairs}):
+            print(f"skip {model_id}: no folder of it in {args.models_dir} (check it with --fetch)")
         if not pairs:
             raise CardError(f"--models-dir {args.models_dir}: no folder is named after a registered model")
-    failed = []
+    unfetched: list[str] = []
+    if args.fetch:
+        from cardtune.fetch import FetchError, fetch_small_files
+
+        for model_id in wanted:
+            spec = registry.get(model_id)
+            try:
+                fetched = fetch_small_files(spec)
+            except FetchError as exc:
+                print(f"FAIL {exc}", file=sys.stderr)
+                unfetched.append(model_id)
+                continue
+            print(fetched.line(spec))
+            targets.append((model_id, str(fetched.folder), spec.family, registry.family_sources[spec.family.family]))
+    failed = list(unfetched)
     for model_id, path, card, source in targets:
         result = check_model(model_id, path, card, source)
         sys.stdout.write(format_report(result))
         if result.failed:
             failed.append(model_id)
     if failed:
-        print(f"FAIL: {len(failed)} of {len(targets)} models failed: {', '.join(failed)}", file=sys.stderr)
+        if targets:  # else every model failed to fetch, and its line said so
+            print(f"FAIL: {len(failed)} of {len(targets) + len(unfetched)} models failed: {', '.join(failed)}",
+                  file=sys.stderr)
         return 1
     print(f"ok: {len(targets)} model{'s' if len(targets) != 1 else ''} checked on their folders")
     return 0
