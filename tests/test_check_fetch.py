@@ -43,6 +43,7 @@ class FakeRepo:
     declared_sizes: dict[str, int] = field(default_factory=dict)
     """A size the API lists instead of the file's (a file too big to serve for real)."""
     gated: bool = False
+    """Its files listed, their downloads refused (HTTP 401, X-Error-Code GatedRepo)."""
 
     def commit(self, revision: str) -> str:
         h = hashlib.sha1(revision.encode())
@@ -102,7 +103,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo = hub.repos.get(unquote(match.group(1)))
             if repo is None:
                 return self._error(404, "RepoNotFound", body)
-            if repo.gated:
+            if repo.gated and resolve is not None:  # the hub lists a gated repository's files to anyone
                 return self._error(401, "GatedRepo", body)
             at = repo.files_at(unquote((match.group(3) or "main") if api else match.group(2)))
             if at is None:
@@ -228,8 +229,9 @@ def test_fetch_failures_are_one_line_each(tmp_path: Path, hub: FakeHub) -> None:
         "FAIL fakeqwen-noweights (fakeorg/weights-only): cannot fetch its small files: the repository holds no "
         "tokenizer or config file (*.json, *.jinja, *.model, *.tiktoken, *.txt)",
     ]
-    assert not [r for r in hub.requests if "/resolve/" in r]  # refused before any download
-    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert not [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]  # nothing downloaded
+    assert not [r for r in hub.requests if "/resolve/" in r and "/gated/" not in r]  # refused before downloading
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "trees" not in p.parts]
 
 
 def test_unreachable_hub_is_one_line(tmp_path: Path) -> None:
