@@ -41,7 +41,7 @@ class Fetched:
 
     def line(self, spec: ModelSpec) -> str:
         return (f"fetch {spec.model_id}: {_where(spec)} (commit {self.commit[:12]}): "
-                f"{len(self.files)} small files, {self.size / 2**20:.1f} MB")
+                f"{len(self.files)} small file{'s' if len(self.files) != 1 else ''}, {self.size / 2**20:.1f} MB")
 
 
 def _where(spec: ModelSpec) -> str:
