@@ -103,21 +103,62 @@ def open_encoder(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def encoded_samples(args: argparse.Namespace, resolved: Any, encoder: Any, limit: int | None = None) -> Iterator[Any]:
-    """(sample, Encoded or SampleError) for each sample of ``--data``, media loaded lazily."""
+    """(sample, Encoded or SampleError) for each sample of ``--data``, media loaded lazily; first
+    each record that could not be read as a sample, as (None, its SampleError). ``limit``: the
+    first so many samples (every unreadable record is still reported)."""
     from cardtune.data.formats import load_samples
-    from cardtune.data.media import MediaConfig, load_media
-    from cardtune.errors import SampleError
+    from cardtune.data.validate import media_folder_hint
 
-    cfg = MediaConfig.from_card(resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
-                                allow_absolute_paths=args.allow_absolute_paths)
     samples = load_samples(args.data, user_key=args.user_key, assistant_key=args.assistant_key)
+    for error in samples.errors:
+        yield None, error
+    check = SampleCheck(resolved.card, encoder, image_folder=args.image_folder, video_folder=args.video_folder,
+                        allow_absolute_paths=args.allow_absolute_paths)
     for n, sample in enumerate(samples):
         if limit is not None and n >= limit:
             return
+        yield sample, check(sample)
+    hint = media_folder_hint(check.failures, samples, image_folder=args.image_folder, video_folder=args.video_folder)
+    if hint:
+        print(f"cardtune {args.command}: {hint}", file=sys.stderr)
+
+
+class SampleCheck:
+    """One sample as training encodes it: the media kinds the card takes, then the media
+    loaded, then the encoder; every failure is the sample's :class:`SampleError` (a processor or
+    template failing on it is ``template_error``, as validation reports it), never a traceback."""
+
+    def __init__(self, card: Any, encoder: Any, **media: Any) -> None:
+        from cardtune.data.media import MediaConfig
+
+        self.card = card
+        self.encoder = encoder
+        self.media = MediaConfig.from_card(card, **media)
+        self.failures: list[Any] = []
+
+    def __call__(self, sample: Any) -> Any:
+        from cardtune.data.media import load_media
+        from cardtune.data.validate import check_modalities
+        from cardtune.errors import SampleError
+
         try:
-            yield sample, encoder.encode(sample, load_media(sample, cfg))
+            unsupported = check_modalities(sample, self.card)
+            if unsupported:
+                raise unsupported[0]
+            return self.encoder.encode(sample, load_media(sample, self.media))
         except SampleError as exc:
-            yield sample, exc
+            self.failures.append(exc)
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
+            error = SampleError(sample.id, "messages", "template_error", f"encoding failed: {type(exc).__name__}: {exc}",
+                                sample.source)
+            self.failures.append(error)
+            return error
+
+
+def failure_summary(failed: Counter[str], total: int) -> str:
+    counts = ", ".join(f"{k}: {v}" for k, v in failed.most_common())
+    return f"{sum(failed.values())} of {total} samples failed ({counts})"
 
 
 @command("labels", "print input_ids and labels of each sample as JSON lines (exit 1 if any sample fails)")
@@ -139,8 +180,7 @@ def _configure_labels(p: argparse.ArgumentParser) -> Handler:
                 continue
             sys.stdout.write(json.dumps({"id": sample.id, "input_ids": result.input_ids, "labels": result.labels}) + "\n")
         if failed:
-            counts = ", ".join(f"{k}: {v}" for k, v in failed.most_common())
-            print(f"cardtune labels: {sum(failed.values())} of {total} samples failed ({counts})", file=sys.stderr)
+            print(f"cardtune labels: {failure_summary(failed, total)}", file=sys.stderr)
             return 1
         return 0
 
@@ -155,17 +195,20 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> int:
         from rich.console import Console
+        from rich.markup import escape
 
         from cardtune.errors import SampleError
 
         console = Console(highlight=False, soft_wrap=True)
         resolved, encoder = open_encoder(args)
-        bad = 0
+        failed: Counter[str] = Counter()
+        total = 0
         for sample, result in encoded_samples(args, resolved, encoder, limit=args.n):
-            console.rule(f"sample {sample.id}")
+            total += 1
+            console.rule(f"sample {sample.id if sample is not None else result.sample_id}")
             if isinstance(result, SampleError):
-                bad += 1
-                console.print(f"[bold red]FAILED[/] {result}")
+                failed[result.reason] += 1
+                console.print(f"[bold red]FAILED[/] {escape(str(result))}")
                 continue
             console.print(render_tokens(result, encoder))
             turns = sum(1 for m in sample.messages if m["role"] == "assistant")
@@ -174,7 +217,10 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
                 f"in {turns} assistant turn(s), {sum(1 for t in result.input_ids if t in encoder.media_token_ids)} media"
                 + (f", {result.num_truncated} truncated" if result.num_truncated else "")
             )
-        return 1 if bad else 0
+        if failed:
+            print(f"cardtune inspect: {failure_summary(failed, total)}", file=sys.stderr)
+            return 1
+        return 0
 
     return run
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import stat
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
-from cardtune.data.json_stream import JsonStream, NotJson
+from cardtune.data.json_stream import JsonStream, NotJson, RepeatedKeys
+from cardtune.data.media import not_regular
 from cardtune.errors import SampleError
 from cardtune.registry.errors import InputFileError
 from cardtune.registry.loader import load_yaml, not_utf8, read_text, validation_lines
@@ -110,8 +112,9 @@ def _source(item: Any, defaults: dict[str, Any]) -> DataSource:
 
 def _read_mix(path: Path, defaults: dict[str, Any]) -> DataMix:
     """A mix YAML: errors at ``FILE:LINE: field``; paths relative to the file."""
+    check_data_path(str(path))
     if not path.is_file():
-        raise InputFileError(f"no such file: {path}")
+        raise InputFileError(f"{path}: a folder, not a data mix file")
     loaded, root = load_yaml(read_text(path), str(path))
     if isinstance(loaded, list):  # a bare list of sources: its lines count as under 'sources'
         import yaml
@@ -417,6 +420,9 @@ def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> 
     raw_id = record.get("id")
     sample_id = str(raw_id) if raw_id is not None and raw_id != "" else str(index)
     fmt = opts.format
+    if fmt == "auto" and "conversations" in record and "messages" in record:
+        raise SampleError(sample_id, "record", "bad_format", "holds both 'conversations' (LLaVA) and 'messages' "
+                          "(OpenAI), and only one would be read: keep one (or set the source's format: llava or openai in a mix YAML)", source)
     if fmt == "auto":
         fmt = "llava" if "conversations" in record else "openai" if "messages" in record else "auto"
     if fmt == "llava" and "conversations" in record:
@@ -447,14 +453,27 @@ def _records(source: DataSource) -> Iterator[tuple[int, str, Any]]:
         yield from _json_lines(path, name)
         return
     if path.is_file() and path.suffix == ".json":
-        for index, record in enumerate(_json_list(path, name)):
-            yield index, f"{name}[{index}]", record
+        for index, (record, repeated) in enumerate(_json_list(path, name)):
+            where = f"{name}[{index}]"
+            yield index, where, _repeated_keys_error(record, repeated, index, where) if repeated else record
         return
     yield from _hf_records(source)
 
 
+def _repeated_keys_error(record: Any, repeated: list[str], index: int, where: str) -> SampleError:
+    """A record some object of which writes a key twice: :mod:`json` would keep the last value
+    without a word (a second ``"messages"`` replacing the first conversation)."""
+    raw_id = record.get("id") if isinstance(record, dict) else None
+    keys = ", ".join(f"'{k}'" for k in dict.fromkeys(repeated))
+    return SampleError(str(raw_id) if raw_id not in (None, "") else str(index), repeated[0], "bad_format",
+                       f"the key {keys} is written twice in one object (JSON would keep only the last); write it once",
+                       where)
+
+
 def _json_lines(path: Path, name: str) -> Iterator[tuple[int, str, Any]]:
     # Read as bytes, decoded line by line: one bad byte costs its line, not the file.
+    repeated = RepeatedKeys()
+    decode = repeated.decoder().decode
     with path.open("rb") as f:
         index = 0
         for lineno, raw in enumerate(f, start=1):
@@ -463,8 +482,11 @@ def _json_lines(path: Path, name: str) -> Iterator[tuple[int, str, Any]]:
             if not raw.strip():
                 continue
             where = f"{name}:{lineno}"
+            repeated.found.clear()
             try:
-                record: Any = json.loads(raw.decode("utf-8"))
+                record: Any = decode(raw.decode("utf-8").rstrip("\r\n"))  # a column on this line, not the next
+                if repeated.found:
+                    record = _repeated_keys_error(record, repeated.found, index, where)
             except UnicodeDecodeError as exc:
                 detail = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}; save the file as UTF-8"
                 record = SampleError(_id_of_unreadable(raw, index), "record", "bad_format", detail, where)
@@ -522,13 +544,15 @@ class _RepeatedData(Exception):
     """A second top-level ``"data"`` key."""
 
 
-def _json_list(path: Path, name: str) -> Iterator[Any]:
-    """The samples of a JSON data file, one at a time; it is never held whole. A file that is
-    not UTF-8 JSON is parsed whole again, to name the line, column and reason as :mod:`json` does."""
+def _json_list(path: Path, name: str) -> Iterator[tuple[Any, list[str]]]:
+    """The samples of a JSON data file, one at a time, each with the keys it writes twice in
+    one object; it is never held whole. A file that is not UTF-8 JSON is parsed whole again, to
+    name the line, column and reason as :mod:`json` does."""
     with path.open("rb") as f:
         document = _JsonDocument(f)
         try:
-            yield from document.samples()
+            for record in document.samples():
+                yield record, list(document.stream.repeated_keys.found)
             document.stream.expect_end()
         except NotJson:
             _json_document(path, name)
@@ -618,8 +642,14 @@ def looks_like_hub_name(name: str) -> bool:
 
 def check_data_path(path: str) -> None:
     """A path that is neither on disk nor a hub dataset id is ``no such file`` (it never goes to
-    the hub), with the names close to it in its folder."""
-    if Path(path).exists() or looks_like_hub_name(path):
+    the hub), with the names close to it in its folder. Only regular files and folders are
+    read: a FIFO or a device would block the reader, or feed it without end."""
+    if Path(path).exists():
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputFileError(f"{path} is {not_regular(mode)}, not a file: only regular files are read")
+        return
+    if looks_like_hub_name(path):
         return
     folder = Path(path).parent
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []

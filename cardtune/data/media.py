@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,32 @@ def resolve_path(ref: str | os.PathLike, folder: str | None, allow_absolute: boo
     return Path(path)
 
 
-def _existing(path: Path) -> Path:
-    if not path.exists():
-        raise MediaProblem("missing_media", f"{path} does not exist")
+def _existing(path: Path, kind: str) -> Path:
+    """``path``, a regular file (a video may be a folder of frames): a FIFO, a socket or a
+    device would block the reader, or feed it without end, so none is ever opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MediaProblem("missing_media", f"{path} does not exist") from None
+    except OSError as exc:
+        raise MediaProblem("unreadable_media", f"{path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        if kind != "video":
+            raise MediaProblem("unreadable_media", f"{path} is a folder, not an {kind}")
+    elif not stat.S_ISREG(mode):
+        raise MediaProblem("unreadable_media", f"{path} is {not_regular(mode)}, not a file: only regular files are read")
     if not os.access(path, os.R_OK):
         raise MediaProblem("unreadable_media", f"{path} is not readable (permissions)")
     return path
+
+
+def not_regular(mode: int) -> str:
+    """What a file that is neither regular nor a folder is, for a message."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _is_remote(text: str) -> bool:
@@ -107,7 +128,7 @@ def media_path(ref: Any, kind: str, cfg: MediaConfig) -> Path:
         raise MediaProblem("unreadable_media", f"a {type(ref).__name__} is not a {kind} path")
     if _is_remote(text):
         raise MediaProblem("unreadable_media", f"{text!r}: remote URLs are not fetched; download the files first")
-    return _existing(resolve_path(text, cfg.folder(kind), cfg.allow_absolute_paths))
+    return _existing(resolve_path(text, cfg.folder(kind), cfg.allow_absolute_paths), kind)
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -144,10 +165,7 @@ def _image_source(ref: Any, cfg: MediaConfig) -> Any:
             return io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
         except (IndexError, ValueError) as exc:
             raise MediaProblem("corrupt_image", f"bad data URL: {exc}") from None
-    path = media_path(ref, "image", cfg)
-    if path.is_dir():
-        raise MediaProblem("unreadable_media", f"{path} is a folder, not an image")
-    return path
+    return media_path(ref, "image", cfg)
 
 
 def _open_lazily(source: Any) -> Any:

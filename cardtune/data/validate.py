@@ -56,6 +56,8 @@ class Report:
     num_typed_control_tokens: int = 0
     """Samples whose text holds control-token strings (``<|im_end|>``, ``</s>``): plain text,
     unless the run keeps them (``--typed_control_tokens keep``)."""
+    hint: str | None = None
+    """What the problems suggest went wrong with the command (a media folder not given)."""
 
     @property
     def ok(self) -> bool:
@@ -106,14 +108,18 @@ class Report:
         return line
 
     def format_table(self, limit: int | None = None) -> str:
-        rows = [("id", "source", "field", "reason", "detail")]
-        shown = self.problems if limit is None else self.problems[:limit]
-        rows += [(e.sample_id, e.source, e.field, e.reason, e.detail or REASONS[e.reason]) for e in (p.error for p in shown)]
-        widths = [min(max(len(r[i]) for r in rows), 40) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
-        if limit is not None and len(self.problems) > limit:
-            lines.append(f"... and {len(self.problems) - limit} more")
+        """The problems as a table (none when there are none), their counts, the duplicate ids,
+        the hint and the summary line."""
+        lines: list[str] = []
         if self.problems:
+            rows = [("id", "source", "field", "reason", "detail")]
+            shown = self.problems if limit is None else self.problems[:limit]
+            rows += [(e.sample_id, e.source, e.field, e.reason, e.detail or REASONS[e.reason])
+                     for e in (p.error for p in shown)]
+            widths = [min(max(len(r[i]) for r in rows), 40) for i in range(4)]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
+            if limit is not None and len(self.problems) > limit:
+                lines.append(f"... and {len(self.problems) - limit} more")
             lines.append("")
             lines += [f"{n:>7}  {reason}: {REASONS[reason]}" for reason, n in self.counts.items()]
         if self.duplicate_ids:
@@ -122,6 +128,8 @@ class Report:
             lines += [f"  {i}: {', '.join(self.duplicate_ids[i])}" for i in shown_ids]
             if len(shown_ids) < len(self.duplicate_ids):
                 lines.append(f"  ... and {len(self.duplicate_ids) - len(shown_ids)} more")
+        if self.hint:
+            lines.append(self.hint)
         lines.append(self.summary())
         return "\n".join(lines)
 
@@ -196,11 +204,12 @@ def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError
         if placeholders != len(given):
             err(f"{kind}s", "placeholder_mismatch", f"{placeholders} {kind} placeholders for {len(given)} {kind}s")
     if card is not None:
-        errs += _check_modalities(sample, card)
+        errs += check_modalities(sample, card)
     return errs
 
 
-def _check_modalities(sample: Sample, card: Any) -> list[SampleError]:
+def check_modalities(sample: Sample, card: Any) -> list[SampleError]:
+    """The sample's media kinds and counts that ``card``'s family does not take (``unsupported_media``)."""
     def err(field: str, detail: str) -> SampleError:
         return SampleError(sample.id, field, "unsupported_media", detail, sample.source)
 
@@ -212,6 +221,24 @@ def _check_modalities(sample: Sample, card: Any) -> list[SampleError]:
     if sample.videos and ("video" not in modalities or card.capabilities.video == "unsupported"):
         out.append(err("videos", f"family {card.family} takes no video"))
     return out
+
+
+def media_folder_hint(errors: Sequence[SampleError], samples: Sequence[Sample], *, image_folder: str | None,
+                      video_folder: str | None) -> str | None:
+    """"did you forget --image_folder?" when none was given and most of the images, named by
+    paths relative to the current folder, are missing (likewise videos); else None. Looks at the
+    samples only when there are such errors."""
+    missing = Counter(e.field.split("[", 1)[0] for e in errors if e.reason == "missing_media")
+    for kind, folder in (("image", image_folder), ("video", video_folder)):
+        if folder is not None or not missing[f"{kind}s"]:
+            continue
+        relative = sum(1 for sample in samples for ref in getattr(sample, f"{kind}s")
+                       if isinstance(ref, str) and not os.path.isabs(ref.removeprefix("file://"))
+                       and not ref.startswith(("data:", "http://", "https://")))
+        if relative and 2 * missing[f"{kind}s"] > relative:
+            return (f"{missing[f'{kind}s']} of {relative} {kind}s are missing, and their paths are relative to the current "
+                    f"folder ({os.getcwd()}): did you forget --{kind}_folder?")
+    return None
 
 
 # -- the pass -----------------------------------------------------------------------------------
@@ -302,6 +329,9 @@ def validate(
     report.num_truncated = int(truncated[checked_as].sum())
     report.num_typed_control_tokens = int(typed[checked_as].sum())
     report.lengths = [None if n < 0 else n for n in lengths[checked_as].tolist()]
+    if check_media != "none":
+        report.hint = media_folder_hint([p.error for p in report.problems], samples, image_folder=image_folder,
+                                        video_folder=video_folder)
     return report
 
 
