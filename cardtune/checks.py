@@ -81,11 +81,12 @@ def _decode(tok: Any, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _answers(tok: Any, encoded: Any, n_eot: int) -> list[str]:
-    """Each supervised span decoded without its end-of-turn tokens, stripped."""
+def _answers(tok: Any, encoded: Any, roles: Any) -> list[str]:
+    """Each supervised span decoded without its end-of-turn tokens (whichever form ends it), stripped."""
     from cardtune.collators.engine import IGNORE_INDEX
 
-    return [_decode(tok, encoded.input_ids[s : e - n_eot]).strip() for s, e in _spans(encoded.labels, IGNORE_INDEX)]
+    ids = encoded.input_ids
+    return [_decode(tok, ids[s : e - roles.closing_before(ids, e)]).strip() for s, e in _spans(encoded.labels, IGNORE_INDEX)]
 
 
 def _spans(labels: list[int], ignore: int) -> list[tuple[int, int]]:
@@ -163,11 +164,14 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
         how = "a system prompt " + ("(folded into the first user turn) " if roles.system == "fold" else "") + "and 3 turns"
     result.add("template", not missing, f"renders {how}" + (f"; missing from the render: {missing}" if missing else ""))
 
-    header, eot = _decode(tok, list(roles.assistant_header)), _decode(tok, list(roles.end_of_turn))
+    header = _decode(tok, list(roles.assistant_header))
+    eot = " or ".join(repr(_decode(tok, list(c))) for c in roles.closings)
     appended = " (appended to each answer: the template writes none)" if roles.appended_end_of_turn else ""
+    forms = f"end of turn {eot} {[list(c) for c in roles.closings]}" if len(roles.closings) > 1 else \
+        f"end of turn {eot} {list(roles.end_of_turn)}"
     result.add(
         "role tokens", True,
-        f"assistant header {header!r} {list(roles.assistant_header)}, end of turn {eot!r} {list(roles.end_of_turn)}"
+        f"assistant header {header!r} {list(roles.assistant_header)}, {forms}"
         f"{appended}; content as {roles.content}, system {roles.system}",
     )
 
@@ -176,14 +180,13 @@ def _check_engine(result: ModelCheck, card: Any, processing: Any) -> None:
         return
     ids, labels = encoded.input_ids, encoded.labels
     spans = _spans(labels, IGNORE_INDEX)
-    n_eot = len(roles.end_of_turn)
-    with_eot = sum(1 for s, e in spans if tuple(ids[e - n_eot : e]) == roles.end_of_turn)
+    with_eot = sum(1 for _, e in spans if roles.closing_before(ids, e))
     result.add("end of turn trained", with_eot == len(TURNS) and len(spans) == len(TURNS),
-               f"{with_eot}/{len(TURNS)} answers end with {eot!r} in the labels")
+               f"{with_eot}/{len(TURNS)} answers end with {eot} in the labels")
     problems = []
     if len(spans) != len(TURNS):
         problems.append(f"{len(spans)} supervised spans for {len(TURNS)} answers")
-    for got, (_, answer) in zip(_answers(tok, encoded, n_eot), TURNS, strict=False):
+    for got, (_, answer) in zip(_answers(tok, encoded, roles), TURNS, strict=False):
         if got != answer:
             problems.append(f"span {got!r} != answer {answer!r}")
     if any(lab != IGNORE_INDEX and lab != i for i, lab in zip(ids, labels, strict=True)):
@@ -233,8 +236,12 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
 
     if card.load_image:
         if processing.processor is None and processing.image_processor is None:
-            result.add("image", False, "images cannot be encoded: no processor or image processor loads "
-                       "(images are refused as unsupported_media)", warn=True)
+            # A native image processor that cannot be built here (one that needs torchvision, with
+            # no PIL path) fails the check: text passing would hide that images do not. Remote code
+            # that is absent or not trusted is a warning: nothing on this machine could serve it.
+            why = processing.image_unavailable or "no processor or image processor loads"
+            result.add("image", False, f"images cannot be encoded: {why} (images are refused as unsupported_media)",
+                       warn=processing.image_remote)
             return
         images: list[Any] = [_probe_image()]
     else:
@@ -255,7 +262,7 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
     media_ids = encoder.media_token_ids
     n_media = sum(1 for t in encoded.input_ids if t in media_ids)
     trained_media = sum(1 for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if t in media_ids and lab != IGNORE_INDEX)
-    answer_ok = _answers(encoder.tokenizer, encoded, len(encoder.roles.end_of_turn)) == [IMAGE_ANSWER]
+    answer_ok = _answers(encoder.tokenizer, encoded, encoder.roles) == [IMAGE_ANSWER]
     if card.load_image:
         # the processor's own count for the image (one token for a cross-attention model)
         ok = n_media == want and n_media >= 1 and trained_media == 0 and answer_ok
@@ -269,7 +276,7 @@ def _check_image(result: ModelCheck, card: Any, encoder: Any, processing: Any) -
 
 def _processor_image_tokens(processing: Any, card: Any, image: Any, media_ids: set[int]) -> int | None:
     """How many media tokens the processor itself gives one image (None without a processor)."""
-    processor, token = processing.processor, card.media.image_token
+    processor, token = processing.processor, card.media.placeholder("image")
     if processor is None or not token or "{" in token:
         return None
     out = processor(text=[f"{token}\n"], images=[image], add_special_tokens=False)

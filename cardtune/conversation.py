@@ -64,6 +64,11 @@ class Processing:
     notes: tuple[str, ...] = ()
     video_unavailable: str | None = None
     """Why videos cannot be encoded on this machine (no video processor), or None."""
+    image_unavailable: str | None = None
+    """Why images cannot be encoded (no image processor loads), or None."""
+    image_remote: bool = False
+    """Images are unavailable because the image processor is remote code that is absent or not
+    trusted (not something this machine could install)."""
 
     @property
     def renderer(self) -> Any:

@@ -31,6 +31,12 @@ FOLDERS: dict[str, tuple[str, str | None]] = {
     "llava-onevision-qwen2-0.5b-ov-hf": ("llava-onevision-0.5b-ov", None),
     "llava-v1.6-mistral-7b-hf": ("llava-1.6-mistral-7b", None),
     "qwen2-vl-2b-instruct": ("qwen2-vl-2b-instruct", None),
+    # the 2025-26 generation: harmony channels and two ends of turn, think blocks, an image
+    # placeholder the processor expands into other tokens
+    "gemma-3-4b-it": ("gemma-3-4b-it", None),
+    "gpt-oss-20b": ("gpt-oss-20b", None),
+    "qwen3-4b": ("qwen3-4b", None),
+    "qwen3-vl-4b-instruct": ("qwen3-vl-4b-instruct", None),
     # no chat template in the folder: the format comes from a family
     "vicuna-7b-v1.5": ("vicuna-7b-v1.5", "vicuna-v1.5"),
     "qwen2-vl-2b": ("qwen2-vl-2b", "qwen2-vl-base"),  # its template renders nothing

@@ -132,14 +132,17 @@ def test_every_fixture_with_a_card_passes(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert rc == 0, out
     reports = [line for line in out.splitlines() if " on " in line and "(card: " in line]
-    assert len(reports) == 20  # phi3-vision is matched through its config's _name_or_path
+    assert len(reports) == 24  # phi3-vision is matched through its config's _name_or_path
     assert any(r.startswith("phi3-v on ") for r in reports)
-    assert out.count("OK   end of turn trained: 3/3") == 20
+    assert out.count("OK   end of turn trained: 3/3") == 24
     assert "FAIL" not in out and "skip " not in out
     # every image model encodes an image with the processor's own token count, but phi3-v,
     # whose remote-code processor is not in its folder (a WARN, said why)
-    assert out.count("OK   image: ") == 10
-    assert out.count("WARN") == 1 and "WARN image: images cannot be encoded: no processor or image processor loads" in out
+    assert out.count("OK   image: ") == 12
+    assert out.count("WARN") == 1 and ("WARN image: images cannot be encoded: the image processor is remote code "
+                                       "(image_processing_phi3_v.Phi3VImageProcessor) that does not load") in out
+    # harmony: both ends of turn, each answer trained up to its own
+    assert ("OK   end of turn trained: 3/3 answers end with '<|return|>' or '<|end|>' in the labels") in out
 
 
 def test_check_model_path_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

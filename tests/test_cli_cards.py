@@ -162,7 +162,8 @@ def test_show_prints_the_resolved_card(capsys: pytest.CaptureFixture[str]) -> No
     }
     assert card["chat"]["end_of_turn"] == ["</s>"] and card["chat"]["system"] == "auto"
     assert card["loader"] == "generic" and card["trust_remote_code"] is False
-    assert card["media"] == {"image_token": "<image>", "video_token": None, "num_frames": 8}
+    assert card["media"] == {"image_token": "<image>", "video_token": None, "image_placeholder": None,
+                             "video_placeholder": None, "num_frames": 8}
     assert card["models"] == [
         {
             "model_id": "llava-1.5-7b",

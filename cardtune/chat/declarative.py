@@ -267,12 +267,12 @@ def card_chat_template(card: FamilyCard, tokenizer: Any, template: str | None = 
             )
         return compile_template(chat.declarative, tokenizer)
     if kind == "plain":
-        image_token = card.media.image_token
+        image_token = card.media.placeholder("image")
         if not image_token:
             raise CardError(f"family {card.family}: the plain template needs media.image_token in the card")
         if not tokenizer.eos_token:
             raise CardError(
                 f"family {card.family}: the plain template needs an eos token (set chat.special_tokens.eos)"
             )
-        return plain_template(image_token, tokenizer.eos_token, card.media.video_token)
+        return plain_template(image_token, tokenizer.eos_token, card.media.placeholder("video"))
     raise CardError(f"family {card.family}: unknown chat template kind {kind!r}")

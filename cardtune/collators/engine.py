@@ -57,6 +57,20 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+def _first_of(ids: list[int], patterns: tuple[tuple[int, ...], ...], start: int) -> tuple[int, int] | None:
+    """(index, length) of the earliest occurrence of any of ``patterns`` at or after ``start``
+    (the longest where several start there), or None."""
+    if len(patterns) == 1:
+        at = _find(ids, patterns[0], start)
+        return (at, len(patterns[0])) if at >= 0 else None
+    best: tuple[int, int] | None = None
+    for pattern in patterns:
+        at = _find(ids, pattern, start)
+        if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(pattern) > best[1])):
+            best = (at, len(pattern))
+    return best
+
+
 def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
     """Index of the first occurrence of ``pattern`` in ``ids`` at or after ``start``, or -1."""
     n, first = len(pattern), pattern[0]
@@ -136,6 +150,11 @@ class ChatEncoder:
         self.control = TypedControlTokens(self.tokenizer, renderer.chat_template, self.media_token_ids)
         self.keep_typed_control_tokens = typed_control_tokens == "keep"
         self._answer_norm: dict[str, str] = {}
+        closings = self.roles.closings
+        # each end of turn whole, then (where it starts with text: deepseek's "\n<|EOT|>") its
+        # special token alone, for an answer whose last characters merged with that text
+        self._closing_tiers = [closings] + ([tuple(dict.fromkeys(c[-1:] for c in closings))]
+                                            if any(len(c) > 1 for c in closings) else [])
 
     # -- 1. normalise ---------------------------------------------------------------------
     def normalise(self, sample: Sample, media: Media | None = None, *, typed: int | None = None) -> list[dict[str, Any]]:
@@ -401,7 +420,9 @@ class ChatEncoder:
         for turn, answer in enumerate(answers):
             guess = expected[turn] if turn < len(expected) else None
             span = None
-            if guess is not None and positions[guess] >= pos:
+            if answer.reasoning and self.roles.reasoning_header:
+                span = self._reasoning_span(ids, pos, answer)
+            if span is None and guess is not None and positions[guess] >= pos:
                 span = self._span_after(ids, positions[guess] + len(header), answer, view)
             if span is None and positions:
                 for j, h in enumerate(positions):
@@ -433,16 +454,31 @@ class ChatEncoder:
         its reasoning is in it). What the template inserts before a last answer only (an empty
         think block) is skipped, so it is masked like the header."""
         inserted = self.roles.inserted_before_last
-        if answer.reasoning:
-            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, answer.reasoning)
+        if answer.reasoning and not self.roles.reasoning_header:
+            span = self._span_from(ids, start, answer.text, answer.reasoning)
             if span is not None:
                 return (*span, True)
         if inserted and tuple(ids[start : start + len(inserted)]) == inserted:
-            span = self._span_from(ids, start + len(inserted), self.roles.end_of_turn, answer.text, view=view)
+            span = self._span_from(ids, start + len(inserted), answer.text, view=view)
             if span is not None:
                 return (*span, False)
-        span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, view=view)
+        span = self._span_from(ids, start, answer.text, view=view)
         return (*span, False) if span is not None else None
+
+    def _reasoning_span(self, ids: list[int], pos: int, answer: Answer) -> tuple[int, int, bool] | None:
+        """The span of an answer whose reasoning the template writes under a header of its own
+        (harmony's analysis channel): from after that header, through the answer's header, to
+        the answer's end of turn. Only a reasoning header before the next answer header counts
+        (else the template dropped this turn's reasoning, and a later turn's is not this one's)."""
+        rheader = self.roles.reasoning_header
+        at = _find(ids, rheader, pos)
+        if at < 0:
+            return None
+        nxt = _find(ids, self.roles.assistant_header, pos)
+        if 0 <= nxt < at:
+            return None
+        span = self._span_from(ids, at + len(rheader), answer.text, answer.reasoning)
+        return (*span, True) if span is not None else None
 
     def _merged_header_span(self, ids: list[int], pos: int, answer: Answer) -> tuple[int, int, bool] | None:
         """A header whose last token merged with the answer's first character into one token
@@ -459,7 +495,7 @@ class ChatEncoder:
                 merged = self.tokenizer.decode(ids[at : at + 1])
                 if merged.startswith(last) and len(merged) > len(last):
                     # the span's text is the header's last piece, then the answer
-                    span = self._span_from(ids, at, self.roles.end_of_turn, last + answer.text, answer.reasoning or None)
+                    span = self._span_from(ids, at, last + answer.text, answer.reasoning or None)
                     if span is not None:
                         return (*span, bool(answer.reasoning))
             h = _find(ids, head, h + 1)
@@ -478,7 +514,7 @@ class ChatEncoder:
             start = pos
             while start < len(ids) and ids[start] in skip:
                 start += 1
-            span = self._span_from(ids, start, self.roles.end_of_turn, answer.text, view=view)
+            span = self._span_from(ids, start, answer.text, view=view)
             if span is None:
                 raise SampleError(
                     sample.id, f"assistant turn {turn}", "label_contract",
@@ -490,10 +526,11 @@ class ChatEncoder:
         return spans
 
     def _span_from(
-        self, ids: list[int], start: int, eot: tuple[int, ...], answer: str, reasoning: str | None = None,
+        self, ids: list[int], start: int, answer: str, reasoning: str | None = None,
         view: TextView | None = None,
     ) -> tuple[int, int] | None:
-        """The span from ``start`` to the first end-of-turn after which the text is the answer.
+        """The span from ``start`` to the first end of turn (of any form the template writes)
+        before which the text is the answer.
 
         Where the end of turn starts with text before its special token (deepseek's
         ``\n<|EOT|>``) and the answer's last characters merged with that text, the special
@@ -506,12 +543,12 @@ class ChatEncoder:
                 return True
             return self._matches(ids[start:e], answer)
 
-        for closing in (eot, eot[-1:]) if len(eot) > 1 else (eot,):
-            e = _find(ids, closing, start)
-            while e >= 0 and not matches(e):
-                e = _find(ids, closing, e + 1)
-            if e >= 0:
-                return start, e + len(closing)
+        for closings in self._closing_tiers:
+            hit = _first_of(ids, closings, start)
+            while hit is not None and not matches(hit[0]):
+                hit = _first_of(ids, closings, hit[0] + 1)
+            if hit is not None:
+                return start, hit[0] + hit[1]
         return None
 
     def encode(self, sample: Sample, media: Media | None = None) -> Encoded:

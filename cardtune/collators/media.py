@@ -101,7 +101,7 @@ class DefaultCollator:
         return os.fspath(ref)
 
     def _placeholder(self, kind: str, n: int) -> str:
-        token = self.card.media.image_token if kind == "image" else self.card.media.video_token
+        token = self.card.media.placeholder(kind)
         if not token:
             raise ValueError(f"card {self.card.family}: media.{kind}_token is needed to write {kind}s into string content")
         return token.replace("{n}", str(n))
@@ -111,8 +111,9 @@ class DefaultCollator:
         """Every media part has its media and every media its part, checked before tokenizing:
         a part with no image would be ONE unexpanded image token with no pixels (the model fails
         later: features != tokens), and a processor's own ValueError would not name the sample.
-        Where the card's placeholder is a fixed token, its count in the rendered text must agree
-        too (a placeholder typed in the text is expanded by the processor like any other).
+        Where the card's placeholder (what the template writes for one, which the processor
+        expands) is a fixed token, its count in the rendered text must agree too (a placeholder
+        typed in the text is expanded by the processor like any other).
         Images given by path were counted where their paths were written."""
         if not self.card.load_image:
             return
@@ -124,7 +125,7 @@ class DefaultCollator:
                         counts[p["type"]] += 1
         for kind, parts in counts.items():
             given = len(getattr(media, f"{kind}s")) if media is not None else 0
-            token = self.card.media.image_token if kind == "image" else self.card.media.video_token
+            token = self.card.media.placeholder(kind)
             in_text = text.count(token) if token and "{" not in token else parts
             if parts != given or in_text != given:
                 detail = (f"{parts} {kind} placeholders for {given} {kind}s" if parts != given else
@@ -255,7 +256,7 @@ class DefaultCollator:
         read off the processor once, with a two-image prompt."""
         if self._batch_aligned is None:
             self._batch_aligned = frozenset()
-            processor, token = self.processing.processor, self.card.media.image_token
+            processor, token = self.processing.processor, self.card.media.placeholder("image")
             if processor is not None and token and "{" not in token:
                 from PIL import Image
 

@@ -18,7 +18,7 @@ from cardtune.registry.schema import ChatSpec
 # Probe contents: plain words that tokenize as whole pieces in every vocabulary here, each
 # unique in the render, so their character positions mark the turn boundaries.
 _SYS, _U1, _A1, _U2, _A2 = "Probe system text.", "First question.", "Alpha answer.", "Second question.", "Omega answer."
-_REASONING = "Probe reasoning steps."
+_REASONING, _EARLIER_REASONING = "Probe reasoning steps.", "Earlier reasoning steps."
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 """Message fields templates read an assistant's reasoning from, tried in this order: Qwen3,
 DeepSeek-R1 and GLM read ``reasoning_content``, gpt-oss reads ``thinking``."""
@@ -61,7 +61,26 @@ class RoleTokens:
     inserted_before_last: tuple[int, ...] = ()
     """Ids the template writes between the header and the LAST answer only (Qwen3's empty
     ``<think>\\n\\n</think>\\n\\n``): masked like the header wherever they appear."""
+    end_of_turn_forms: tuple[tuple[int, ...], ...] = ()
+    """Every end of turn the template writes, the last answer's (``end_of_turn``) first: harmony
+    (gpt-oss) ends the last answer with ``<|return|>`` and every earlier one with ``<|end|>``.
+    Each answer is trained up to and including its own."""
+    reasoning_header: tuple[int, ...] = ()
+    """Where the template writes reasoning under a header of its own rather than after the
+    answer's (harmony's ``analysis`` channel): a reasoning span starts after it, and the answer's
+    header inside the span is trained (the model must switch channels itself). Empty where the
+    answer's header comes first (Qwen3's ``<think>`` block follows it)."""
     notes: list[str] = field(default_factory=list, compare=False)
+
+    @property
+    def closings(self) -> tuple[tuple[int, ...], ...]:
+        """The end-of-turn forms, ``end_of_turn`` first."""
+        return self.end_of_turn_forms or (self.end_of_turn,)
+
+    def closing_before(self, ids: list[int], end: int) -> int:
+        """The length of the end-of-turn form ``ids[:end]`` ends with (the longest), or 0."""
+        found = [len(c) for c in self.closings if 0 < len(c) <= end and tuple(ids[end - len(c) : end]) == c]
+        return max(found, default=0)
 
 
 _STRFTIME = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
@@ -84,7 +103,10 @@ def template_kwargs(renderer: Any, chat: ChatSpec) -> dict[str, Any]:
     return {}
 
 
-def _conv(system: bool, content: str, *, image: bool = False, reasoning: str | None = None) -> list[dict[str, Any]]:
+def _conv(system: bool, content: str, *, image: bool = False, reasoning: str | None = None,
+          reasoning_first: bool = False) -> list[dict[str, Any]]:
+    """The probe conversation; ``reasoning``: the field the last answer's reasoning is given in
+    (and the first answer's too, with ``reasoning_first``)."""
     def msg(role: str, text: str) -> dict[str, Any]:
         return {"role": role, "content": text if content == "string" else [{"type": "text", "text": text}]}
 
@@ -92,10 +114,12 @@ def _conv(system: bool, content: str, *, image: bool = False, reasoning: str | N
     first = msg("user", _U1)
     if image:
         first["content"] = [{"type": "image"}, *first["content"]]
-    last = msg("assistant", _A2)
+    answer, last = msg("assistant", _A1), msg("assistant", _A2)
     if reasoning:
         last[reasoning] = _REASONING
-    return msgs + [first, msg("assistant", _A1), msg("user", _U2), last]
+        if reasoning_first:
+            answer[reasoning] = _EARLIER_REASONING
+    return msgs + [first, answer, msg("user", _U2), last]
 
 
 def render_chat(renderer: Any, messages: Any, arguments: dict[str, Any]) -> Any:
@@ -215,10 +239,9 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         else:
             notes.append(f"end of turn {eot_text!r} from the card")
     else:
-        found = [(tail.find(s), -len(s), s) for s in specials if s in tail]
-        if found:
-            at, _, special = min(found)
-            eot_text = tail[: at + len(special)]
+        closing = _first_closing(tail, specials)
+        if closing is not None:
+            eot_text = closing
             notes.append(f"end of turn {eot_text!r} from the template")
         elif tokenizer.eos_token:
             appended = eot_text = tokenizer.eos_token
@@ -232,6 +255,10 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         u1_end = text.index(_U1) + len(_U1)
         a1_start = text.index(_A1)
         a2_end = text.index(_A2) + len(_A2)
+    # An earlier answer may end otherwise than the last (harmony: <|end|> vs <|return|>): its end
+    # of turn is read the same way, up to the first special token after it.
+    a1_end = a1_start + len(_A1)
+    earlier_text = None if chat.end_of_turn or appended else _first_closing(text[a1_end : text.index(_U2)], specials)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if chat.assistant_header:
@@ -248,6 +275,14 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         raise TemplateProbeError("could not find an assistant header between a user turn and its answer")
     i, j = _token_span(offsets, a2_end, a2_end + len(eot_text))
     eot = tuple(ids[i:j]) or tuple(tokenizer(eot_text, add_special_tokens=False)["input_ids"])
+    forms = (eot,)
+    if earlier_text is not None:
+        i, j = _token_span(offsets, a1_end, a1_end + len(earlier_text))
+        earlier = tuple(ids[i:j])
+        if earlier and earlier != eot:
+            forms = (eot, earlier)
+            notes.append(f"earlier answers end with {earlier_text!r}, the last one with {eot_text!r}: "
+                         "each answer is trained up to its own")
     trailing = len(ids) > len(header) and tuple(ids[-len(header):]) == header
     if trailing:
         notes.append("the template writes an empty assistant header after the last turn: never trained")
@@ -257,8 +292,10 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     if inserted:
         notes.append(f"the template writes {tokenizer.decode(inserted)!r} before the last answer only: masked like the header")
     reasoning_field = next((f for f in REASONING_FIELDS if _REASONING in _try(render, _conv(False, content, reasoning=f))), None)
+    reasoning_header: tuple[int, ...] = ()
     if reasoning_field:
-        notes.append(f"reasoning: rendered from the message field {reasoning_field!r}, trained with its answer")
+        reasoning_header, said = _reasoning_layout(render, tokenizer, content, reasoning_field, header, appended)
+        notes.append(said)
 
     # 6. bos: who writes it.
     bos_id, adds_bos, writes_bos = _bos(tokenizer, text)
@@ -267,7 +304,41 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         + ("none" if bos_id is None else "written by the template" if writes_bos else "added by cardtune (the tokenizer adds it)" if adds_bos else "not used")
     )
     return RoleTokens(header, eot, appended, content, system, bos_id, adds_bos, writes_bos,
-                      system_with_media, system_content, trailing, reasoning_field, inserted, notes)
+                      system_with_media, system_content, trailing, reasoning_field, inserted,
+                      forms, reasoning_header, notes)
+
+
+def _first_closing(after: str, specials: list[str]) -> str | None:
+    """The text after an answer up to and including its first special token (the token the
+    model must emit to stop), or None where none follows."""
+    found = [(after.find(s), -len(s), s) for s in specials if s in after]
+    if not found:
+        return None
+    at, _, special = min(found)
+    return after[: at + len(special)]
+
+
+def _reasoning_layout(
+    render: _Renderer, tokenizer: Any, content: str, field_name: str, header: tuple[int, ...], appended: str | None,
+) -> tuple[tuple[int, ...], str]:
+    """(the reasoning header, the note saying what is trained) for a template that renders
+    reasoning from ``field_name``: the ids between the last question and the reasoning, where
+    they are not the answer's header followed by an opening tag (Qwen3's ``<think>``), and
+    whether earlier answers keep their reasoning (Qwen3 and harmony drop it from history)."""
+    messages = _conv(False, content, reasoning=field_name, reasoning_first=True)
+    text = render(_with_appended(messages, appended) if appended else messages)
+    start, after_question = text.index(_REASONING), text.index(_U2) + len(_U2)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    i, j = _token_span(enc["offset_mapping"], after_question, start)
+    lead = tuple(list(enc["input_ids"])[i:j])
+    while len(lead) > 1 and not tokenizer.decode(lead[:1]).strip():
+        lead = lead[1:]
+    own = tuple(lead) if lead and lead[: len(header)] != header else ()
+    where = (f"under its own header {tokenizer.decode(own)!r}, trained from there with the answer's header "
+             "between them" if own else "trained with its answer")
+    scope = ("in every answer" if _EARLIER_REASONING in text else
+             "in the last answer only (the template drops it from earlier turns, whose answers are trained alone)")
+    return own, f"reasoning: rendered from the message field {field_name!r} {scope}, {where}"
 
 
 def _try(render: _Renderer, messages: list[dict[str, Any]]) -> str:

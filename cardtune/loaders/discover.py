@@ -59,8 +59,9 @@ def read_folder(folder: Path) -> FolderFacts:
     if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise CardError(f"{folder}: not a Hugging Face model folder (no config.json or tokenizer_config.json)")
     config = read_json(folder / "config.json")
+    refuse_untrainable(folder, config)
     archs = config.get("architectures") or []
-    multimodal = any(k in config for k in ("vision_config", "visual", "img_processor", "embd_layer"))
+    multimodal = any(k in c for c in nested_configs(config) for k in ("vision_config", "visual", "img_processor", "embd_layer"))
     notes = [f"model class {archs[0]} (config.json architectures)"] if archs else []
     if not archs and config.get("model_type"):
         by_type = _class_for_model_type(str(config["model_type"]), multimodal)
@@ -82,6 +83,37 @@ def read_folder(folder: Path) -> FolderFacts:
     return FolderFacts(folder, config, archs[0] if archs else None, remote, loader, multimodal, notes)
 
 
+_TRAINABLE_TASKS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+
+
+def refuse_untrainable(folder: Path, config: dict[str, Any]) -> None:
+    """Refuse, in one line, a model transformers knows but serves neither as a causal LM nor as
+    an image-text-to-text model: an omni folder (a thinker for text, images and audio, plus a
+    talker and a vocoder that speak) is one model whose loss is not a language model's. Its
+    parts are named from the config's sub-configs, with the one cardtune could train alone."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = str(config.get("model_type") or "")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return  # unknown to transformers (remote code, or no config): judged where it loads
+    trainable = [getattr(modeling_auto, t) for t in _TRAINABLE_TASKS]
+    if any(model_type in table for table in trainable):
+        return
+    tasks = sorted(name.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES").lower().replace("_", "-")
+                   for name in dir(modeling_auto) if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING_NAMES")
+                   and model_type in getattr(modeling_auto, name))
+    parts = {k.removesuffix("_config"): str(v.get("model_type") or "") for k, v in config.items()
+             if k.endswith("_config") and isinstance(v, dict)}
+    alone = [k for k, t in parts.items() if any(t in table for table in trainable)]
+    said = f" (transformers serves it as: {', '.join(tasks)})" if tasks else ""
+    has = f"; its parts: {', '.join(parts)}" if parts else ""
+    hint = (f"; its {alone[0]} ({parts[alone[0]]}) is an image-text-to-text model: save it as a folder of its own "
+            "(its weights and config) to train it" if alone else "")
+    raise CardError(f"{folder}: cardtune cannot train a {model_type} model: it is neither a causal language model "
+                    f"nor an image-text-to-text model{said}{has}{hint}")
+
+
 def _class_for_model_type(model_type: str, multimodal: bool) -> str | None:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -97,53 +129,82 @@ def _class_for_model_type(model_type: str, multimodal: bool) -> str | None:
 
 
 # -- media tokens ----------------------------------------------------------------------------
-def media_tokens(facts: FolderFacts, tokenizer: Any, processor: Any | None = None) -> tuple[dict[str, str], list[str]]:
-    """``{"image_token": ..., "video_token": ...}`` as far as the folder tells, and how each was found.
+def nested_configs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """``config`` and every sub-config it nests (``text_config``, ``vision_config``, an omni
+    model's ``thinker_config`` and the configs inside it), breadth first."""
+    out, queue = [], [config]
+    while queue:
+        c = queue.pop(0)
+        out.append(c)
+        queue += [v for k, v in c.items() if k.endswith("_config") and isinstance(v, dict)]
+    return out
 
-    In order: the processor's own attribute, the tokenizer's and its configs', the id the
-    model config names (``image_token_id`` / ``image_token_index``, also in ``text_config``),
-    then the special token the template writes for an image part (where one alone is new).
+
+def media_tokens(facts: FolderFacts, tokenizer: Any, processor: Any | None = None) -> tuple[dict[str, str], list[str]]:
+    """``{"image_token": ..., "video_token": ..., "image_placeholder": ...}`` as far as the folder
+    tells, and how each was found.
+
+    The media token is the one the model scatters features into: first the id its config names
+    (``image_token_id`` / ``image_token_index``, in nested configs too), then the tokenizer's
+    and its configs', then the processor's attribute, then the special token the template
+    writes for an image (where one alone is new). The placeholder is what the template writes
+    for an image part, where the processor expands it into something else (Gemma 3 writes
+    ``<start_of_image>``; its image token ``<image_soft_token>`` never appears in the render).
     """
     folder, config = facts.folder, facts.config
     tok_config = read_json(folder / "tokenizer_config.json")
     proc_config = read_json(folder / "processor_config.json")
-    configs = [config, config.get("text_config") or {}]
+    configs = nested_configs(config)
     media: dict[str, str] = {}
     notes: list[str] = []
     for kind in ("image", "video"):
         token, source = None, ""
-        for where, value in (("the processor", getattr(processor, f"{kind}_token", None)),
-                             ("tokenizer_config.json", tok_config.get(f"{kind}_token")),
-                             ("processor_config.json", proc_config.get(f"{kind}_token")),
-                             ("the tokenizer", getattr(tokenizer, f"{kind}_token", None))):
-            if isinstance(value, str) and value:
-                token, source = value, where
+        for c in configs:
+            for key in (f"{kind}_token_id", f"{kind}_token_index"):
+                tid = c.get(key)
+                if isinstance(tid, int) and 0 <= tid < len(tokenizer):
+                    token, source = tokenizer.convert_ids_to_tokens(tid), f"config.json {key} {tid}"
+                    break
+            if token:
                 break
         if token is None:
-            for c in configs:
-                for key in (f"{kind}_token_id", f"{kind}_token_index"):
-                    tid = c.get(key)
-                    if isinstance(tid, int) and 0 <= tid < len(tokenizer):
-                        token, source = tokenizer.convert_ids_to_tokens(tid), f"config.json {key} {tid}"
-                        break
-                if token:
+            for where, value in (("tokenizer_config.json", tok_config.get(f"{kind}_token")),
+                                 ("processor_config.json", proc_config.get(f"{kind}_token")),
+                                 ("the tokenizer", getattr(tokenizer, f"{kind}_token", None)),
+                                 ("the processor", getattr(processor, f"{kind}_token", None))):
+                if isinstance(value, str) and value:
+                    token, source = value, where
                     break
-        if token is None and kind == "image" and facts.multimodal:
-            token = _token_the_template_writes(tokenizer, folder)
-            source = "the token the chat template writes for an image"
+        written_all = _tokens_the_template_writes(tokenizer, folder) if kind == "image" and facts.multimodal else []
+        written = _token_the_template_writes(tokenizer, folder) if written_all else None
+        if token is None and written:
+            token, source = written, "the token the chat template writes for an image"
         if token:
             media[f"{kind}_token"] = token
             notes.append(f"{kind} token {token!r} ({source})")
+        if token and written and token not in written_all:
+            media[f"{kind}_placeholder"] = written
+            notes.append(f"{kind} placeholder {written!r}: what the chat template writes for an image, which the "
+                         f"processor expands into {token!r} tokens")
     return media, notes
 
 
 def _token_the_template_writes(tokenizer: Any, folder: Path) -> str | None:
     """The special token a chat template writes for an image part and not for text."""
+    new = _tokens_the_template_writes(tokenizer, folder)
+    if len(new) == 1:
+        return new[0]
+    padded = [s for s in new if "pad" in s.lower()]
+    return padded[0] if len(padded) == 1 else None
+
+
+def _tokens_the_template_writes(tokenizer: Any, folder: Path) -> list[str]:
+    """The special (or added) tokens a chat template writes for an image part and not for text."""
     from cardtune.loaders.generic import folder_chat_template
 
     template = folder_chat_template(folder) or getattr(tokenizer, "chat_template", None)
     if not template:
-        return None
+        return []
 
     def render(parts: list[dict[str, Any]]) -> str:
         try:
@@ -156,10 +217,7 @@ def _token_the_template_writes(tokenizer: Any, folder: Path) -> str | None:
     new = [s for s in tokenizer.all_special_tokens if with_image.count(s) > without.count(s)]
     new += [str(t) for t in tokenizer.added_tokens_decoder.values()
             if str(t) not in new and with_image.count(str(t)) > without.count(str(t))]
-    if len(new) == 1:
-        return new[0]
-    padded = [s for s in new if "pad" in s.lower()]
-    return padded[0] if len(padded) == 1 else None
+    return new
 
 
 # -- modules ---------------------------------------------------------------------------------
@@ -226,9 +284,16 @@ def _decoder_mlps(model: Any, vision: list[str]) -> list[str]:
     for name, module in model.named_modules():
         head, _, last = name.rpartition(".")
         if (type(module).__name__.lower().endswith("mlp") and _LAYER.search(head + ".") and head.split(".")[-1].isdigit()
-                and not any(f".{v}." in f".{name}." for v in vision) and last not in found):
+                and not any(f".{v}." in f".{name}." for v in vision) and last not in found
+                and not _is_mixture(module)):
             found.append(last)
     return found
+
+
+def _is_mixture(module: Any) -> bool:
+    """An FFN that is already a mixture of experts (gpt-oss's ``GptOssMLP`` holds a router and
+    its experts): nothing to upcycle."""
+    return any("expert" in name.lower() for name, _ in module.named_children())
 
 
 def module_keywords(facts: FolderFacts, model_class: str, trust_remote_code: bool) -> tuple[dict[str, list[str]] | None, str]:

@@ -199,7 +199,10 @@ class GenericLoader:
             except Exception as exc2:  # noqa: BLE001 - e.g. phi3-v: remote code not in the folder
                 notes.append(f"no image processor ({type(exc2).__name__}); text-only encoding until one is available")
                 self._install_folder_template(tokenizer)
-                return Processing(tokenizer, None, None, tuple(notes), video)
+                remote = self._image_processor_is_remote()
+                why = (f"the image processor is remote code ({remote}) that {'is not trusted' if not self.card.trust_remote_code else 'does not load'}"
+                       if remote else f"no image processor loads here ({type(exc2).__name__}: {_first_line(exc2)})")
+                return Processing(tokenizer, None, None, tuple(notes), video, why, bool(remote))
             processor = self._assemble_processor(tokenizer, image_processor, notes)
         if processor is None:
             self._install_folder_template(tokenizer)
@@ -261,6 +264,18 @@ class GenericLoader:
             template = folder_chat_template(Path(self.path))
             if template:
                 tokenizer.chat_template = template
+
+    def _image_processor_is_remote(self) -> str | None:
+        """The image processor class the folder names, where transformers has no such class
+        (remote code), else None."""
+        import transformers
+
+        config = read_json(Path(self.path) / "preprocessor_config.json")
+        name = config.get("image_processor_type") or ""
+        auto = (config.get("auto_map") or {}).get("AutoImageProcessor")
+        if auto or (name and getattr(transformers, name, None) is None):
+            return str(auto or name)
+        return None
 
     def _load_image_processor(self) -> Any:
         from transformers import AutoImageProcessor

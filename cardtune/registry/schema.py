@@ -220,11 +220,25 @@ class Capabilities(_Strict):
 
 
 class MediaSpec(_Strict):
-    """Media placeholders as they appear in the text the processor reads."""
+    """Media tokens: the token each image (video) becomes in ``input_ids``, and what the chat
+    template writes for one where that is another string."""
 
     image_token: str | None = None
+    """The token an image is expanded into, repeated once per feature the model scatters in
+    (``config.json``'s ``image_token_index``); never trained."""
     video_token: str | None = None
+    image_placeholder: str | None = None
+    """What the chat template writes for one image, which the processor expands, where it is not
+    ``image_token``: Gemma 3 writes ``<start_of_image>``, which its processor turns into
+    ``<start_of_image>`` + 256 ``<image_soft_token>`` + ``<end_of_image>``."""
+    video_placeholder: str | None = None
     num_frames: int = Field(default=8, ge=1)
+
+    def placeholder(self, kind: str) -> str | None:
+        """What the template writes for one ``kind`` ("image" or "video") part."""
+        if kind == "image":
+            return self.image_placeholder or self.image_token
+        return self.video_placeholder or self.video_token
 
 
 class FamilyCard(_Strict):
