@@ -6,8 +6,9 @@ and every weights/state file in it reads back: safetensors headers cover their f
 files have their zip directory. ``auto`` resumes the latest complete checkpoint whose saved
 ``cardtune_args.json`` and card match this run in everything that shapes training; a run that
 would start from step 0 in a folder holding another run refuses unless ``--overwrite_output_dir``,
-which moves the earlier run into ``earlier-run-N/`` (the Trainer's checkpoint rotation and
-``auto`` only look at ``checkpoint-N`` folders at the top, so nothing of it is deleted or resumed).
+which moves what the earlier run wrote into ``earlier-run-N/`` (the Trainer's checkpoint rotation
+and ``auto`` only look at ``checkpoint-N`` folders at the top, so nothing of it is deleted or
+resumed), and refuses a folder that holds anything else (the user's data, say).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from cardtune.data.validate import SKIPPED_FILE
 from cardtune.training.arguments import ArgumentError, resume_requested
 from cardtune.training.output import ARGS_FILE, CARD_FILE
 
@@ -281,7 +283,16 @@ def check_fresh_start(output_dir: str | Path, overwrite: bool, with_incomplete: 
     ``with_incomplete=False``: checkpoints whose save did not finish do not count (``auto``
     found nothing to resume and starts over)."""
     marks = earlier_run_files(output_dir, with_incomplete)
-    if not marks or overwrite:
+    if not marks:
+        return
+    if overwrite:
+        others = run_output(output_dir)[1]
+        if others:
+            raise ArgumentError(
+                f"--overwrite_output_dir: {output_dir} holds an earlier run and files no run wrote "
+                f"({_few(others)}): only a run's own files are moved aside, so it stays as it is; move those "
+                "files elsewhere, or use another --output_dir"
+            )
         return
     resumable = any(c.complete for c in scan_checkpoints(output_dir))
     names = ", ".join(p.name for p in marks[-4:])
@@ -294,7 +305,7 @@ def check_fresh_start(output_dir: str | Path, overwrite: bool, with_incomplete: 
 
 
 def move_earlier_run(output_dir: str | Path) -> Path | None:
-    """Everything in ``output_dir`` but earlier moved runs, into a new ``earlier-run-N``."""
+    """What runs wrote in ``output_dir`` (:func:`run_output`), into a new ``earlier-run-N``."""
     folder = Path(output_dir)
     if not earlier_run_files(folder):
         return None
@@ -303,7 +314,64 @@ def move_earlier_run(output_dir: str | Path) -> Path | None:
         n += 1
     target = folder / f"{EARLIER_RUN}-{n}"
     target.mkdir()
-    for item in sorted(folder.iterdir()):
-        if item != target and not item.name.startswith(EARLIER_RUN + "-"):
-            item.rename(target / item.name)
+    for item in run_output(folder)[0]:
+        item.rename(target / item.name)
     return target
+
+
+# -- what a run writes ----------------------------------------------------------------------
+# Directly in output_dir, besides the files of its checkpoints, which its final save writes too.
+_RUN_FILES = frozenset({
+    ARGS_FILE, CARD_FILE, "cardtune_moe.json", SKIPPED_FILE, "training_args.bin",
+    TRAINER_STATE, "config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+})
+_RUN_PATTERNS = ("model*.safetensors", "adapter_model.*", "pytorch_model*.bin", "tmp-checkpoint-*")
+_MODEL_CARD = "README.md"  # transformers' and peft's model card: a user's README.md is not one
+# Folders of common names, the run's only while they hold nothing else: the eval split's skipped
+# samples, tensorboard's event files (the default logging_dir).
+_RUN_FOLDERS = {"eval": SKIPPED_FILE, "runs": "events.out.tfevents.*"}
+
+
+def run_output(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(what runs wrote, everything else) directly in ``output_dir``, each sorted; moved earlier
+    runs and the lock of the run that holds the folder are neither. A run writes its
+    checkpoints, logs, card files and final folder (the files its checkpoints hold, whatever
+    the model: remote code, processor files); a model card README.md only with front matter."""
+    from cardtune.training.lock import LOCK_FILE
+    from cardtune.training.trainer import LOG_FILE, LOSS_PLOT
+
+    folder = Path(output_dir)
+    checkpoints = [c.path for c in scan_checkpoints(folder)]
+    in_checkpoints = {f.name for c in checkpoints for f in c.iterdir()} - {_MODEL_CARD}
+    ours, others = [], []
+    for item in sorted(folder.iterdir()):
+        name = item.name
+        if name == LOCK_FILE or (item.is_dir() and name.startswith(EARLIER_RUN + "-")):
+            continue
+        if (item in checkpoints or name in _RUN_FILES or name in (LOG_FILE, LOSS_PLOT) or name in in_checkpoints
+                or any(item.match(p) for p in _RUN_PATTERNS) or (name == _MODEL_CARD and _is_model_card(item))
+                or (name in _RUN_FOLDERS and item.is_dir() and _only_holds(item, _RUN_FOLDERS[name]))):
+            ours.append(item)
+        else:
+            others.append(item)
+    return ours, others
+
+
+def _only_holds(folder: Path, pattern: str) -> bool:
+    return all(f.match(pattern) for f in folder.rglob("*") if not f.is_dir())
+
+
+def _is_model_card(file: Path) -> bool:
+    try:
+        with file.open(encoding="utf-8") as f:
+            return f.readline().rstrip() == "---"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _few(paths: list[Path], limit: int = 4) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths[:limit]]
+    return ", ".join(names) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")

@@ -1,17 +1,20 @@
 """The Trainer: ``transformers.Trainer`` fed by cardtune's batch sampler, plus the callbacks a
-run needs (loss curve, card and arguments in every checkpoint).
+run needs (loss curve, card and arguments in every checkpoint, a stop at numbers that are not
+finite).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from cardtune.datasets import LengthGroupedBatchSampler
+from cardtune.training.faults import NonFiniteError, check_finite_weights
 from cardtune.training.output import ARGS_FILE, CARD_FILE
 from cardtune.training.writes import writing
 
@@ -43,6 +46,8 @@ class CardtuneTrainer(Trainer):
         self.cardtune_group_by_length = group_by_length
         self.cardtune_card_files = card_files
         self.cardtune_routing = None
+        self.cardtune_finite_saves: set[int] = set()
+        """Steps whose weights were found finite when saved (:func:`check_finite_weights`)."""
         if moe is not None:
             from cardtune.training.moe import RoutingMonitor
 
@@ -72,8 +77,11 @@ class CardtuneTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The weights, then the card files: in a checkpoint both land before its trainer state,
-        which the Trainer writes last, so a checkpoint with a trainer state has its arguments."""
+        which the Trainer writes last, so a checkpoint with a trainer state has its arguments.
+        Weights that are not finite are never written (:class:`NonFiniteError` instead)."""
         folder = output_dir or self.args.output_dir
+        check_finite_weights(self.model, self.state.global_step)  # before anything is written
+        self.cardtune_finite_saves.add(self.state.global_step)
         with writing(folder, "the model weights"):
             if _internal_call and self._plain_weights():
                 self._save_checkpoint_weights(folder)
@@ -179,6 +187,38 @@ class LossPlotCallback(TrainerCallback):
             out.mkdir(parents=True, exist_ok=True)
             (out / LOG_FILE).write_text(json.dumps(state.log_history, indent=1) + "\n", encoding="utf-8")
             self.plot = plot_loss(state.log_history, out / LOSS_PLOT)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or math.isfinite(value)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training at the first logged loss or gradient norm that is not finite, before the
+    checkpoint of that step is saved or evaluation runs. Every rank logs the same values (the
+    loss is gathered, the gradients reduced), so every rank stops at the same step."""
+
+    def __init__(self) -> None:
+        self.fault: NonFiniteError | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        # Under fp16 the loss scaler skips a step that overflows and lowers its scale: there only
+        # the weights count (checked before every save).
+        if self.fault is not None or "loss" not in logs or args.fp16:
+            return
+        bad = [f"the loss ({logs['loss']})"] if not _finite(logs["loss"]) else []
+        if not _finite(logs.get("grad_norm")):
+            bad.append(f"the gradient norm ({logs['grad_norm']})")
+        if bad:
+            self.fault = NonFiniteError(state.global_step, " and ".join(bad) + (" is" if len(bad) == 1 else " are"))
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+
+    def raise_if_stopped(self) -> None:
+        if self.fault is not None:
+            raise self.fault
 
 
 def plot_loss(history: list[dict[str, Any]], path: str | Path) -> Path | None:
