@@ -31,8 +31,9 @@ from cardtune.data.batching import (
     plan_packs,
     tokens_per_image_from_encoder,
 )
-from cardtune.data.formats import DataMix, DataSource, SampleSet, load_samples, parse_data_arg
+from cardtune.data.formats import DataMix, DataSource, load_samples, parse_data_arg
 from cardtune.data.media import MediaConfig, image_size, load_media, load_video, open_image, resolve_path
+from cardtune.data.sample_store import SampleSet
 from cardtune.data.validate import (
     DataValidationError,
     Problem,
@@ -86,7 +87,7 @@ class LoadedSample:
 class ConversationDataset(Dataset):
     """Samples whose media load in ``__getitem__`` (in DataLoader workers), one item at a time.
 
-    Holding a :class:`SampleSet` (one pickled buffer), the dataset's memory does not grow with
+    Holding a :class:`SampleSet` (one buffer of encoded samples), the dataset's memory does not grow with
     the number of images, and forked workers share it without copy-on-write growth. With an
     ``encoder`` an item is its :class:`~cardtune.collators.engine.Encoded` form, ready for the
     collator; without, a :class:`LoadedSample`. Run :func:`validate` first: an item that fails

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cardtune.conversation import Sample
-from cardtune.data.formats import SampleSet, SpilledBuffer, concat
+from cardtune.data.sample_store import SampleSet, SpilledBuffer, concat
 from cardtune.registry.errors import InputFileError
 
 
@@ -37,9 +37,9 @@ def test_reading_many_samples_holds_none_of_them_in_memory() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert isinstance(store._buffer, SpilledBuffer) and store._buffer.nbytes > 14_000_000
-    # the offsets (160 KB), one pickle at a time and the modules imported on first use: a small
-    # share of the samples' 14+ MB, which the store held in memory before
+    assert isinstance(store._buffer, SpilledBuffer) and store._buffer.nbytes > 13_000_000
+    # the offsets (160 KB), one sample at a time and the modules imported on first use: a small
+    # share of the samples' 13+ MB, which the store held in memory before
     assert peak < store._buffer.nbytes / 5
     assert as_tuples(store) == as_tuples(made)
     assert as_tuples([store[-1], store[0]]) == as_tuples([made[-1], made[0]])
@@ -97,3 +97,43 @@ def test_a_full_temporary_folder_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
         SampleSet.from_samples(samples(3))
     assert str(err.value) == ("/tmp/small: no space left for the samples read from the data (0 MiB written): "
                               "set TMPDIR to a folder with room")
+
+
+# -- samples kept as data ----------------------------------------------------------------------
+def test_samples_are_kept_as_json_and_read_back_exactly() -> None:
+    import datetime
+
+    from PIL import Image
+
+    from cardtune.data.sample_store import decode_sample, encode_sample
+    from cardtune.errors import SampleError
+
+    rgb = Image.new("RGB", (5, 3), (10, 20, 30))
+    rgb.info.update({"dpi": (72.0, 72.0), "exif": b"Exif\x00\x00MM", "comment": "made here"})
+    palette = Image.new("P", (4, 4), 2)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    palette.info["transparency"] = 0
+    deep = Image.new("I;16", (3, 2), 40000)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\ud800 lone, ünïcode, \x00"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": np.float32(1.5)}]}]
+    sample = Sample("s", messages, images=[rgb, palette, deep, {"bytes": b"\x89PNG\x00", "path": None}, "a.png"],
+                    videos=[["f0.png", "f1.png"]], source="d.parquet[3]")
+    blob = encode_sample(sample)
+    assert b"pickle" not in blob and blob.isascii()
+    back = decode_sample(blob)
+    assert (back.id, back.videos, back.source) == ("s", [["f0.png", "f1.png"]], "d.parquet[3]")
+    assert back.messages[0] == messages[0] and back.messages[1]["content"][0]["text"] == 1.5
+    for before, after in zip(sample.images[:3], back.images[:3], strict=True):
+        assert (after.mode, after.size, after.tobytes()) == (before.mode, before.size, before.tobytes())
+    assert back.images[0].info == rgb.info and back.images[1].getpalette() == palette.getpalette()
+    assert back.images[1].info["transparency"] == 0
+    assert back.images[3:] == [{"bytes": b"\x89PNG\x00", "path": None}, "a.png"]
+    with pytest.raises(SampleError) as info:
+        encode_sample(Sample("when", [{"role": "user", "content": datetime.date(2024, 1, 1)}], source="d.parquet[4]"))
+    assert str(info.value) == ("sample when (d.parquet[4]): record: bad_format: holds a value of type datetime.date, "
+                               "which cardtune does not keep (text, numbers, lists, objects, bytes and images are kept)")
+    with pytest.raises(SampleError, match="a key cardtune keeps for itself"):
+        encode_sample(Sample("tag", [{"role": "user", "content": "x", "\x00cardtune": "bytes"}]))
+    with pytest.raises(ValueError):
+        decode_sample(b'["s",[],[{"\\u0000cardtune":"image","mode":"RGB","size":[100000,100000],"palette":null,'
+                      b'"info":{},"pixels":""}],[],""]')

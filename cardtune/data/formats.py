@@ -7,22 +7,18 @@ validation pass reports them with everything else instead of stopping at the fir
 Problems a sample can carry (an unknown role, a non-string or empty turn) are kept in the sample
 as they are, for :func:`cardtune.data.validate.validate` to name.
 
-Samples are stored pickled in one flat buffer: DataLoader workers forked from the training
-process share it without copying (a list of Python objects is copied page by page as reference
-counts change), and memory per sample is a few hundred bytes.
+Samples are kept as data in one flat buffer (:mod:`cardtune.data.sample_store`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pickle
 import random
 import re
 import stat
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -32,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
 from cardtune.data.json_stream import JsonStream, NotJson, RepeatedKeys
 from cardtune.data.media import not_regular
+from cardtune.data.sample_store import SampleSet, concat, encode_sample
 from cardtune.errors import SampleError
 from cardtune.registry.errors import InputFileError
 from cardtune.registry.loader import load_yaml, not_utf8, read_text, validation_lines
@@ -142,148 +139,6 @@ def _relative_to(source: DataSource, base: Path) -> DataSource:
         return source.model_copy(update={"path": str(candidate)})
     return source
 
-
-# -- the sample store ---------------------------------------------------------------------------
-class SpilledBuffer:
-    """Pickled samples in an unlinked temporary file (``$TMPDIR``), read back one sample at a time
-    (``os.pread``): what a set holds lives in the page cache, not in the memory of any process,
-    so reading a dataset of N records costs the same memory for every N. Processes forked from
-    this one (validation workers, DataLoader workers) read the same file; pickled (a spawned
-    worker), it becomes the bytes themselves."""
-
-    CHUNK = 1 << 22
-
-    def __init__(self) -> None:
-        import tempfile
-
-        self._file = tempfile.TemporaryFile(prefix="cardtune-samples-")
-        self.nbytes = 0
-
-    def append(self, blob: bytes) -> None:
-        try:
-            self._file.write(blob)
-        except OSError as exc:
-            raise self._full(exc) from None
-        self.nbytes += len(blob)
-
-    def close_writing(self) -> SpilledBuffer:
-        try:
-            self._file.flush()
-        except OSError as exc:
-            raise self._full(exc) from None
-        return self
-
-    def _full(self, exc: OSError) -> Exception:
-        import tempfile
-
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        return InputFileError(
-            f"{tempfile.gettempdir()}: no space left for the samples read from the data "
-            f"({self.nbytes / 2**20:,.0f} MiB written): set TMPDIR to a folder with room")
-
-    def __getitem__(self, span: slice) -> bytes:
-        return os.pread(self._file.fileno(), span.stop - span.start, span.start)
-
-    def chunks(self) -> Iterator[bytes]:
-        for start in range(0, self.nbytes, self.CHUNK):
-            yield self[start : min(start + self.CHUNK, self.nbytes)]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return np.frombuffer, (b"".join(self.chunks()), np.uint8)
-
-
-def buffer_chunks(buffer: Any) -> Iterator[Any]:
-    """A sample buffer's bytes a few MiB at a time (a spilled file, or an array, mapped or not)."""
-    if isinstance(buffer, SpilledBuffer):
-        yield from buffer.chunks()
-        return
-    for start in range(0, len(buffer), SpilledBuffer.CHUNK):
-        yield buffer[start : start + SpilledBuffer.CHUNK]
-
-
-class SampleSet(Sequence[Sample]):
-    """Samples (pickled, one after another in one buffer: a :class:`SpilledBuffer` as read, an
-    array memory-mapped from the data cache) plus the records that could not become samples."""
-
-    def __init__(
-        self,
-        buffer: Any,
-        offsets: np.ndarray,
-        errors: list[SampleError] | None = None,
-        order: np.ndarray | None = None,
-        duplicate_ids: dict[str, list[str]] | None = None,
-    ) -> None:
-        self._buffer = buffer
-        self._offsets = offsets
-        self._order = order
-        self.errors: list[SampleError] = list(errors or [])
-        self.duplicate_ids: dict[str, list[str]] = dict(duplicate_ids or {})
-        """An ``id`` written by more than one record of one file -> where each is (``file:line``)."""
-
-    @classmethod
-    def from_samples(cls, samples: Iterable[Sample], errors: Iterable[SampleError] = ()) -> SampleSet:
-        buffer = SpilledBuffer()
-        offsets = array("q", [0])
-        for sample in samples:
-            buffer.append(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
-            offsets.append(buffer.nbytes)
-        return cls(buffer.close_writing(), np.frombuffer(offsets, dtype=np.int64), list(errors))
-
-    def __len__(self) -> int:
-        return len(self._order) if self._order is not None else len(self._offsets) - 1
-
-    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
-        if isinstance(index, slice):
-            raise TypeError("SampleSet does not slice; use take(indices)")
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        i = int(self._order[index]) if self._order is not None else index
-        return pickle.loads(self._buffer[int(self._offsets[i]) : int(self._offsets[i + 1])])
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def storage_index(self, index: int) -> int:
-        """Which stored record position ``index`` is (repeats of an upsampled record share one)."""
-        return int(self._order[index]) if self._order is not None else index
-
-    def take(self, indices: Sequence[int]) -> SampleSet:
-        """The samples at ``indices`` (repeats allowed), sharing this set's buffer."""
-        base = self._order if self._order is not None else np.arange(len(self._offsets) - 1)
-        return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)],
-                         self.duplicate_ids)
-
-    def save_buffer(self, path: Path) -> None:
-        """The pickled samples as one ``.npy`` array of bytes (``np.load(mmap_mode="r")`` reads it
-        back), written a chunk at a time: saving costs no memory either."""
-        size = int(self._offsets[-1])
-        with path.open("wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
-            for chunk in buffer_chunks(self._buffer):
-                f.write(chunk)
-
-
-def concat(sets: Sequence[SampleSet]) -> SampleSet:
-    if len(sets) == 1:  # one source: its buffer as it is, not a copy of it
-        return sets[0]
-    buffer = SpilledBuffer()
-    offsets, errors, orders, count = [np.zeros(1, dtype=np.int64)], [], [], 0
-    duplicate_ids: dict[str, list[str]] = {}
-    for s in sets:
-        for sample_id, wheres in s.duplicate_ids.items():
-            duplicate_ids.setdefault(sample_id, []).extend(wheres)
-        offsets.append(s._offsets[1:] + buffer.nbytes)
-        for chunk in buffer_chunks(s._buffer):
-            buffer.append(bytes(chunk))
-        orders.append((s._order if s._order is not None else np.arange(len(s._offsets) - 1)) + count)
-        count += len(s._offsets) - 1
-        errors += s.errors
-    order = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
-    return SampleSet(buffer.close_writing(), np.concatenate(offsets), errors, order, duplicate_ids)
 
 
 # -- records to samples -------------------------------------------------------------------------
@@ -679,7 +534,7 @@ def read_source(source: DataSource) -> SampleSet:
     id_hashes, id_slots = array("q"), array("q")
     kept = 0
 
-    def samples() -> Iterator[Sample]:
+    def encoded() -> Iterator[bytes]:
         nonlocal kept
         for index, where, record in _records(source):
             if isinstance(record, SampleError):
@@ -687,18 +542,18 @@ def read_source(source: DataSource) -> SampleSet:
                 continue
             raw_id = record.get(id_column, record.get("id")) if isinstance(record, dict) else None
             try:
-                sample = record_to_sample(record, index, where, source)
+                blob = encode_sample(record_to_sample(record, index, where, source))
             except SampleError as exc:
                 slot = ~len(errors)
                 errors.append(exc)
             else:
                 slot, kept = kept, kept + 1
-                yield sample
+                yield blob
             if raw_id not in (None, ""):
                 id_hashes.append(hash(str(raw_id)))
                 id_slots.append(slot)
 
-    result = SampleSet.from_samples(samples())
+    result = SampleSet.from_encoded(encoded())
     result.errors = errors
     result.duplicate_ids = _duplicate_ids(result, np.frombuffer(id_hashes, dtype=np.int64), id_slots)
     return result

@@ -59,8 +59,8 @@ class TokenizerClassMemo:
         kept = self.memo.load()
         name = kept.get("class") if isinstance(kept, dict) else None
         tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) else None
-        if not isinstance(tokenizer_class, type):
-            return None
+        if not isinstance(tokenizer_class, type) or not issubclass(tokenizer_class, transformers.PreTrainedTokenizerBase):
+            return None  # an edited memo names no tokenizer class; the loading arguments are never the memo's
         try:
             return tokenizer_class.from_pretrained(self.path, **self.kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever changed, AutoTokenizer decides again

@@ -54,14 +54,17 @@ def derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
 
     The card and what was said are kept (a :class:`~cardtune.hashing.FolderMemo` keyed by the
     folder's files and cardtune's code): discovery builds the model on the meta device, which
-    takes seconds and torch, so a later run on the same folder reads them back instead."""
+    takes seconds and torch, so a later run on the same folder reads them back instead. A memo
+    is a file anyone who can write the cache may edit: the card read back never trusts remote
+    code, whatever the memo says."""
     from cardtune.hashing import FolderMemo, code_fingerprint
 
     memo = FolderMemo.of("derived-cards", folder, code_fingerprint())
     kept = memo.load() if memo is not None else None
     if isinstance(kept, dict):
         try:
-            return FamilyCard.model_validate(kept["card"]), [str(n) for n in kept["notes"]]
+            card = FamilyCard.model_validate(kept["card"]).model_copy(update={"trust_remote_code": False})
+            return card, [str(n) for n in kept["notes"]]
         except (KeyError, TypeError, ValueError):
             pass  # not what this code writes: derived again
     card, notes = _derive_card(folder)
@@ -98,6 +101,11 @@ def _derive_card(folder: Path) -> tuple[FamilyCard, list[str]]:
     if modules is None:
         modules = layout_modules(facts)
         notes.append(f"module keywords {modules} (the usual layout; the model cannot be built here: {how})")
+    elif facts.multimodal and not (modules.get("vision_encoder") and modules.get("vision_projector")):
+        found = modules
+        modules = {**layout_modules(facts), **({"llm_mlp": found["llm_mlp"]} if found.get("llm_mlp") else {})}
+        notes.append(f"module keywords {modules} (the usual layout: the model's own names {found} do not tell its "
+                     "vision parts apart)")
     else:
         notes.append(how)
     extra: dict[str, Any] = {}
