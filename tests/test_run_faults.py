@@ -133,6 +133,25 @@ def test_a_nan_loss_is_logged_as_nan_not_zero(tmp_path: Path, capsys: pytest.Cap
     assert len(losses) == 1 and losses[0] != losses[0]  # NaN
 
 
+def test_a_non_finite_checkpoint_another_run_left_is_never_the_last_good_one(finished: Path, tmp_path: Path) -> None:
+    """This run's own saves were checked when written; a checkpoint it did not write (an older
+    cardtune's, say) is read back before it is named."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cardtune.training.faults import last_good_checkpoint
+
+    out = copy_of(finished, tmp_path)
+    file = out / "checkpoint-4" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    assert last_good_checkpoint(out, 5) == out / "checkpoint-2"
+    assert last_good_checkpoint(out, 5, checked={4}) == out / "checkpoint-4"  # saved (and checked) by this run
+    assert last_good_checkpoint(out, 4) == out / "checkpoint-2" and last_good_checkpoint(out, 2) is None
+
+
 # -- item 7: one run per output folder ----------------------------------------------------------
 def test_a_folder_held_by_a_live_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
