@@ -29,6 +29,10 @@ FAMILIES = {
     "llava-v1.6-mistral-7b-hf": "llava-1.6-mistral-7b",
     "llava-next-video-7b": "llava-next-video-7b",
     "llama-3.2-11b-vision-instruct": "llama-3.2-11b-vision-instruct",
+    # bidirectional attention inside each image (token_type_ids); a placeholder the processor expands
+    "gemma-3-4b-it": "gemma-3-4b-it",
+    # DeepStack: vision features added into early language-model layers
+    "qwen3-vl-4b-instruct": "qwen3-vl-4b-instruct",
 }
 
 
@@ -38,6 +42,10 @@ def _shrink_vision(config: Any) -> None:
         vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 1, 32, 64, 2
         vision.out_hidden_size = config.text_config.hidden_size
         vision.fullatt_block_indexes = [0]
+    elif config.model_type == "qwen3_vl":
+        vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 32, 64, 2
+        vision.out_hidden_size = config.text_config.hidden_size
+        vision.deepstack_visual_indexes = [0]
     elif config.model_type == "mllama":
         vision.hidden_size, vision.intermediate_size, vision.attention_heads = 32, 64, 2
         vision.num_hidden_layers, vision.num_global_layers = 2, 1

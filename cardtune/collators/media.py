@@ -213,12 +213,41 @@ class DefaultCollator:
         try:
             out = processor(**kwargs)
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:  # the processor names no sample
-            raise SampleError(sample.id, "images" if images else "videos", "unsupported_media",
-                              f"the processor refused it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-                              sample.source) from None
+            expanded = self._expand_then_sanitize(text, kwargs) if sanitize else None
+            if expanded is None:
+                raise SampleError(sample.id, "images" if images else "videos", "unsupported_media",
+                                  f"the processor refused it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                                  sample.source) from None
+            return expanded
         ids = out["input_ids"][0].tolist()
         tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         return ids, tensors
+
+    def _expand_then_sanitize(self, text: str, kwargs: dict[str, Any]) -> tuple[list[int], dict[str, Any]] | None:
+        """Typed control tokens as text for a processor that cannot take ``sanitize_control_tokens``
+        itself (Idefics3 and SmolVLM count each image's tokens with ``char_to_token``, which the
+        tokenizer's sanitizing path does not provide): the processor expands the media and says
+        what it wrote for each placeholder (``return_text_replacement_offsets``), and the
+        expanded text is then tokenized with sanitizing, as the processor would have done.
+        None where the processor cannot say (the caller reports its first error)."""
+        plain = {k: v for k, v in kwargs.items() if k != "sanitize_control_tokens"}
+        try:
+            out = self.processing.processor(**plain, return_text_replacement_offsets=True)
+            replacements = sorted(out["text_replacement_offsets"][0], key=lambda r: r["span"][0])
+        except Exception:  # noqa: BLE001 - any failure: the processor's first refusal is the one to report
+            return None
+        pieces, cursor = [], 0
+        for r in replacements:
+            start, end = r["span"]
+            pieces += [text[cursor:start], r["replacement"]]
+            cursor = end
+        expanded = "".join(pieces) + text[cursor:]
+        ids = self.tokenizer([expanded], add_special_tokens=False, sanitize_control_tokens=True)["input_ids"][0]
+        n = len(out["input_ids"][0])
+        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "text_replacement_offsets")}
+        if any(is_per_token(v, n) for v in tensors.values()):
+            return None  # per-token tensors follow the unsanitized ids: they cannot be re-aligned here
+        return list(ids), tensors
 
     # -- batch ---------------------------------------------------------------------------
     @property

@@ -250,6 +250,8 @@ def discover_modules(model: Any) -> dict[str, list[str]]:
     base = getattr(model, prefix, None) if prefix else None
     top = [(name, child) for name, child in model.named_children() if child is not base]
     inner = list(base.named_children()) if base is not None else []
+    if base is None and any(_VISION.search(name.lower()) for name, _ in top):
+        inner, top = top, []  # no base model: the parts hang off the model itself (Llama 4)
     groups: dict[str, list[str]] = {"vision_encoder": [], "vision_projector": [], "llm": []}
     for name, child in inner:
         last = name.lower()
