@@ -65,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cardtune.collators.render_limit import RenderTimeout
     from cardtune.collators.roles import TemplateProbeError
 
     try:
         return args.handler(args)
-    except (CardError, UnknownModelError, InputFileError, TemplateProbeError) as exc:
+    except (CardError, UnknownModelError, InputFileError, TemplateProbeError, RenderTimeout) as exc:
         print(f"cardtune {args.command}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `cardtune labels ... | head`: the reader has what it wanted

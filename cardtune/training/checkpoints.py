@@ -24,10 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from cardtune.data.validate import SKIPPED_FILE
 from cardtune.training.arguments import ArgumentError, resume_requested
 from cardtune.training.output import ARGS_FILE, CARD_FILE
+from cardtune.training.weights_only import TORCH_FILES, check_weights_only
 
 TRAINER_STATE = "trainer_state.json"
 EARLIER_RUN = "earlier-run"
-TORCH_FILES = (".pt", ".pth", ".bin")
 
 # Arguments that change where a run writes, what it logs, how fast it runs or how it is
 # evaluated, but not the weights it trains; every other argument (model, card, data, LoRA,
@@ -245,6 +245,7 @@ def resolve_resume(value: str | None, output_dir: str | Path, arguments: dict[st
         problem = checkpoint_problem(folder)
         if problem:
             raise ArgumentError(f"--resume_from_checkpoint {value}: incomplete checkpoint: {problem}")
+        check_weights_only(folder)
         lines = [f"resume: {value}"]
         diffs = run_differences(folder, arguments, card) if arguments is not None else None
         if diffs:
@@ -257,6 +258,7 @@ def resolve_resume(value: str | None, output_dir: str | Path, arguments: dict[st
     if not complete:
         return None, [*lines, f"resume: auto: no complete checkpoint in {output_dir}; starting from step 0"]
     latest = complete[-1].path
+    check_weights_only(latest)
     if arguments is not None:
         diffs = run_differences(latest, arguments, card or {})
         if diffs is None:
