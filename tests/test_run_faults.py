@@ -405,7 +405,7 @@ def test_ctrl_c_says_what_was_saved_and_the_command_that_continues(tmp_path: Pat
     try:
         deadline = time.monotonic() + 240
         while not complete_checkpoints(out):
-            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert proc.poll() is None, f"training ended before its first checkpoint: {proc.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint within the time limit"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
