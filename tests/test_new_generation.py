@@ -311,3 +311,61 @@ def test_an_image_processor_that_needs_torchvision_fails_the_image_check(llama4_
     image = [line for line in lines if line.startswith("  FAIL image: ")]  # ... the image path does not
     assert len(image) == 1 and "no image processor loads here" in image[0] and "Llama4ImageProcessor" in image[0]
     assert "Traceback" not in done.stderr
+
+
+# -- they train -----------------------------------------------------------------------------------
+
+def _tiny(fixture: str, dest: Path) -> Path:
+    """The fixture's real tokenizer/processor files and config, shrunk to a random tiny model
+    (its experts and vision tower too; gpt-oss's MXFP4 quantization dropped: tiny weights are fp32)."""
+    import shutil as sh
+
+    import torch
+    import transformers
+    from test_train import _shrink_text
+    from transformers import AutoConfig
+
+    source = require_fixture(fixture)
+    config = AutoConfig.from_pretrained(source)
+    text = getattr(config, "text_config", None) or config
+    _shrink_text(text)
+    if hasattr(text, "num_local_experts"):
+        text.num_local_experts, text.num_experts_per_tok = 4, 2
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and config.model_type == "qwen3_vl":
+        vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 32, 64, 2
+        vision.out_hidden_size, vision.deepstack_visual_indexes = text.hidden_size, [0]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch.manual_seed(0)
+    getattr(transformers, config.architectures[0])(config).save_pretrained(dest)
+    for f in source.iterdir():
+        if f.is_file() and not (dest / f.name).exists():
+            sh.copy2(f, dest / f.name)
+    return dest
+
+
+def test_gpt_oss_trains_with_eager_attention_where_it_has_no_sdpa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_train import text_dataset, train
+
+    model = _tiny("gpt-oss-20b", tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    result = train(["--model_id", "gpt-oss-20b", "--model_path", str(model), "--data_path",
+                    str(text_dataset(tmp_path / "data")), "--output_dir", str(tmp_path / "out"), "--use_lora",
+                    "--max_steps", "2", "--per_device_train_batch_size", "2"])
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    said = capsys.readouterr()
+    assert "attention: eager (the model has no sdpa attention in transformers)" in (said.out + said.err).splitlines()
+
+
+def test_qwen3_vl_trains_on_images_with_lora(tmp_path: Path) -> None:
+    from test_train import image_dataset, train
+
+    model = _tiny("qwen3-vl-4b-instruct", tmp_path / "model")
+    data, images = image_dataset(tmp_path / "data")
+    result = train(["--model_id", "qwen3-vl-4b-instruct", "--model_path", str(model), "--data_path", str(data),
+                    "--image_folder", str(images), "--output_dir", str(tmp_path / "out"), "--use_lora",
+                    "--max_steps", "2", "--per_device_train_batch_size", "2"])
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(loss == loss for loss in losses)

@@ -95,7 +95,11 @@ class HeaderEncoder:
         if not encoder.card.load_image or not {"image"} & set(encoder.card.modalities):
             return None, "no decoded images in this family"
         processing = encoder.processing
-        token = getattr(processing.processor, "image_token", None) or encoder.card.media.image_token
+        media = encoder.card.media
+        if media.image_placeholder and media.image_placeholder != media.image_token:
+            return None, (f"the processor expands {media.image_placeholder!r} into more than {media.image_token!r} "
+                          "tokens: images are decoded in validation")
+        token = getattr(processing.processor, "image_token", None) or media.image_token
         token_id = encoder.tokenizer.convert_tokens_to_ids(token) if token and "{" not in token else None
         if not isinstance(token_id, int) or token_id not in encoder.media_token_ids:
             return None, f"no single image token to expand ({token!r})"

@@ -296,6 +296,17 @@ def quantization_config(model_path: str, card: FamilyCard, dtype: Any) -> Any:
     )
 
 
+def _with_attention(load: Any, attention: str, note: str, requested: str | None) -> tuple[Any, str, str]:
+    """``load(attention)``; where sdpa was cardtune's choice and the model class has no sdpa
+    path (transformers refuses it before any weight loads: gpt-oss's attention sinks), eager."""
+    try:
+        return load(attention), attention, note
+    except ValueError as exc:
+        if requested or attention != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+            raise
+    return load("eager"), "eager", "the model has no sdpa attention in transformers"
+
+
 def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_overrides: dict[str, Any],
                      tokenizer: Any) -> PreparedModel:
     import torch
@@ -321,11 +332,14 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
                 same_structure(saved_moe, args.moe)
             except MoEError as exc:
                 raise ArgumentError(str(exc)) from None
-        model = load_moe_folder(card, loader.path, dtype=dtype, attn_implementation=attention)
+        model, attention, attention_note = _with_attention(
+            lambda a: load_moe_folder(card, loader.path, dtype=dtype, attn_implementation=a),
+            attention, attention_note, args.model.attn_implementation)
         notes.append(f"moe: {loader.path} holds an upcycled model: {saved_moe.describe()}")
     else:
-        model = loader.load_model(dtype=dtype, attn_implementation=attention, config_overrides=config_overrides,
-                                  **kwargs)
+        model, attention, attention_note = _with_attention(
+            lambda a: loader.load_model(dtype=dtype, attn_implementation=a, config_overrides=config_overrides, **kwargs),
+            attention, attention_note, args.model.attn_implementation)
     rows = model.get_input_embeddings().weight.shape[0]
     new_token_ids: list[int] = []
     if len(tokenizer) > rows:
