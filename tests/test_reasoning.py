@@ -1,10 +1,9 @@
 """Reasoning models: an assistant turn's ``reasoning_content``, rendered by a Qwen3-style template.
 
-No fixture folder of a reasoning family is shared, so the public Qwen3 chat template (below,
-verbatim) is installed on the qwen2.5-7b-instruct fixture tokenizer, whose ChatML tokens are
-the same (``<think>``/``</think>`` are plain text there; in Qwen3 they are added, non-special
-tokens: the labels are on the same characters). That template writes
-``<think>\\n`` + reasoning + ``\\n</think>\\n\\n`` before an answer, only for the assistant turns
+The public Qwen3 chat template (below, verbatim) is installed on the qwen2.5-7b-instruct fixture
+tokenizer, whose ChatML tokens are the same (``<think>``/``</think>`` are plain text there; in
+Qwen3 they are added, non-special tokens: the labels are on the same characters). That template
+writes ``<think>\\n`` + reasoning + ``\\n</think>\\n\\n`` before an answer, only for the assistant turns
 after the last user query, and writes an EMPTY ``<think>\\n\\n</think>\\n\\n`` before the last
 answer when it has no reasoning; a reasoning it does not render (an earlier turn's) is dropped.
 
@@ -19,6 +18,12 @@ sentinel renders and the boundary rule):
 
 Data files may call the field ``reasoning_content``, ``reasoning`` or ``thinking``; a Sample
 carries it as ``reasoning_content`` on the assistant message.
+
+The real qwen3-4b folder (its own template: the same messages loop, string content only) has
+its reasoning cases frozen in ``golden/qwen3-4b.json`` by the golden reference, and the engine
+checked against them in ``test_labels_golden``; the last tests here say, as text, that they
+train what this contract says, on the same conversations. (gpt-oss's harmony reasoning:
+``test_harmony``.)
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ import pytest
 from conftest import require_fixture
 from test_labels_golden import (
     ANY_SENTINEL,
+    FAMILIES,
+    IGNORE,
     SENTINEL,
     TEXT_SENTINEL,
     Region,
     assert_same_encoding,
+    conversation,
+    load_golden,
     supervise,
 )
 
@@ -309,3 +318,44 @@ def test_reasoning_fields_of_a_messages_file_reach_the_sample(tmp_path: Path):
         assistant = s.messages[1]
         assert assistant["role"] == "assistant" and assistant["content"] == [{"type": "text", "text": "Rome."}]
         assert assistant.get("reasoning_content") == thought, s.id
+
+
+# -- the real Qwen3 folder (golden/qwen3-4b.json) ---------------------------------------------
+
+# golden case of qwen3-4b -> the conversation of CASES above it is
+SAME_CONVERSATION = {
+    "two_answers": "two_turns_no_reasoning",
+    "reasoning_last_of_two": "two_turns_reasoning_on_last",
+    "reasoning_two_answers": "two_turns_reasoning_on_both",
+    "reasoning_one_answer": "one_turn_reasoning",
+}
+QWEN3_EXPECTED = {
+    **{case: EXPECTED[theirs] for case, theirs in SAME_CONVERSATION.items()},
+    "single_turn": ["The capital of France is Paris.<|im_end|>"],  # the empty think block before it: masked
+    "reasoning_first_only": ["Paris.<|im_end|>", "Rome.<|im_end|>"],  # dropped, and an empty block before Rome.
+    "reasoning_three_answers": [
+        "Paris.<|im_end|>", "Rome.<|im_end|>",
+        "<think>\nCity proper: Rome about 2.8 million, Paris about 2.1 million.\nSo Rome.\n</think>\n\n"
+        "Rome, with about 2.8 million to Paris's 2.1 million.<|im_end|>",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", QWEN3_EXPECTED)
+def test_the_qwen3_folder_trains_what_the_contract_says(case):
+    if case in SAME_CONVERSATION:
+        assert conversation(case, FAMILIES["qwen3-4b"])[0] == CASES[SAME_CONVERSATION[case]]
+    assert load_golden("qwen3-4b")["cases"][case]["supervised"] == QWEN3_EXPECTED[case]
+
+
+def test_the_qwen3_folder_masks_its_empty_think_block():
+    golden = load_golden("qwen3-4b")["cases"]
+    two = golden["two_answers"]
+    assert two["rendered"].endswith("<|im_start|>assistant\nParis.<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n"
+                                    "<|im_start|>assistant\n<think>\n\n</think>\n\nRome.<|im_end|>\n")
+    think_open, think_close = 151667, 151668  # <think>, </think>: added tokens, not special
+    for case, trained in (("two_answers", False), ("reasoning_first_only", False), ("reasoning_last_of_two", True)):
+        ids, labels = golden[case]["input_ids"], golden[case]["labels"]
+        at = [ids.index(think_open), ids.index(think_close)]
+        assert [labels[i] != IGNORE for i in at] == [trained, trained], case
+    assert "France: Paris." not in golden["reasoning_two_answers"]["rendered"]
