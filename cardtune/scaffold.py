@@ -309,6 +309,16 @@ class _CardDumper(__import__("yaml").SafeDumper):
 _CardDumper.add_representer(list, _CardDumper.represent_list)
 
 
+def entries_yaml(s: Scaffold, source: str) -> str:
+    """An entries file: the new model id of family ``s.family``, whose card lives elsewhere."""
+    head = [f"# Model ids of family {s.family} (its card: `cardtune show {s.entry['model_id']}`), added by",
+            f"# `cardtune add-model {source} --model_id {s.entry['model_id']} --family {s.family}`."]
+    body = {"family": s.family, "models": [s.entry]}
+    import yaml
+
+    return "\n".join(head) + "\n" + yaml.dump(body, Dumper=_CardDumper, sort_keys=False, allow_unicode=True, width=100)
+
+
 def append_entry(path: Path, entry: dict[str, Any]) -> None:
     """Add ``entry`` to the ``models:`` list of the card file ``path``, keeping its comments."""
     import yaml

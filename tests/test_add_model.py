@@ -333,3 +333,31 @@ def test_missing_folder_and_offline_hub_id(tmp_path: Path, capsys: pytest.Captur
     assert err.startswith("cardtune add-model: someorg/somemodel: not a local folder, and its config and tokenizer "
                           "files could not be downloaded (")
     assert err.endswith("); download the folder and pass its path\n")
+
+
+def test_an_entry_for_a_built_in_family_goes_to_the_users_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--family F --cards DIR`` with a built-in F: the package's own card is never written; the
+    new id goes into an entries file of F in DIR, which the registry reads with DIR."""
+    from cardtune.registry import get_registry
+
+    builtin = Path(__file__).resolve().parents[1] / "configs" / "models" / "qwen2-instruct.yaml"
+    before = builtin.read_bytes()
+    folder = str(require_fixture("qwen2.5-7b-instruct"))
+    cards = tmp_path / "cards"
+    for model_id in ("my-qwen-a", "my-qwen-b"):
+        rc = main(["add-model", folder, "--model_id", model_id, "--family", "qwen2-instruct", "--cards", str(cards)])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert f"added {model_id} to family qwen2-instruct in {cards / 'qwen2-instruct.yaml'}" in out
+    assert builtin.read_bytes() == before
+    entries = yaml.safe_load((cards / "qwen2-instruct.yaml").read_text())
+    assert entries == {"family": "qwen2-instruct", "models": [
+        {"model_id": "my-qwen-a", "hf_path": folder}, {"model_id": "my-qwen-b", "hf_path": folder}]}
+    registry = get_registry([cards])
+    assert registry.get("my-qwen-b").family is registry.families["qwen2-instruct"]
+    assert registry.get("my-qwen-b").source == str(cards / "qwen2-instruct.yaml")
+    # an entries file of a family no card defines is one line naming the file
+    (cards / "other.yaml").write_text("family: no-such-family\nmodels:\n  - model_id: x\n    hf_path: a/b\n")
+    assert main(["check", "--cards", str(cards)]) == 1
+    assert capsys.readouterr().err == (f"FAIL {cards / 'other.yaml'}:1: family: 'no-such-family' is not defined by any "
+                                       "card (an entries file adds model ids to a family defined in another card file)\n")

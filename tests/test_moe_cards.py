@@ -16,8 +16,10 @@ from cardtune.training.moe import find_ffns
 
 # No card names the FFN of these: remote code whose modelling files are not in the fixtures
 # (or not there at all), or a native class with no fixture config to build it from.
+# A family whose FFN is a mixture of experts already has nothing to upcycle.
+ALREADY_MIXTURES = {"gpt-oss"}
 WITHOUT_LLM_MLP = {"gemma-it", "phi-3-mini", "stablelm-2-chat", "internlm-chat", "internlm2-chat", "xverse-chat",
-                   "qwen-vl", "phi3-v"}
+                   "qwen-vl", "phi3-v", *ALREADY_MIXTURES}
 
 
 def check_ffns(card, model) -> None:
@@ -40,6 +42,7 @@ def test_the_cards_that_name_their_ffn() -> None:
     assert {f for f, card in families.items() if not card.modules.llm_mlp} == WITHOUT_LLM_MLP
     verified = {get_registry().get(m).family.model_class for m in FIXTURE_CONFIG_IDS}
     verified |= {families[f].model_class for f in UNNAMED_FIXTURES.values()}
+    verified |= {families[f].model_class for f in TEXT_SIZES_OF}
     for family, card in families.items():
         if card.modules.llm_mlp and family not in ("phi-2", "tiny-llava-demo"):
             assert card.model_class in verified, family  # its class is built below from a fixture config
@@ -52,6 +55,30 @@ def test_llm_mlp_finds_every_layer_of_the_real_model(model_id: str) -> None:
     family = UNNAMED_FIXTURES.get(model_id)
     card = get_registry().families[family] if family else get_registry().get(model_id).family
     config = transformers.AutoConfig.from_pretrained(require_fixture(model_id))
+    assert getattr(transformers, card.model_class).config_class is type(config)
+    with torch.device("meta"):
+        model = getattr(transformers, card.model_class)._from_config(config)
+    if card.family in ALREADY_MIXTURES:
+        from cardtune.loaders.discover import discover_modules
+
+        layers = config.get_text_config().num_hidden_layers
+        mixtures = [n for n, m in model.named_modules() if n.endswith(".mlp") and hasattr(m, "experts")]
+        assert len(mixtures) == layers and "llm_mlp" not in {k for k, v in discover_modules(model).items() if v}
+        return
+    check_ffns(card, model)
+
+
+# Text-only families whose decoder is a vision family's language model: built from the text_config
+# of that family's fixture (Gemma 3's 1B is Gemma3ForCausalLM on a Gemma3TextConfig).
+TEXT_SIZES_OF = {"gemma-3-text-it": "gemma-3-4b-it"}
+
+
+@pytest.mark.parametrize("family", list(TEXT_SIZES_OF))
+def test_llm_mlp_of_a_text_size_built_from_its_vision_siblings_text_config(family: str) -> None:
+    from conftest import require_fixture
+
+    card = get_registry().families[family]
+    config = transformers.AutoConfig.from_pretrained(require_fixture(TEXT_SIZES_OF[family])).get_text_config()
     assert getattr(transformers, card.model_class).config_class is type(config)
     with torch.device("meta"):
         model = getattr(transformers, card.model_class)._from_config(config)

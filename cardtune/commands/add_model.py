@@ -28,8 +28,8 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from cardtune.checks import check_model, format_report
         from cardtune.registry import Registry
-        from cardtune.registry.loader import card_dirs, iter_card_files, load_card_file, parse_card
-        from cardtune.scaffold import append_entry, card_yaml, scaffold
+        from cardtune.registry.loader import BUILTIN_CARD_DIR, card_dirs, parse_card
+        from cardtune.scaffold import append_entry, card_yaml, entries_yaml, scaffold
 
         # A --cards folder that does not exist yet holds no card: the new one goes there, and the
         # folder is created when the card is written.
@@ -37,8 +37,7 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
         if args.cards and not Path(args.cards[0]).exists():
             dirs.insert(0, Path(args.cards[0]))
         registry = Registry()
-        for path in iter_card_files(dirs):
-            registry.add_family(load_card_file(path), str(path))
+        registry.load_dirs(dirs)
         s = scaffold(args.source, args.model_id, registry, family=args.family, like=args.like,
                      model_class=args.model_class, trust_remote_code=args.trust_remote_code)
 
@@ -59,12 +58,26 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
                 print(f"wrote {target}: new family {s.family}, model id {args.model_id}")
         else:
             target = Path(registry.family_sources[s.family])
-            card = s.validated()
+            user_dir = Path(args.out) if args.out else (dirs[0] if dirs[0] != BUILTIN_CARD_DIR else None)
+            if user_dir is not None and target.resolve().parent == BUILTIN_CARD_DIR.resolve():
+                # a built-in family: the new id goes into the user's folder, in an entries file
+                # of that family (the package's own card is never written)
+                target = user_dir / f"{s.family}.yaml"
+                if target.exists() and not _holds_entries_of(target, s.family):
+                    raise CardError(f"{target} exists and is not an entries file of family {s.family}; "
+                                    "give another --out folder")
+            card = registry.families[s.family]
             if args.dry_run:
                 print(f"would add to {target}: - model_id: {s.entry['model_id']}  hf_path: {s.entry['hf_path']}")
             else:
-                append_entry(target, s.entry)
-                card = load_card_file(target)
+                if target.exists():
+                    append_entry(target, s.entry)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(entries_yaml(s, args.source), encoding="utf-8")
+                check = Registry()
+                check.load_dirs(dirs if target.parent in dirs else [target.parent, *dirs])
+                card = check.get(args.model_id).family  # exactly what will be read back
                 print(f"added {args.model_id} to family {s.family} in {target}")
         if not args.dry_run:  # a dry run printed them in the card's header
             for line in s.derived:
@@ -83,3 +96,14 @@ def _configure_add_model(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+def _holds_entries_of(path: Path, family: str) -> bool:
+    from cardtune.registry.loader import load_card_or_entries
+    from cardtune.registry.schema import FamilyEntries
+
+    try:
+        found = load_card_or_entries(path)
+    except CardError:
+        return False
+    return isinstance(found, FamilyEntries) and found.family == family

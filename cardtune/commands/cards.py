@@ -11,7 +11,7 @@ import yaml
 
 from cardtune.cli import Handler, command
 from cardtune.registry import CardError, UnknownModelError, get_registry
-from cardtune.registry.loader import card_dirs, iter_card_files, load_card_file
+from cardtune.registry.loader import card_dirs, iter_card_files
 
 
 # -- list -----------------------------------------------------------------------------------
@@ -140,11 +140,7 @@ def _configure_check(p: argparse.ArgumentParser) -> Handler:
         _check_options(args)
         problems: list[str] = []
         registry = Registry()
-        for path in iter_card_files(card_dirs(args.cards)):
-            try:
-                registry.add_family(load_card_file(path), str(path))
-            except CardError as exc:
-                problems.append(str(exc))
+        problems += registry.load_files(iter_card_files(card_dirs(args.cards)))
         for model_id in args.model_ids:
             try:
                 registry.get(model_id)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from cardtune.registry.errors import CardError, InputFileError
-from cardtune.registry.schema import FamilyCard
+from cardtune.registry.schema import FamilyCard, FamilyEntries
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_CARD_DIR = PACKAGE_ROOT / "configs" / "models"
@@ -224,6 +224,25 @@ def load_card_file(path: Path) -> FamilyCard:
         text = read_text(path)
     except InputFileError as exc:
         raise CardError(str(exc)) from None
+    return parse_card(text, str(path))
+
+
+ENTRY_KEYS = frozenset({"family", "models"})
+
+
+def load_card_or_entries(path: Path) -> FamilyCard | FamilyEntries:
+    """A card file, or an entries file: only ``family`` and ``models``, adding model ids to a
+    family whose card is defined in another file."""
+    try:
+        text = read_text(path)
+        data, root = load_yaml(text, str(path))
+    except InputFileError as exc:
+        raise CardError(str(exc)) from None
+    if isinstance(data, dict) and data and set(data) <= ENTRY_KEYS and "models" in data:
+        try:
+            return FamilyEntries.model_validate(data)
+        except ValidationError as exc:
+            raise CardError(validation_lines(exc, root, str(path))) from None
     return parse_card(text, str(path))
 
 

@@ -20,9 +20,9 @@ from cardtune.registry.loader import (
     dotted,
     field_location,
     iter_card_files,
-    load_card_file,
+    load_card_or_entries,
 )
-from cardtune.registry.schema import FamilyCard, ModelEntry
+from cardtune.registry.schema import FamilyCard, FamilyEntries, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,39 @@ class Registry:
         return spec
 
     def load_dirs(self, dirs: Iterable[Path]) -> None:
-        for path in iter_card_files(dirs):
-            self.add_family(load_card_file(path), str(path))
+        problems = self.load_files(iter_card_files(dirs))
+        if problems:
+            raise CardError(problems[0])
+
+    def load_files(self, paths: Iterable[Path]) -> list[str]:
+        """Add each card file; entries files (``family`` and ``models`` only) once every card is
+        in, whichever folder defines their family. Returns the problems, one per file."""
+        problems: list[str] = []
+        entries: list[tuple[FamilyEntries, str]] = []
+        for path in paths:
+            try:
+                found = load_card_or_entries(path)
+                if isinstance(found, FamilyEntries):
+                    entries.append((found, str(path)))
+                else:
+                    self.add_family(found, str(path))
+            except CardError as exc:
+                problems.append(str(exc))
+        for found, source in entries:
+            try:
+                self.add_entries(found, source)
+            except CardError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def add_entries(self, entries: FamilyEntries, source: str) -> None:
+        if entries.family not in self.families:
+            raise CardError(f"{field_location(source, ('family',))}: family: '{entries.family}' is not defined by any "
+                            f"card{_suggest(entries.family, self.families)} (an entries file adds model ids to a "
+                            "family defined in another card file)")
+        for entry in entries.models:
+            self.register_model(entry.model_id, entries.family, entry.hf_path, revision=entry.revision,
+                                config_overrides=entry.config_overrides, source=source)
 
     # -- lookup ---------------------------------------------------------------------------
     def get(self, model_id: str) -> ModelSpec:

@@ -241,6 +241,14 @@ class MediaSpec(_Strict):
         return self.video_placeholder or self.video_token
 
 
+class FamilyEntries(_Strict):
+    """More model ids of a family whose card is defined in another file (a user's folder adding
+    checkpoints to a built-in family, without copying or editing its card)."""
+
+    family: str
+    models: list[ModelEntry] = Field(min_length=1)
+
+
 class FamilyCard(_Strict):
     """One model family: everything cardtune needs to load, render, mask and train it."""
 
