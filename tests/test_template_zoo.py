@@ -1,0 +1,540 @@
+"""Real chat templates of 2025-26 families the engine has never seen, labelled by reading them.
+
+Each file under ``tests/templates/`` is a family's published chat template; its header comment
+names the repository, path and commit it was taken from (the header is stripped before use, so
+the template is byte for byte as published). No family is named anywhere in cardtune: the engine
+must find the header, the ends of turn and the reasoning layout from the template itself.
+
+A template is installed (a card with ``chat.template: jinja``) on the real qwen2.5 tokenizer, with
+the control tokens the template writes added as special tokens and bos/eos set as the family's
+tokenizer config has them. The expected spans are what the template writes for each answer, read
+off the template: the answer as rendered (trimmed where the template trims), its reasoning where
+the template renders it, and the token(s) that end it; never the header, never user or system
+text. Where the template writes no end after the last answer, the engine appends one; every other
+token of the ids must be the template's own render of the conversation.
+
+Cases the engine gets wrong are strict xfails holding the correct labels; the reason names the
+property of the template the engine assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require_fixture
+
+IGNORE = -100
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class Family:
+    special: tuple[str, ...]
+    """Control tokens the template writes (added as special tokens)."""
+    plain: tuple[str, ...] = ()
+    """Added tokens that are not special (think tags, as Qwen3's tokenizer has them)."""
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    adds_bos: bool = False
+    """The family's tokenizer adds bos itself (and the template writes it too)."""
+    allow_shared: bool = False
+    """bos = eos in the family's tokenizer (Granite): the card says so."""
+    appended: str = ""
+    """What follows the last answer in the ids where the template writes nothing after it."""
+    drops_system: bool = False
+    """The template writes a fixed system prompt and drops the user's (it is folded)."""
+
+
+FAMILIES: dict[str, Family] = {
+    "apertus": Family(
+        ("<s>", "</s>", "<|system_start|>", "<|system_end|>", "<|developer_start|>", "<|developer_end|>",
+         "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>", "<|inner_prefix|>",
+         "<|inner_suffix|>", "<|tools_prefix|>", "<|tools_suffix|>"),
+        bos="<s>", eos="<|assistant_end|>", adds_bos=True, appended="<|assistant_end|>"),
+    "command-r7b": Family(
+        ("<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>",
+         "<|CHATBOT_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>", "<|END_THINKING|>",
+         "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"),
+        bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", adds_bos=True),
+    "deepseek-r1-distill": Family(
+        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"), ("<think>", "</think>"),
+        bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", adds_bos=True),
+    "deepseek-v3.1": Family(
+        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"), ("<think>", "</think>"),
+        bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", adds_bos=True),
+    "exaone-4.0": Family(
+        ("[BOS]", "[|system|]", "[|user|]", "[|assistant|]", "[|tool|]", "[|endofturn|]"), ("<think>", "</think>"),
+        bos="[BOS]", eos="[|endofturn|]"),
+    "gemma-4": Family(
+        ("<bos>", "<eos>", "<|turn>", "<turn|>", "<|image|>", "<|audio|>", "<|video|>", "<|channel>", "<channel|>",
+         "<|think|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'),
+        bos="<bos>", eos="<eos>", adds_bos=True),
+    "gigachat3": Family(("<s>", "</s>", "<|role_sep|>", "<|message_sep|>"), bos="<s>", eos="</s>", adds_bos=True),
+    "glm-4.6": Family(
+        ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"),
+        ("<think>", "</think>"), eos="<|endoftext|>", appended="<|user|>"),
+    "granite-3.3": Family(
+        ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
+        bos="<|end_of_text|>", eos="<|end_of_text|>", pad="<|end_of_text|>", allow_shared=True),
+    "hy3-preview": Family(
+        ("<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>", "<｜hy_Assistant｜>", "<｜hy_eos｜>", "<｜hy_▁pad▁｜>", "<｜reasoning_mode｜>"),
+        ("<think>", "</think>"), bos="<｜hy_begin▁of▁sentence｜>", eos="<｜hy_eos｜>", pad="<｜hy_▁pad▁｜>",
+        appended="<｜hy_eos｜>"),
+    "kimi-k2": Family(
+        ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>", "<|media_start|>",
+         "<|media_content|>", "<|media_pad|>", "<|media_end|>", "[BOS]", "[EOS]"),
+        bos="[BOS]", eos="[EOS]"),
+    "lfm2.5": Family(
+        ("<|startoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|tool_call_start|>", "<|tool_call_end|>"),
+        ("<think>", "</think>"), bos="<|startoftext|>", eos="<|im_end|>", adds_bos=True),
+    "minimax-m2": Family(("]~!b[", "]~b]", "[e~["), ("<think>", "</think>"), bos="]~!b[", eos="[e~["),
+    "mistral-small-3.2": Family(
+        ("<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[TOOL_CALLS]",
+         "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"),
+        bos="<s>", eos="</s>", adds_bos=True),
+    "nemotron-nano-v2": Family(("<s>", "<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"), ("<think>", "</think>"),
+                               bos="<s>", eos="<SPECIAL_12>"),
+    "phi-4-reasoning-vision": Family(("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"), eos="<|im_end|>",
+                                     drops_system=True),
+    "qwen3.5": Family((), ("<think>", "</think>"), eos="<|im_end|>"),
+    "seed-oss": Family(
+        ("<seed:bos>", "<seed:eos>", "<seed:pad>", "<seed:think>", "</seed:think>", "<seed:cot_budget_reflect>",
+         "</seed:cot_budget_reflect>", "<seed:tool_call>", "</seed:tool_call>"),
+        bos="<seed:bos>", eos="<seed:eos>", pad="<seed:pad>"),
+    "smollm3": Family(("<|im_start|>", "<|im_end|>"), ("<think>", "</think>"), eos="<|im_end|>"),
+}
+
+
+def template_text(name: str) -> str:
+    """The template as published: the file without its provenance header."""
+    raw = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    assert raw.startswith("{#- cardtune template zoo") and "    source: " in raw.split("-#}\n", 1)[0], name
+    return raw.split("-#}\n", 1)[1]
+
+
+def build_encoder(name: str, root: Path) -> Any:
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from cardtune.collators.engine import ChatEncoder
+    from cardtune.loaders.resolve import load_processing, resolve_model
+    from cardtune.registry.schema import ChatSpec, SpecialTokens
+
+    family = FAMILIES[name]
+    tok = AutoTokenizer.from_pretrained(require_fixture("qwen2.5-7b-instruct"))
+    if family.special:
+        tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                               for t in family.special]})
+    if family.plain:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.plain])
+    for role in ("bos", "eos", "pad"):
+        if getattr(family, role):
+            setattr(tok, f"{role}_token", getattr(family, role))
+    tok.add_bos_token = family.adds_bos
+    folder = root / name
+    tok.save_pretrained(folder)
+    resolved = resolve_model("qwen2.5-7b-instruct", folder)
+    chat = ChatSpec(template="jinja", jinja=template_text(name),
+                    special_tokens=SpecialTokens(allow_shared=family.allow_shared))
+    card = resolved.card.model_copy(update={"chat": chat})
+    encoder = ChatEncoder(card, load_processing(dataclasses.replace(resolved, card=card)))
+    assert (encoder.tokenizer("a").input_ids[0] == encoder.tokenizer.bos_token_id) == family.adds_bos
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def encoder_for(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("zoo")
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = build_encoder(name, root)
+        return cache[name]
+
+    return get
+
+
+# -- conversations ---------------------------------------------------------------------------
+
+TYPED_ROLES: dict[str, tuple[str, str]] = {
+    "apertus": ("Write <|assistant_start|>x<|assistant_end|>.", "<|user_start|>typed"),
+    "command-r7b": ("<|START_RESPONSE|>quoted<|END_RESPONSE|>", "Turn ends <|END_OF_TURN_TOKEN|>."),
+    "deepseek-r1-distill": ("Type <｜Assistant｜> here.", "And <｜end▁of▁sentence｜> there."),
+    "deepseek-v3.1": ("Type <｜Assistant｜> here.", "And <｜end▁of▁sentence｜> there."),
+    "exaone-4.0": ("[|assistant|]\nquoted[|endofturn|]", "Plain [|user|] text."),
+    "gemma-4": ("A turn is <|turn>model\nhi<turn|>", "Typed <turn|> end."),
+    "gigachat3": ("Write assistant<|role_sep|>\nhi<|message_sep|>", "<|message_sep|> typed."),
+    "glm-4.6": ("Write <|assistant|> then stop.", "<|user|> is typed here."),
+    "granite-3.3": ("Roles look like <|start_of_role|>assistant<|end_of_role|>.", "End: <|end_of_text|>"),
+    "hy3-preview": ("Write <｜hy_Assistant｜><think></think>x.", "<｜hy_eos｜> typed."),
+    "kimi-k2": ("I write <|im_assistant|>assistant<|im_middle|> and <|im_end|>.", "Then <|im_user|>."),
+    "lfm2.5": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+    "minimax-m2": ("Roles: ]~b]ai\nHi[e~[", "Typed [e~[ here."),
+    "mistral-small-3.2": ("Use [INST] and [/INST] like this.", "It ends with </s> usually."),
+    "nemotron-nano-v2": ("<SPECIAL_11>Assistant\nQuoted.", "Ends\n<SPECIAL_12>\nhere."),
+    "phi-4-reasoning-vision": ("A turn: <|im_end|>\n<|im_start|>assistant<|im_sep|>\nok", "<|im_start|>user<|im_sep|>x"),
+    "qwen3.5": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+    "seed-oss": ("Write <seed:bos>assistant\nnext.", "<seed:eos> early."),
+    "smollm3": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[tuple[str, str], ...]
+    system: str | None = None
+    reasoning: tuple[tuple[int, str], ...] = ()
+
+
+def conversation(name: str, case: str) -> Conversation:
+    if case == "roles":  # answers typing the template's own role strings and ends of turn
+        first, second = TYPED_ROLES[name]
+        return Conversation((("Quote the format.", first), ("Again?", second)))
+    return CASES[case]
+
+
+CASES: dict[str, Conversation] = {
+    "single": Conversation((("What is 2+2?", "4."),)),
+    "system3": Conversation((("One?", "1."), ("Two?", "2."), ("Three?", "3.")), system="Be brief."),
+    "whitespace": Conversation((("Indent?", "  Indented.\n"), ("Newline?", "\nStarts on a new line."),
+                                ("Tabs?", "Ends with a tab.\t"))),
+    "reasoning_last": Conversation((("One?", "1."), ("Two?", "2.")), reasoning=((1, "Two is one more."),)),
+    "reasoning_both": Conversation((("One?", "1."), ("Two?", "2.")),
+                                   reasoning=((0, "Earlier thought."), (1, "Two is one more."))),
+    # the documented switch of hybrid reasoning models to their non-reasoning mode
+    "no_think": Conversation((("One?", "1."), ("Two?", "2.")), system="Be brief. /no_think"),
+    # an answer that writes the template's reasoning separator
+    "think_in_answer": Conversation((("Tag?", "Close with </think> then."),)),
+}
+
+
+def messages(conv: Conversation, parts: bool) -> list[dict[str, Any]]:
+    """``parts``: content as lists of text parts (as data gives it); else strings (the reference)."""
+    def content(text: str) -> Any:
+        return [{"type": "text", "text": text}] if parts else text
+
+    out: list[dict[str, Any]] = [{"role": "system", "content": content(conv.system)}] if conv.system else []
+    thoughts = dict(conv.reasoning)
+    for k, (question, answer) in enumerate(conv.turns):
+        out.append({"role": "user", "content": content(question)})
+        out.append({"role": "assistant", "content": content(answer)})
+        if k in thoughts:
+            out[-1]["reasoning_content"] = thoughts[k]
+    return out
+
+
+def make_sample(name: str, case: str) -> Any:
+    from cardtune.conversation import Sample
+
+    return Sample(f"{name}/{case}", messages(conversation(name, case), parts=True))
+
+
+def trained(encoder: Any, encoded: Any) -> list[str]:
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for i, lab in zip(encoded.input_ids, encoded.labels, strict=True):
+        if lab != IGNORE:
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    runs += [run] if run else []
+    return [encoder.tokenizer.decode(r, clean_up_tokenization_spaces=False) for r in runs]
+
+
+def own_render(encoder: Any, name: str, conv: Conversation) -> str:
+    """The template's own render of the conversation (transformers, the card's render date), and
+    the end the engine appends where the template writes none after the last answer."""
+    from cardtune.collators.roles import frozen_template
+    from cardtune.registry.schema import ChatSpec
+
+    template = frozen_template(template_text(name), ChatSpec().render_date)
+    text = encoder.tokenizer.apply_chat_template(messages(conv, parts=False), tokenize=False, chat_template=template)
+    return text + FAMILIES[name].appended
+
+
+# -- expectations, read off each template ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A fair refusal: the sample is reported (``SampleError`` with this reason), never trained."""
+
+    reason: str
+    why: str
+
+
+NO_REASONING = Refused("template_error", "the template renders no reasoning field")
+REASONING = ("reasoning_last", "reasoning_both")
+
+EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
+    "apertus": {
+        # <|assistant_end|> is written only when a user turn follows: the last answer gets eos
+        "single": ["4.<|assistant_end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "command-r7b": {**dict.fromkeys(REASONING, NO_REASONING)},
+    "deepseek-r1-distill": {
+        "single": ["4.<｜end▁of▁sentence｜>"],
+        "system3": ["1.<｜end▁of▁sentence｜>", "2.<｜end▁of▁sentence｜>", "3.<｜end▁of▁sentence｜>"],
+        "whitespace": ["  Indented.\n<｜end▁of▁sentence｜>", "\nStarts on a new line.<｜end▁of▁sentence｜>",
+                       "Ends with a tab.\t<｜end▁of▁sentence｜>"],
+        "roles": ["Type <｜Assistant｜> here.<｜end▁of▁sentence｜>", "And <｜end▁of▁sentence｜> there.<｜end▁of▁sentence｜>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "deepseek-v3.1": {  # header <｜Assistant｜></think> (non-thinking mode), answer, <｜end▁of▁sentence｜>
+        "single": ["4.<｜end▁of▁sentence｜>"],
+        "system3": ["1.<｜end▁of▁sentence｜>", "2.<｜end▁of▁sentence｜>", "3.<｜end▁of▁sentence｜>"],
+        "whitespace": ["  Indented.\n<｜end▁of▁sentence｜>", "\nStarts on a new line.<｜end▁of▁sentence｜>",
+                       "Ends with a tab.\t<｜end▁of▁sentence｜>"],
+        "roles": ["Type <｜Assistant｜> here.<｜end▁of▁sentence｜>", "And <｜end▁of▁sentence｜> there.<｜end▁of▁sentence｜>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+        # content.split('</think>', 1)[1]: the template drops what an answer writes before </think>
+        "think_in_answer": Refused("label_contract", "the template rewrites the answer"),
+    },
+    "exaone-4.0": {  # the empty <think>\n\n</think>\n\n opens every answer: part of the header
+        "single": ["4.[|endofturn|]"],
+        "system3": ["1.[|endofturn|]", "2.[|endofturn|]", "3.[|endofturn|]"],
+        # the header's last \n\n and the answer's \n tokenize as one \n\n\n: trained (docs/MASKING.md)
+        "whitespace": ["  Indented.\n[|endofturn|]", "\n\n\nStarts on a new line.[|endofturn|]", "Ends with a tab.\t[|endofturn|]"],
+        "roles": ["[|assistant|]\nquoted[|endofturn|][|endofturn|]", "Plain [|user|] text.[|endofturn|]"],
+        # reasoning is rendered only with skip_think=False, which a training render does not pass
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "gemma-4": {  # <|turn>model\n ... <turn|>; model text trimmed (strip_thinking)
+        "single": ["4.<turn|>"],
+        "system3": ["1.<turn|>", "2.<turn|>", "3.<turn|>"],
+        "whitespace": ["Indented.<turn|>", "Starts on a new line.<turn|>", "Ends with a tab.<turn|>"],
+        "roles": ["A turn is <|turn>model\nhi<turn|><turn|>", "Typed <turn|> end.<turn|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "gigachat3": {**dict.fromkeys(REASONING, NO_REASONING)},
+    "glm-4.6": {},
+    "granite-3.3": {  # bos = eos = <|end_of_text|>, which also ends every turn
+        "single": ["4.<|end_of_text|>"],
+        "system3": ["1.<|end_of_text|>", "2.<|end_of_text|>", "3.<|end_of_text|>"],
+        "whitespace": ["  Indented.\n<|end_of_text|>", "\nStarts on a new line.<|end_of_text|>", "Ends with a tab.\t<|end_of_text|>"],
+        "roles": ["Roles look like <|start_of_role|>assistant<|end_of_role|>.<|end_of_text|>", "End: <|end_of_text|><|end_of_text|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "hy3-preview": {
+        "single": ["4.<｜hy_eos｜>"],
+        # reasoning is rendered only with is_training or interleaved_thinking (tools)
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "kimi-k2": {
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "\nStarts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        "roles": ["I write <|im_assistant|>assistant<|im_middle|> and <|im_end|>.<|im_end|>", "Then <|im_user|>.<|im_end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "lfm2.5": {  # thinking rendered after the last user message only, <think>R</think> then the answer
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "\n\nStarts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        "reasoning_last": ["1.<|im_end|>", "<think>Two is one more.</think>2.<|im_end|>"],
+        "reasoning_both": ["1.<|im_end|>", "<think>Two is one more.</think>2.<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+    },
+    "minimax-m2": {  # ]~b]ai\n ... [e~[; reasoning after the last user message only
+        "single": ["4.[e~["],
+        "system3": ["1.[e~[", "2.[e~[", "3.[e~["],
+        "whitespace": ["  Indented.\n[e~[", "\n\nStarts on a new line.[e~[", "Ends with a tab.\t[e~["],
+        "reasoning_last": ["1.[e~[", "<think>\nTwo is one more.\n</think>\n\n2.[e~["],
+        "reasoning_both": ["1.[e~[", "<think>\nTwo is one more.\n</think>\n\n2.[e~["],
+        "roles": ["Roles: ]~b]ai\nHi[e~[[e~[", "Typed [e~[ here.[e~["],
+    },
+    "mistral-small-3.2": {
+        "single": ["4.</s>"],
+        "system3": ["1.</s>", "2.</s>", "3.</s>"],
+        "whitespace": ["  Indented.\n</s>", "\nStarts on a new line.</s>", "Ends with a tab.\t</s>"],
+        "roles": ["Use [INST] and [/INST] like this.</s>", "It ends with </s> usually.</s>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "nemotron-nano-v2": {  # answers stripped, each ends \n<SPECIAL_12>; <think>\n\n opens the last one only
+        "single": ["4.\n<SPECIAL_12>"],
+        "system3": ["1.\n<SPECIAL_12>", "2.\n<SPECIAL_12>", "3.\n<SPECIAL_12>"],
+        "whitespace": ["Indented.\n<SPECIAL_12>", "Starts on a new line.\n<SPECIAL_12>", "Ends with a tab.\n<SPECIAL_12>"],
+        "roles": ["<SPECIAL_11>Assistant\nQuoted.\n<SPECIAL_12>", "Ends\n<SPECIAL_12>\nhere.\n<SPECIAL_12>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "phi-4-reasoning-vision": {  # fixed system prompt (the user's is folded); <|im_sep|>\n then the answer
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "\n\nStarts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        "roles": ["A turn: <|im_end|>\n<|im_start|>assistant<|im_sep|>\nok<|im_end|>", "<|im_start|>user<|im_sep|>x<|im_end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "qwen3.5": {  # trims content; keeps an earlier answer's reasoning; empty think block before the last only
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["Indented.<|im_end|>", "Starts on a new line.<|im_end|>", "Ends with a tab.<|im_end|>"],
+        "reasoning_last": ["1.<|im_end|>", "<think>\nTwo is one more.\n</think>\n\n2.<|im_end|>"],
+        "reasoning_both": ["<think>\nEarlier thought.\n</think>\n\n1.<|im_end|>", "<think>\nTwo is one more.\n</think>\n\n2.<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+    },
+    "seed-oss": {  # content trimmed; reasoning kept in every turn as <seed:think>R</seed:think>\n
+        "single": ["4.<seed:eos>"],
+        "system3": ["1.<seed:eos>", "2.<seed:eos>", "3.<seed:eos>"],
+        "whitespace": ["Indented.<seed:eos>", "Starts on a new line.<seed:eos>", "Ends with a tab.<seed:eos>"],
+        "reasoning_last": ["1.<seed:eos>", "<seed:think>Two is one more.</seed:think>\n2.<seed:eos>"],
+        "reasoning_both": ["<seed:think>Earlier thought.</seed:think>\n1.<seed:eos>",
+                           "<seed:think>Two is one more.</seed:think>\n2.<seed:eos>"],
+        "roles": ["Write <seed:bos>assistant\nnext.<seed:eos>", "<seed:eos> early.<seed:eos>"],
+    },
+    "smollm3": {  # /think mode (the default): no think block; content.lstrip("\n")
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "Starts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+}
+
+DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0}
+"""Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
+
+NO_END_AFTER_LAST = (
+    "the template writes {end} after an answer only when a user turn follows, nothing after the last; the engine "
+    "reads 'no end of turn' off the last answer alone and appends eos into every answer, so earlier answers render "
+    "{end}{end}. Right: the template's render, eos appended after the last answer only"
+)
+GLM_NO_END = (
+    "GLM writes no end token: the next <|user|> (a GLM stop token) ends an answer, nothing follows the last; the "
+    "engine appends eos into every answer's content, so <|endoftext|> lands between turns and strip() no longer "
+    "trims. Right: each answer ends with the <|user|> that follows it, appended after the last (GLM's finetune)"
+)
+GLM_THINK = (
+    "; and \\n<think> is taken for a reasoning header (every answer opens \\n<think></think>\\n), so the model is "
+    "never trained to open its think block after <|assistant|>"
+)
+CMDR_END = (
+    "an answer ends <|END_RESPONSE|><|END_OF_TURN_TOKEN|> and eos is the second; the engine assumed the first "
+    "special token after an answer stops the model, so <|END_OF_TURN_TOKEN|> is never trained"
+)
+GIGACHAT_JSON = (
+    "the template serialises list content with tojson; the content probe rejects only Python's repr ('type'), so "
+    "the engine takes parts, reads JSON scaffolding into the header and drops every sample. Right: string content"
+)
+NO_THINK = (
+    "a '/no_think' system prompt (this hybrid model's non-reasoning switch) makes the template write {block} before "
+    "{which}; the engine derived what precedes an answer once, in the default mode, and drops the sample. Right: "
+    "{block} masked like the header"
+)
+
+WRONG: dict[tuple[str, str], tuple[list[str], str]] = {
+    ("glm-4.6", "single"): (["4.<|user|>"], GLM_NO_END),
+    ("glm-4.6", "system3"): (["1.<|user|>", "2.<|user|>", "3.<|user|>"], GLM_NO_END),
+    ("glm-4.6", "whitespace"): (["Indented.<|user|>", "Starts on a new line.<|user|>", "Ends with a tab.<|user|>"],
+                                GLM_NO_END),
+    ("glm-4.6", "roles"): (["Write <|assistant|> then stop.<|user|>", "<|user|> is typed here.<|user|>"], GLM_NO_END),
+    ("glm-4.6", "reasoning_last"): (["1.<|user|>", "\n<think>Two is one more.</think>\n2.<|user|>"],
+                                    GLM_NO_END + GLM_THINK),
+    ("glm-4.6", "reasoning_both"): (["1.<|user|>", "\n<think>Two is one more.</think>\n2.<|user|>"],
+                                    GLM_NO_END + GLM_THINK),
+    **{("hy3-preview", case): (spans, NO_END_AFTER_LAST.format(end="<｜hy_eos｜>", doubled="<｜hy_eos｜><｜hy_eos｜>"))
+       for case, spans in {
+           "system3": ["1.<｜hy_eos｜>", "2.<｜hy_eos｜>", "3.<｜hy_eos｜>"],
+           "whitespace": ["  Indented.\n<｜hy_eos｜>", "\nStarts on a new line.<｜hy_eos｜>", "Ends with a tab.\t<｜hy_eos｜>"],
+           "roles": ["Write <｜hy_Assistant｜><think></think>x.<｜hy_eos｜>", "<｜hy_eos｜> typed.<｜hy_eos｜>"],
+       }.items()},
+    **{("apertus", case): (spans, NO_END_AFTER_LAST.format(end="<|assistant_end|>",
+                                                           doubled="<|assistant_end|><|assistant_end|>"))
+       for case, spans in {
+           "system3": ["1.<|assistant_end|>", "2.<|assistant_end|>", "3.<|assistant_end|>"],
+           "whitespace": ["  Indented.\n<|assistant_end|>", "\nStarts on a new line.<|assistant_end|>",
+                          "Ends with a tab.\t<|assistant_end|>"],
+           "roles": ["Write <|assistant_start|>x<|assistant_end|>.<|assistant_end|>", "<|user_start|>typed<|assistant_end|>"],
+       }.items()},
+    **{("command-r7b", case): ([s + "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>" for s in spans], CMDR_END)
+       for case, spans in {
+           "single": ["4."],
+           "system3": ["1.", "2.", "3."],
+           "whitespace": ["  Indented.\n", "\nStarts on a new line.", "Ends with a tab.\t"],
+           "roles": ["<|START_RESPONSE|>quoted<|END_RESPONSE|>", "Turn ends <|END_OF_TURN_TOKEN|>."],
+       }.items()},
+    **{("gigachat3", case): (spans, GIGACHAT_JSON) for case, spans in {
+        "single": ["4.<|message_sep|>"],
+        "system3": ["1.<|message_sep|>", "2.<|message_sep|>", "3.<|message_sep|>"],
+        # the header's \n and the answer's \n tokenize as one \n\n: trained (docs/MASKING.md)
+        "whitespace": ["  Indented.\n<|message_sep|>", "\n\nStarts on a new line.<|message_sep|>",
+                       "Ends with a tab.\t<|message_sep|>"],
+        "roles": ["Write assistant<|role_sep|>\nhi<|message_sep|><|message_sep|>", "<|message_sep|> typed.<|message_sep|>"],
+    }.items()},
+    ("smollm3", "no_think"): (["1.<|im_end|>", "2.<|im_end|>"],
+                              NO_THINK.format(block="<think>\\n\\n</think>\\n", which="every answer")),
+    ("nemotron-nano-v2", "no_think"): (["1.\n<SPECIAL_12>", "2.\n<SPECIAL_12>"],
+                                       NO_THINK.format(block="<think></think>", which="the last answer")),
+}
+
+
+def _params() -> list[Any]:
+    params = [pytest.param(name, case, id=f"{name}-{case}") for name, cases in EXPECTED.items() for case in cases]
+    params += [pytest.param(name, case, id=f"{name}-{case}", marks=pytest.mark.xfail(strict=True, reason=reason))
+               for (name, case), (_, reason) in WRONG.items()]
+    return params
+
+
+def expectation(name: str, case: str) -> list[str] | Refused:
+    return WRONG[(name, case)][0] if (name, case) in WRONG else EXPECTED[name][case]
+
+
+@pytest.mark.parametrize(("name", "case"), _params())
+def test_each_answer_is_trained_with_its_end_and_nothing_else(encoder_for: Any, name: str, case: str) -> None:
+    from cardtune.errors import SampleError
+
+    encoder = encoder_for(name)
+    want = expectation(name, case)
+    if isinstance(want, Refused):
+        with pytest.raises(SampleError) as refused:
+            encoder.encode(make_sample(name, case))
+        assert refused.value.reason == want.reason, want.why
+        return
+    encoded = encoder.encode(make_sample(name, case))
+    assert trained(encoder, encoded) == want
+    if case == "reasoning_both":
+        assert encoded.dropped_reasoning == DROPPED_REASONING[name]
+    conv = conversation(name, case)
+    if not (conv.system and FAMILIES[name].drops_system):
+        # every token is the template's own render (one bos), the appended end after the last answer aside
+        text = encoder.tokenizer.decode(encoded.input_ids, clean_up_tokenization_spaces=False)
+        assert text == own_render(encoder, name, conv)
+
+
+def test_expectations_cover_every_template() -> None:
+    names = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+    assert names == sorted(FAMILIES) == sorted(EXPECTED) == sorted(TYPED_ROLES)
+    assert {name for name, _ in WRONG} <= set(FAMILIES)
+    assert not {key for key in WRONG if key[1] in EXPECTED[key[0]]}, "a case is both expected and wrong"
+
+
+IMAGE_PLACEHOLDERS = {
+    "gemma-4": "<|turn>user\n\n\n<|image|>\n\nWhat is shown?<turn|>",
+    "kimi-k2": "<|im_user|>user<|im_middle|><|media_start|>image<|media_content|><|media_pad|><|media_end|>What is shown?",
+    "lfm2.5": "<|im_start|>user\n<image>What is shown?<|im_end|>",
+    "mistral-small-3.2": "[INST][IMG]What is shown?[/INST]",
+    "qwen3.5": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_PLACEHOLDERS))
+def test_an_image_part_reaches_the_template_as_a_part(encoder_for: Any, name: str) -> None:
+    """Templates that read image parts get them (the placeholder is the template's own), with a
+    text-only tokenizer: what a processor would expand."""
+    from cardtune.conversation import Sample
+
+    encoder = encoder_for(name)
+    assert encoder.roles.content == "parts"
+    user = [{"type": "image"}, {"type": "text", "text": "What is shown?"}]
+    sample = Sample(f"{name}/image", [{"role": "user", "content": user},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+                    images=["img0.png"])
+    rendered = encoder.render(sample)
+    assert IMAGE_PLACEHOLDERS[name] in rendered
