@@ -253,17 +253,14 @@ class SampleSet(Sequence[Sample]):
         return SampleSet(self._buffer, self._offsets, self.errors, base[np.asarray(indices, dtype=np.int64)],
                          self.duplicate_ids)
 
-    def save_buffer(self, path: Path, hasher: Any = None) -> None:
+    def save_buffer(self, path: Path) -> None:
         """The encoded samples as one ``.npy`` array of bytes (``np.load(mmap_mode="r")`` reads it
-        back), written a chunk at a time: saving costs no memory either. ``hasher``: updated with
-        every byte written (the data cache keeps the digest)."""
+        back), written a chunk at a time: saving costs no memory either."""
         size = int(self._offsets[-1])
         with path.open("wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
             for chunk in buffer_chunks(self._buffer):
                 f.write(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
 
 
 def concat(sets: Sequence[SampleSet]) -> SampleSet:

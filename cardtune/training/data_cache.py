@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cardtune.data.formats import parse_data_arg
-from cardtune.data.sample_store import SampleSet, buffer_chunks
+from cardtune.data.sample_store import SampleSet
 from cardtune.data.validate import Problem, Report
 from cardtune.errors import SampleError
 from cardtune.hashing import code_fingerprint, hash_file, hash_model_folder, hash_tree, hasher
@@ -120,8 +120,9 @@ def save(folder: Path, samples: SampleSet, report: Report, media: tuple[list[str
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
+        samples.save_buffer(staging / "buffer.npy")
         digest = hasher()
-        samples.save_buffer(staging / "buffer.npy", digest)
+        hash_file(digest, staging / "buffer.npy")
         np.save(staging / "offsets.npy", np.asarray(samples._offsets))
         if samples._order is not None:
             np.save(staging / "order.npy", np.asarray(samples._order))
@@ -183,8 +184,7 @@ def _read(folder: Path) -> tuple[SampleSet, Report, list[bool]]:
     if order is not None and (order.dtype != np.int64 or len(order) and not 0 <= order.min() <= order.max() < count):
         raise ValueError("order.npy names samples that buffer.npy does not hold")
     digest = hasher()
-    for chunk in buffer_chunks(buffer):
-        digest.update(chunk)
+    hash_file(digest, folder / "buffer.npy")  # read, not mapped: the check adds nothing to the run's memory
     if digest.hexdigest() != meta["samples_digest"]:
         raise ValueError("buffer.npy is not the samples this cache wrote: edited or damaged")
     problems = [Problem(index, SampleError(sid, field, reason, detail, source))
