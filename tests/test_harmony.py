@@ -8,10 +8,11 @@ checks that the engine gives exactly them. Here the contract they encode is writ
 - every answer is trained through its own end: ``<|end|>`` for an earlier answer, ``<|return|>``
   for the last; the headers (``<|start|>assistant<|channel|>final<|message|>``) are not;
 - the template renders reasoning (``thinking``; transformers fills it from ``reasoning_content``)
-  for the LAST answer only, in the analysis channel. That answer is trained from right after
-  ``<|channel|>analysis<|message|>`` through the reasoning, ``<|end|>``, the final header, the
-  answer and ``<|return|>``; an earlier answer's reasoning is dropped by the template, so only
-  that answer and its ``<|end|>`` are trained;
+  for the LAST answer only, in the analysis channel. That answer is trained from right after the
+  generation prompt ``<|start|>assistant`` (what the model writes itself when it reasons): the
+  channel it opens, ``<|channel|>analysis<|message|>``, the reasoning, ``<|end|>``, the final
+  header, the answer and ``<|return|>``; an earlier answer's reasoning is dropped by the template,
+  so only that answer and its ``<|end|>`` are trained;
 - the system block carries the card's fixed date, and the user's system prompt is a developer
   message (neither trained).
 """
@@ -39,22 +40,23 @@ from test_labels_golden import (
 MODEL = "gpt-oss-20b"
 FINAL = "<|start|>assistant<|channel|>final<|message|>"
 ANALYSIS = "<|start|>assistant<|channel|>analysis<|message|>"
+OPENS = "<|channel|>analysis<|message|>"  # written by the model after the prompt <|start|>assistant
 
 # The decoded supervised spans, by hand from the template text (chat_template.jinja).
 EXPECTED = {
     # one answer
     "single_turn": ["The capital of France is Paris.<|return|>"],
-    "reasoning_one_answer": ["17 * 3 = 51.\nCheck: 51 / 3 = 17.<|end|>" + FINAL + "51.<|return|>"],
+    "reasoning_one_answer": [OPENS + "17 * 3 = 51.\nCheck: 51 / 3 = 17.<|end|>" + FINAL + "51.<|return|>"],
     # two answers
     "two_answers": ["Paris.<|end|>", "Rome.<|return|>"],
-    "reasoning_last_of_two": ["Paris.<|end|>", "Italy's capital is Rome; say so.<|end|>" + FINAL + "Rome.<|return|>"],
-    "reasoning_two_answers": ["Paris.<|end|>", "Italy's capital is Rome; say so.<|end|>" + FINAL + "Rome.<|return|>"],
+    "reasoning_last_of_two": ["Paris.<|end|>", OPENS + "Italy's capital is Rome; say so.<|end|>" + FINAL + "Rome.<|return|>"],
+    "reasoning_two_answers": ["Paris.<|end|>", OPENS + "Italy's capital is Rome; say so.<|end|>" + FINAL + "Rome.<|return|>"],
     "reasoning_first_only": ["Paris.<|end|>", "Rome.<|return|>"],
     # three answers
     "system_3turns": ["Paris.<|end|>", "Rome.<|end|>", "Paris has more inhabitants than Rome.<|return|>"],
     "reasoning_three_answers": [
         "Paris.<|end|>", "Rome.<|end|>",
-        "City proper: Rome about 2.8 million, Paris about 2.1 million.\nSo Rome.<|end|>" + FINAL
+        OPENS + "City proper: Rome about 2.8 million, Paris about 2.1 million.\nSo Rome.<|end|>" + FINAL
         + "Rome, with about 2.8 million to Paris's 2.1 million.<|return|>",
     ],
 }
@@ -90,15 +92,16 @@ def test_the_render_has_the_cards_date_and_the_system_prompt_as_developer_messag
                                                   "France?<|end|>" + FINAL + "The capital of France is Paris.<|return|>")
 
 
-def test_the_last_answers_reasoning_is_in_the_analysis_channel_and_trained_after_its_header(references):
+def test_the_last_answers_reasoning_is_in_the_analysis_channel_and_trained_after_the_prompt(references):
     one = cases()["reasoning_one_answer"]
     assert one["rendered"].endswith("<|start|>user<|message|>What is 17 * 3?<|end|>" + ANALYSIS
                                     + "17 * 3 = 51.\nCheck: 51 / 3 = 17.<|end|>" + FINAL + "51.<|return|>")
     ids, labels = one["input_ids"], one["labels"]
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
     tok = references(MODEL).tokenizer
-    # the analysis header right before the first trained token, masked with everything before it
-    assert tok.convert_ids_to_tokens(ids[first - 6 : first]) == [
+    # the generation prompt right before the first trained token (the channel the model opens),
+    # masked with everything before it
+    assert tok.convert_ids_to_tokens(ids[first - 3 : first + 3]) == [
         "<|end|>", "<|start|>", "assistant", "<|channel|>", "analysis", "<|message|>"]
     assert labels[:first] == [IGNORE] * first
     # one region, through <|return|>: the sequence's last token

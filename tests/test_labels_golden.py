@@ -23,7 +23,8 @@ The expected ids in ``tests/golden/<model_id>.json`` were computed WITHOUT the e
    template's own text right before each region (its header). A region is the answer and the
    end that follows it (harmony: ``<|end|>`` after an earlier answer, ``<|return|>`` after the
    last); where the template writes the answer's reasoning, the region starts at the reasoning
-   (Qwen3: at its ``<think>\\n``; harmony: right after its analysis header) and runs through
+   (what the model writes after the generation prompt: Qwen3 at its ``<think>\\n``; harmony at
+   ``<|channel|>analysis<|message|>``, after the prompt's ``<|start|>assistant``) and runs through
    the template's text between reasoning and answer; a reasoning the template drops is not in it;
 3. expand each media placeholder to the processor's tokens (written out below, and checked
    against the processor / image processor in the test): a run of the image token, or, where
@@ -149,8 +150,9 @@ class Family:
     """The assistant-message field the template renders reasoning from (None: it renders none)."""
     think: tuple[str, str] = ("", "")
     """The template's text right before and right after a reasoning it renders, trained with the
-    reasoning and the answer (Qwen3: ``<think>\\n`` and ``\\n</think>\\n\\n``; harmony: nothing
-    before, its analysis header being the turn's header, and the final header after)."""
+    reasoning and the answer (Qwen3: ``<think>\\n`` and ``\\n</think>\\n\\n``; harmony: the analysis
+    channel the model opens after the generation prompt ``<|start|>assistant``, and the final
+    header after)."""
 
     @property
     def fixture(self) -> str:
@@ -364,7 +366,8 @@ FAMILIES: dict[str, Family] = {
             # last, <|return|> after it; `thinking` in the analysis channel of the last answer only
             "gpt-oss-20b", eot="<|end|>", eot_last="<|return|>", renderer="tokenizer", bos=None,
             template_edits=(('strftime_now("%Y-%m-%d")', json.dumps(HARMONY_DATE)),),
-            reasoning_field="thinking", think=("", "<|end|><|start|>assistant<|channel|>final<|message|>"),
+            reasoning_field="thinking",
+            think=("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
             role_strings=("Is this valid?<|end|><|start|>assistant<|channel|>final<|message|>{}<|end|>"
                           "<|start|>user<|message|>ok"),
         ),

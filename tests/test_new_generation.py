@@ -79,14 +79,15 @@ def test_harmony_trains_each_answer_to_its_own_end_and_the_reasoning_through_the
     tok, roles = encoder.tokenizer, encoder.roles
     ids_of = tok.convert_tokens_to_ids
     assert roles.closings == ((ids_of("<|return|>"),), (ids_of("<|end|>"),))
-    assert tok.decode(roles.reasoning_header) == "<|end|><|start|>assistant<|channel|>analysis<|message|>"
+    assert tok.decode(roles.reasoning_header) == "<|end|><|start|>assistant"  # the generation prompt
     three = encoder.encode(_sample("three", ("One?", "1."), ("Two?", "2."), ("Three?", "3.")))
     assert [tok.decode(s) for s in _spans(three.input_ids, three.labels)] == ["1.<|end|>", "2.<|end|>", "3.<|return|>"]
     # reasoning: the template renders the last answer's only, in the analysis channel
     thought = encoder.encode(_sample("thought", ("Two?", "2."), ("Three?", "3."),
                                      reasoning={0: "Dropped by the template.", 1: "One more than two."}))
     assert [tok.decode(s) for s in _spans(thought.input_ids, thought.labels)] == [
-        "2.<|end|>", "One more than two.<|end|><|start|>assistant<|channel|>final<|message|>3.<|return|>"]
+        "2.<|end|>",
+        "<|channel|>analysis<|message|>One more than two.<|end|><|start|>assistant<|channel|>final<|message|>3.<|return|>"]
     assert thought.dropped_reasoning == 1
     assert "Dropped by the template." not in tok.decode(thought.input_ids)
 
@@ -95,9 +96,8 @@ def test_harmony_says_what_it_trains_of_reasoning() -> None:
     encoder = _encoder(require_fixture("gpt-oss-20b"), "gpt-oss-20b")
     said = [n for n in encoder.roles.notes if n.startswith("reasoning:")]
     assert said == ["reasoning: rendered from the message field 'reasoning_content' in the last answer only (the template "
-                    "drops it from earlier turns, whose answers are trained alone), under its own header "
-                    "'<|end|><|start|>assistant<|channel|>analysis<|message|>', trained from there with the answer's "
-                    "header between them"]
+                    "drops it from earlier turns, whose answers are trained alone), trained from the end of the generation "
+                    "prompt '<|end|><|start|>assistant' on, with the answer's header between them"]
 
 
 # A ChatML template that ends the last answer with the tokenizer's eos instead of <|im_end|>: no

@@ -10,8 +10,11 @@ answer when it has no reasoning; a reasoning it does not render (an earlier turn
 The contract, encoded by the independent reference here (the golden reference's machinery:
 sentinel renders and the boundary rule):
 
-- a turn whose reasoning the template renders: the whole think block + answer + ``<|im_end|>``
-  is supervised, exactly as the template writes it;
+- a turn whose reasoning the template renders: the think block + answer + ``<|im_end|>`` is
+  supervised, exactly as the template writes it, from the end of the generation prompt on (what
+  the model writes itself when it reasons). This release's generation prompt opens
+  ``<think>\\n``, so that opener is not trained; the qwen3-4b folder's (the April 2025 release,
+  reading ``enable_thinking``) ends with ``assistant\\n``, so there ``<think>\\n`` is;
 - the empty think block the template inserts is NOT supervised (masked like the header), so a
   turn's supervised text is the same whether it is first or last;
 - a reasoning the template drops is not supervised: only that turn's answer, as rendered.
@@ -181,10 +184,11 @@ CASES: dict[str, list[dict[str, Any]]] = {
 # What the reference must supervise, written out by hand from the template text above.
 EXPECTED = {
     "two_turns_no_reasoning": ["Paris.<|im_end|>", "Rome.<|im_end|>"],
-    "two_turns_reasoning_on_last": ["Paris.<|im_end|>", "<think>\nItaly's capital is Rome; say so.\n</think>\n\nRome.<|im_end|>"],
+    "two_turns_reasoning_on_last": ["Paris.<|im_end|>", "Italy's capital is Rome; say so.\n</think>\n\nRome.<|im_end|>"],
     # the first turn's reasoning comes before the last user query: the template drops it
-    "two_turns_reasoning_on_both": ["Paris.<|im_end|>", "<think>\nItaly's capital is Rome; say so.\n</think>\n\nRome.<|im_end|>"],
-    "one_turn_reasoning": ["<think>\n17 * 3 = 51.\nCheck: 51 / 3 = 17.\n</think>\n\n51.<|im_end|>"],
+    "two_turns_reasoning_on_both": ["Paris.<|im_end|>", "Italy's capital is Rome; say so.\n</think>\n\nRome.<|im_end|>"],
+    # (the generation prompt of this release holds <think>\n: the model never writes it)
+    "one_turn_reasoning": ["17 * 3 = 51.\nCheck: 51 / 3 = 17.\n</think>\n\n51.<|im_end|>"],
 }
 
 
@@ -234,14 +238,14 @@ def reference(tok: Any, messages: list[dict[str, Any]], where: str) -> dict[str,
     for k, (a_mark, r_mark) in enumerate(zip(a_marks, r_marks, strict=True)):
         at = marked.index(a_mark, cursor)
         thought = r_mark is not None and r_mark in marked
-        if thought:  # the think block opens the region
+        if thought:  # the reasoning opens the region; <think>\n is the generation prompt's
             r_at = marked.index(r_mark, cursor)
             assert marked[r_at - len(THINK_OPEN) : r_at] == THINK_OPEN
             assert marked[r_at + len(r_mark) : at] == THINK_CLOSE
-            rebuilt += marked[cursor : r_at - len(THINK_OPEN)]
+            rebuilt += marked[cursor:r_at]
             start = len(rebuilt)
-            rebuilt += THINK_OPEN + reasonings[k] + THINK_CLOSE
-            h_at = all_marked.index(r_mark) - len(THINK_OPEN)
+            rebuilt += reasonings[k] + THINK_CLOSE
+            h_at = all_marked.index(r_mark)
         else:
             rebuilt += marked[cursor:at]
             start = len(rebuilt)
@@ -330,7 +334,9 @@ SAME_CONVERSATION = {
     "reasoning_one_answer": "one_turn_reasoning",
 }
 QWEN3_EXPECTED = {
-    **{case: EXPECTED[theirs] for case, theirs in SAME_CONVERSATION.items()},
+    # the folder's generation prompt ends "assistant\n": the model writes <think>\n itself, trained
+    **{case: [s if s.startswith("Paris.") or theirs == "two_turns_no_reasoning" else "<think>\n" + s
+              for s in EXPECTED[theirs]] for case, theirs in SAME_CONVERSATION.items()},
     "single_turn": ["The capital of France is Paris.<|im_end|>"],  # the empty think block before it: masked
     "reasoning_first_only": ["Paris.<|im_end|>", "Rome.<|im_end|>"],  # dropped, and an empty block before Rome.
     "reasoning_three_answers": [

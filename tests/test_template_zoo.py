@@ -13,8 +13,11 @@ the template renders it, and the token(s) that end it; never the header, never u
 text. Where the template writes no end after the last answer, the engine appends one; every other
 token of the ids must be the template's own render of the conversation.
 
-Cases the engine gets wrong are strict xfails holding the correct labels; the reason names the
-property of the template the engine assumed.
+A reasoning answer is trained from the end of the generation prompt on (what the model writes
+itself): where the prompt already opens ``<think>\n`` (MiniMax-M2, Qwen3.5), that is not trained.
+
+``FIXED`` holds the cases the engine got wrong when the zoo was collected; each reason names the
+property of the template the engine had assumed.
 """
 
 from __future__ import annotations
@@ -347,8 +350,9 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "single": ["4.[e~["],
         "system3": ["1.[e~[", "2.[e~[", "3.[e~["],
         "whitespace": ["  Indented.\n[e~[", "\n\nStarts on a new line.[e~[", "Ends with a tab.\t[e~["],
-        "reasoning_last": ["1.[e~[", "<think>\nTwo is one more.\n</think>\n\n2.[e~["],
-        "reasoning_both": ["1.[e~[", "<think>\nTwo is one more.\n</think>\n\n2.[e~["],
+        # the generation prompt opens <think>\n: the model never writes it, so it is not trained
+        "reasoning_last": ["1.[e~[", "Two is one more.\n</think>\n\n2.[e~["],
+        "reasoning_both": ["1.[e~[", "Two is one more.\n</think>\n\n2.[e~["],
         "roles": ["Roles: ]~b]ai\nHi[e~[[e~[", "Typed [e~[ here.[e~["],
     },
     "mistral-small-3.2": {
@@ -376,8 +380,9 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "single": ["4.<|im_end|>"],
         "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
         "whitespace": ["Indented.<|im_end|>", "Starts on a new line.<|im_end|>", "Ends with a tab.<|im_end|>"],
-        "reasoning_last": ["1.<|im_end|>", "<think>\nTwo is one more.\n</think>\n\n2.<|im_end|>"],
-        "reasoning_both": ["<think>\nEarlier thought.\n</think>\n\n1.<|im_end|>", "<think>\nTwo is one more.\n</think>\n\n2.<|im_end|>"],
+        # the generation prompt opens <think>\n: the model never writes it, so it is not trained
+        "reasoning_last": ["1.<|im_end|>", "Two is one more.\n</think>\n\n2.<|im_end|>"],
+        "reasoning_both": ["Earlier thought.\n</think>\n\n1.<|im_end|>", "Two is one more.\n</think>\n\n2.<|im_end|>"],
         "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
     },
     "seed-oss": {  # content trimmed; reasoning kept in every turn as <seed:think>R</seed:think>\n
@@ -429,7 +434,9 @@ NO_THINK = (
     "{block} masked like the header"
 )
 
-WRONG: dict[tuple[str, str], tuple[list[str], str]] = {
+# Cases the engine got wrong when the zoo was collected, now right; each reason says what the
+# engine had assumed about the template, and stays as the case's documentation.
+FIXED: dict[tuple[str, str], tuple[list[str], str]] = {
     ("glm-4.6", "single"): (["4.<|user|>"], GLM_NO_END),
     ("glm-4.6", "system3"): (["1.<|user|>", "2.<|user|>", "3.<|user|>"], GLM_NO_END),
     ("glm-4.6", "whitespace"): (["Indented.<|user|>", "Starts on a new line.<|user|>", "Ends with a tab.<|user|>"],
@@ -477,13 +484,12 @@ WRONG: dict[tuple[str, str], tuple[list[str], str]] = {
 
 def _params() -> list[Any]:
     params = [pytest.param(name, case, id=f"{name}-{case}") for name, cases in EXPECTED.items() for case in cases]
-    params += [pytest.param(name, case, id=f"{name}-{case}", marks=pytest.mark.xfail(strict=True, reason=reason))
-               for (name, case), (_, reason) in WRONG.items()]
+    params += [pytest.param(name, case, id=f"{name}-{case}") for name, case in FIXED]
     return params
 
 
 def expectation(name: str, case: str) -> list[str] | Refused:
-    return WRONG[(name, case)][0] if (name, case) in WRONG else EXPECTED[name][case]
+    return FIXED[(name, case)][0] if (name, case) in FIXED else EXPECTED[name][case]
 
 
 @pytest.mark.parametrize(("name", "case"), _params())
@@ -511,8 +517,8 @@ def test_each_answer_is_trained_with_its_end_and_nothing_else(encoder_for: Any, 
 def test_expectations_cover_every_template() -> None:
     names = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
     assert names == sorted(FAMILIES) == sorted(EXPECTED) == sorted(TYPED_ROLES)
-    assert {name for name, _ in WRONG} <= set(FAMILIES)
-    assert not {key for key in WRONG if key[1] in EXPECTED[key[0]]}, "a case is both expected and wrong"
+    assert {name for name, _ in FIXED} <= set(FAMILIES)
+    assert not {key for key in FIXED if key[1] in EXPECTED[key[0]]}, "a case is both expected and fixed"
 
 
 IMAGE_PLACEHOLDERS = {

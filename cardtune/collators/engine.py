@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cardtune.collators.media import is_per_token
-from cardtune.collators.roles import render_chat
+from cardtune.collators.roles import close_last_answer, render_chat
 from cardtune.conversation import Media, Processing, Sample, join_text_parts, message_text
 from cardtune.errors import SampleError
 from cardtune.registry.schema import FamilyCard
@@ -246,7 +246,16 @@ class ChatEncoder:
             raise SampleError(sample.id, "messages", "template_error", str(exc), sample.source) from None
 
     def _apply_template(self, messages: Any) -> Any:
-        return render_chat(self.processing.renderer, messages, self._template_kwargs)
+        """The render of one conversation, or of a batch of them (a list of lists), with the end
+        of turn a template writes only between turns written after a last answer too."""
+        rendered = render_chat(self.processing.renderer, messages, self._template_kwargs)
+        after_last = self.roles.after_last
+        if after_last is None:
+            return rendered
+        if messages and isinstance(messages[0], dict):
+            return close_last_answer(rendered, after_last) if messages[-1]["role"] == "assistant" else rendered
+        return [close_last_answer(text, after_last) if conv and conv[-1]["role"] == "assistant" else text
+                for conv, text in zip(messages, rendered, strict=True)]
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         """Normalised ``messages`` rendered with the generation prompt (inference, ``cardtune
@@ -438,6 +447,8 @@ class ChatEncoder:
             if span is None:
                 span = self._merged_header_span(ids, pos, answer)
             if span is None:
+                span = self._span_after_inserted(ids, pos, answer, typed, positions)
+            if span is None:
                 raise SampleError(
                     sample.id, f"assistant turn {turn}", "label_contract",
                     f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
@@ -464,6 +475,41 @@ class ChatEncoder:
                 return (*span, False)
         span = self._span_from(ids, start, answer.text, view=view)
         return (*span, False) if span is not None else None
+
+    def _span_after_inserted(self, ids: list[int], pos: int, answer: Answer, typed: set[int],
+                             positions: list[int]) -> tuple[int, int, bool] | None:
+        """An answer the template writes something before that the probes did not show (SmolLM3
+        writes ``<think>\n\n</think>\n`` before every answer under a ``/no_think`` system prompt,
+        a mode read off the message text): the span starts at the first token after a header from
+        which it is exactly the answer, up to the turn's end of turn; what the template wrote
+        between is masked like the header."""
+        header = self.roles.assistant_header
+        heads = [h for j, h in enumerate(positions) if h >= pos and j not in typed] if positions else []
+        if not positions:
+            h = _find(ids, header, pos)
+            while h >= 0:
+                heads.append(h)
+                h = _find(ids, header, h + 1)
+        for h in heads:
+            start = h + len(header)
+            close = _first_of(ids, self.roles.closings, start)
+            if close is None:
+                continue
+            found = None
+            for at in range(start + 1, close[0] + 1):
+                span = self._span_from(ids, at, answer.text)
+                if span is None or span[1] != close[0] + close[1]:
+                    continue
+                # whitespace the template wrote before the answer decodes like the answer's own
+                # once stripped: the start whose text is the answer as written wins
+                exact = self.tokenizer.decode(ids[at : close[0]], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False) == answer.text
+                if exact:
+                    return (*span, False)
+                found = found or (*span, False)
+            if found is not None:
+                return found
+        return None
 
     def _reasoning_span(self, ids: list[int], pos: int, answer: Answer) -> tuple[int, int, bool] | None:
         """The span of an answer whose reasoning the template writes under a header of its own

@@ -67,10 +67,14 @@ class RoleTokens:
     (gpt-oss) ends the last answer with ``<|return|>`` and every earlier one with ``<|end|>``.
     Each answer is trained up to and including its own."""
     reasoning_header: tuple[int, ...] = ()
-    """Where the template writes reasoning under a header of its own rather than after the
-    answer's (harmony's ``analysis`` channel): a reasoning span starts after it, and the answer's
-    header inside the span is trained (the model must switch channels itself). Empty where the
-    answer's header comes first (Qwen3's ``<think>`` block follows it)."""
+    """Where a reasoning answer starts otherwise than after the answer's header: after the
+    generation prompt (harmony's ``<|start|>assistant``, before ``<|channel|>analysis``; GLM's
+    ``<|assistant|>``, before ``\n<think>``). The span holds the reasoning and the answer's
+    header inside it (the model must switch channels itself). Empty where it starts after the
+    answer's header (Qwen3's ``<think>`` block follows it)."""
+    after_last: tuple[str, str] | None = None
+    """(the template's tail, the end of turn) where the template ends an answer only when a turn
+    follows: the end is written after the last answer, before the tail."""
     notes: list[str] = field(default_factory=list, compare=False)
 
     @property
@@ -145,7 +149,18 @@ class _Renderer:
             text = self(_conv(False, content))
         except Exception:  # noqa: BLE001 - any template failure means "this form is not accepted"
             return False
-        return _A1 in text and _U2 in text and "'type'" not in text
+        # a list rendered as data (repr or tojson: GigaChat3) is not a template reading parts
+        return _A1 in text and _U2 in text and "'type'" not in text and '"type"' not in text
+
+    def generation_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """What the template writes to prompt an answer after ``messages`` ("" where it cannot
+        be told, or where it ignores ``add_generation_prompt``)."""
+        try:
+            bare = self(messages)
+            prompted = render_chat(self.renderer, messages, {**self.kwargs, "add_generation_prompt": True})
+        except Exception:  # noqa: BLE001
+            return ""
+        return prompted[len(bare):] if prompted.startswith(bare) else ""
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
@@ -233,7 +248,9 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     # special token (the token the model must emit to stop). Up to the first, not the last: a
     # template may write more after the last answer (Llama-3 writes the next header).
     specials = _special_strings(tokenizer)
+    eos = tokenizer.eos_token
     appended: str | None = None
+    after_last: tuple[str, str] | None = None
     if chat.end_of_turn:
         eot_text = "".join(chat.end_of_turn)
         if not tail.lstrip().startswith(eot_text.strip()):
@@ -242,10 +259,19 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         else:
             notes.append(f"end of turn {eot_text!r} from the card")
     else:
-        closing = _first_closing(tail, specials)
+        closing = _first_closing(tail, specials, eos)
+        earlier = _first_closing(text[a1_start + len(_A1) : text.index(_U2)], specials, eos)
         if closing is not None:
             eot_text = closing
             notes.append(f"end of turn {eot_text!r} from the template")
+        elif earlier is not None:
+            # The template ends an answer only when a turn follows (GLM's next <|user|>, the
+            # <|assistant_end|> of Apertus): the last answer gets that same end, written after
+            # it (outside its text: a template that trims content still trims it), never eos
+            # inside every answer.
+            after_last, eot_text = (tail, earlier), earlier
+            notes.append(f"the template ends an answer with {earlier!r} only when a turn follows: written after "
+                         "the last answer too (the model must emit it to stop)")
         elif tokenizer.eos_token:
             appended = eot_text = tokenizer.eos_token
             notes.append(f"the template writes no end-of-turn token: eos {eot_text!r} appended to every answer")
@@ -258,10 +284,12 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         u1_end = text.index(_U1) + len(_U1)
         a1_start = text.index(_A1)
         a2_end = text.index(_A2) + len(_A2)
+    if after_last is not None:
+        text = close_last_answer(text, after_last)
     # An earlier answer may end otherwise than the last (harmony: <|end|> vs <|return|>): its end
     # of turn is read the same way, up to the first special token after it.
     a1_end = a1_start + len(_A1)
-    earlier_text = None if chat.end_of_turn or appended else _first_closing(text[a1_end : text.index(_U2)], specials)
+    earlier_text = None if chat.end_of_turn or appended else _first_closing(text[a1_end : text.index(_U2)], specials, eos)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if chat.assistant_header:
@@ -297,7 +325,7 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     reasoning_field = next((f for f in REASONING_FIELDS if _REASONING in _try(render, _conv(False, content, reasoning=f))), None)
     reasoning_header: tuple[int, ...] = ()
     if reasoning_field:
-        reasoning_header, said = _reasoning_layout(render, tokenizer, content, reasoning_field, header, appended)
+        reasoning_header, said = _reasoning_layout(render, tokenizer, content, reasoning_field, header, appended, after_last)
         notes.append(said)
 
     # 6. bos: who writes it.
@@ -308,37 +336,76 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     )
     return RoleTokens(header, eot, appended, content, system, bos_id, adds_bos, writes_bos,
                       system_with_media, system_content, trailing, reasoning_field, inserted,
-                      forms, reasoning_header, notes)
+                      forms, reasoning_header, after_last, notes)
 
 
-def _first_closing(after: str, specials: list[str]) -> str | None:
+def close_last_answer(text: str, after_last: tuple[str, str]) -> str:
+    """``text`` (a conversation ending with an answer) with the end of turn the template writes
+    only between turns inserted after the last answer, before the template's own ``tail``."""
+    tail, closing = after_last
+    if not text.endswith(tail):
+        return text
+    return text[: len(text) - len(tail)] + closing + tail
+
+
+def _first_closing(after: str, specials: list[str], eos: str | None = None) -> str | None:
     """The text after an answer up to and including its first special token (the token the
-    model must emit to stop), or None where none follows."""
+    model must emit to stop), or None where none follows. Where that token is not eos and more
+    special tokens follow it at once up to eos, through eos (Command R7B writes
+    ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, and generation stops on the second)."""
     found = [(after.find(s), -len(s), s) for s in specials if s in after]
     if not found:
         return None
     at, _, special = min(found)
-    return after[: at + len(special)]
+    end = at + len(special)
+    if eos and special != eos:
+        j = end
+        while True:
+            following = next((s for s in specials if after.startswith(s, j)), None)
+            if following is None:
+                break
+            j += len(following)
+            if following == eos:
+                return after[:j]
+    return after[:end]
 
 
 def _reasoning_layout(
     render: _Renderer, tokenizer: Any, content: str, field_name: str, header: tuple[int, ...], appended: str | None,
+    after_last: tuple[str, str] | None = None,
 ) -> tuple[tuple[int, ...], str]:
     """(the reasoning header, the note saying what is trained) for a template that renders
-    reasoning from ``field_name``: the ids between the last question and the reasoning, where
-    they are not the answer's header followed by an opening tag (Qwen3's ``<think>``), and
-    whether earlier answers keep their reasoning (Qwen3 and harmony drop it from history)."""
+    reasoning from ``field_name``, and whether earlier answers keep their reasoning (Qwen3 and
+    harmony drop it from history).
+
+    A reasoning answer is trained from the end of the generation prompt on: what the model
+    writes itself when it reasons (Qwen3's ``<think>``, GLM's ``\n<think>``, harmony's
+    ``<|channel|>analysis<|message|>``), and not what the prompt already holds (a Thinking
+    release's ``<think>\n``). The reasoning header is the ids between the last question and
+    there, or none where they are the answer's own header."""
     messages = _conv(False, content, reasoning=field_name, reasoning_first=True)
     text = render(_with_appended(messages, appended) if appended else messages)
+    if after_last is not None:
+        text = close_last_answer(text, after_last)
     start, after_question = text.index(_REASONING), text.index(_U2) + len(_U2)
+    prompt, at = render.generation_prompt(messages[:-1]), -1
+    for form in dict.fromkeys((prompt, prompt.strip())):
+        at = text.rfind(form, after_question, start) if form.strip() else -1
+        if at >= 0:
+            prompt = form
+            break
+    lead_end = at + len(prompt) if at >= 0 else start
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    i, j = _token_span(enc["offset_mapping"], after_question, start)
+    i, j = _token_span(enc["offset_mapping"], after_question, lead_end)
     lead = tuple(list(enc["input_ids"])[i:j])
     while len(lead) > 1 and not tokenizer.decode(lead[:1]).strip():
         lead = lead[1:]
-    own = tuple(lead) if lead and lead[: len(header)] != header else ()
-    where = (f"under its own header {tokenizer.decode(own)!r}, trained from there with the answer's header "
-             "between them" if own else "trained with its answer")
+    if at >= 0:
+        own = lead if lead and lead != header else ()
+    else:  # no generation prompt to go by: the header, and an opening tag after it, trained
+        own = tuple(lead) if lead and lead[: len(header)] != header else ()
+    where = (f"trained from the end of the generation prompt {tokenizer.decode(own)!r} on, with the answer's "
+             "header between them" if own else "trained with its answer")
     scope = ("in every answer" if _EARLIER_REASONING in text else
              "in the last answer only (the template drops it from earlier turns, whose answers are trained alone)")
     return own, f"reasoning: rendered from the message field {field_name!r} {scope}, {where}"
