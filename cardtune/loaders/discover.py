@@ -206,9 +206,11 @@ def _tokens_the_template_writes(tokenizer: Any, folder: Path) -> list[str]:
     if not template:
         return []
 
+    from cardtune.collators.roles import render_chat
+
     def render(parts: list[dict[str, Any]]) -> str:
-        try:
-            return tokenizer.apply_chat_template([{"role": "user", "content": parts}], chat_template=template, tokenize=False)
+        try:  # (bounded: a template that never ends stops the command, RenderTimeout)
+            return render_chat(tokenizer, [{"role": "user", "content": parts}], {"chat_template": template})
         except Exception:  # noqa: BLE001 - a template that refuses the probe tells nothing
             return ""
 
