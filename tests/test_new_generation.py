@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, require_fixture
+from test_labels_golden import _spans_text
 
 IGNORE = -100
 
@@ -37,18 +38,6 @@ def _cli(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     return subprocess.run([sys.executable, "-m", "cardtune", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def _spans(ids: list[int], labels: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    run: list[int] = []
-    for i, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE:
-            run.append(i)
-        elif run:
-            out.append(run)
-            run = []
-    return out + ([run] if run else [])
 
 
 def _encoder(folder: Path, model_id: str | None = None) -> Any:
@@ -81,11 +70,11 @@ def test_harmony_trains_each_answer_to_its_own_end_and_the_reasoning_through_the
     assert roles.closings == ((ids_of("<|return|>"),), (ids_of("<|end|>"),))
     assert tok.decode(roles.reasoning_header) == "<|end|><|start|>assistant"  # the generation prompt
     three = encoder.encode(_sample("three", ("One?", "1."), ("Two?", "2."), ("Three?", "3.")))
-    assert [tok.decode(s) for s in _spans(three.input_ids, three.labels)] == ["1.<|end|>", "2.<|end|>", "3.<|return|>"]
+    assert _spans_text(tok, three.input_ids, three.labels) == ["1.<|end|>", "2.<|end|>", "3.<|return|>"]
     # reasoning: the template renders the last answer's only, in the analysis channel
     thought = encoder.encode(_sample("thought", ("Two?", "2."), ("Three?", "3."),
                                      reasoning={0: "Dropped by the template.", 1: "One more than two."}))
-    assert [tok.decode(s) for s in _spans(thought.input_ids, thought.labels)] == [
+    assert _spans_text(tok, thought.input_ids, thought.labels) == [
         "2.<|end|>",
         "<|channel|>analysis<|message|>One more than two.<|end|><|start|>assistant<|channel|>final<|message|>3.<|return|>"]
     assert thought.dropped_reasoning == 1
@@ -121,7 +110,7 @@ def test_ends_of_turn_are_read_by_position_from_any_template() -> None:
     encoder = ChatEncoder(card, load_processing(dataclasses.replace(resolved, card=card)))
     tok = encoder.tokenizer
     encoded = encoder.encode(_sample("two", ("A?", "Alpha."), ("B?", "Beta.")))
-    assert [tok.decode(s) for s in _spans(encoded.input_ids, encoded.labels)] == ["Alpha.<|im_end|>", "Beta.<|endoftext|>"]
+    assert _spans_text(tok, encoded.input_ids, encoded.labels) == ["Alpha.<|im_end|>", "Beta.<|endoftext|>"]
 
 
 # -- Gemma 3: the placeholder a template writes is not the token it becomes ---------------------
@@ -144,7 +133,7 @@ def test_gemma3_derived_card_reads_the_placeholder_and_the_token_apart(tmp_path:
     ids = got.input_ids
     assert ids.count(soft) == 256 and ids.count(boi) == 1 and ids.count(eoi) == 1
     assert ids[ids.index(boi) + 1 : ids.index(eoi)] == [soft] * 256
-    assert [tok.decode(s) for s in _spans(ids, got.labels)] == ["Red.<end_of_turn>"]
+    assert _spans_text(tok, ids, got.labels) == ["Red.<end_of_turn>"]
     # bidirectional attention inside the image: token_type_ids mark exactly its soft tokens
     types = got.media_tensors["token_type_ids"][0].tolist()
     assert [i for i, t in enumerate(types) if t] == [i for i, t in enumerate(ids) if t == soft]
@@ -208,7 +197,7 @@ def test_a_processor_without_offsets_still_takes_typed_control_tokens_as_text(sm
     eou = tok.convert_tokens_to_ids("<end_of_utterance>")
     assert typed.input_ids.count(eou) == plain.input_ids.count(eou) == 2
     # (the template writes "Assistant: "; its space and the answer are one token)
-    assert [tok.decode(s) for s in _spans(typed.input_ids, typed.labels)] == [" Red.<end_of_utterance>"]
+    assert _spans_text(tok, typed.input_ids, typed.labels) == [" Red.<end_of_utterance>"]
     assert set(typed.media_tensors) == set(plain.media_tensors) and "pixel_values" in typed.media_tensors
 
 
