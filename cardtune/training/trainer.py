@@ -36,11 +36,16 @@ class CardtuneTrainer(Trainer):
     ``moe`` (an upcycled model's ``MoESpec``): each training step's loss gets the
     load-balancing loss, ``router_aux_loss_coef * aux_loss``, and each training log line the
     window's ``aux_loss`` and expert load (``moe_load/layer_N/expert_E``, ``moe_load_cv``).
+
+    ``loss`` (an ``OutputHead``, see ``training.loss``): training steps compute the model's loss
+    from its last hidden states, a chunk of trained positions at a time, never its whole logits;
+    evaluation keeps the model's own.
     """
 
     def __init__(self, *args: Any, lengths: list[int], media_flags: list[bool], group_by_length: bool,
-                 card_files: CardFiles | None = None, moe: Any = None, **kwargs: Any) -> None:
+                 card_files: CardFiles | None = None, moe: Any = None, loss: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.cardtune_loss = loss
         self.cardtune_lengths = lengths
         self.cardtune_media_flags = media_flags
         self.cardtune_group_by_length = group_by_length
@@ -55,6 +60,15 @@ class CardtuneTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        if (self.cardtune_loss is not None and model.training and "labels" in inputs
+                and self.label_smoother is None and self.compute_loss_func is None
+                and not getattr(parallel, "sp_enabled", False)):  # sequence parallelism shards the labels
+            from cardtune.training.loss import ChunkedLossModel
+
+            # The Trainer calls it as it would the model (num_items_in_batch passed or not, the
+            # loss scaled across devices), and it returns the model's outputs with the same loss.
+            model = ChunkedLossModel(model, self.cardtune_loss)
         routing = self.cardtune_routing
         if routing is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
