@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cardtune.collators.render_limit import RenderTimeout
 from cardtune.collators.roles import TemplateProbeError
 from cardtune.registry import CapabilityError, CardError, FamilyCard, InputFileError, UnknownModelError
 from cardtune.training.arguments import ArgumentError, Arguments, check_media_folders, parse_arguments
@@ -51,17 +52,24 @@ def resolve_family(args: Arguments) -> tuple[Any, dict[str, Any]]:
     """The model's card as its family writes it (no ``--template``): the card the output keeps.
 
     ``--model_path`` alone on a folder an earlier run wrote reads the card it was trained with.
+    A card read or derived from ``--model_path`` trusts the folder's code only with
+    ``--trust_remote_code``; a registered card (the package's, or one of ``--cards``) says for itself.
     """
     from cardtune.loaders.resolve import Resolved, resolve_model
     from cardtune.registry import get_registry
-    from cardtune.training.output import CARD_FILE, read_card
+    from cardtune.training.output import CARD_FILE, read_card, untrusted_code
 
     m = args.model
+    refused = [] if m.trust_remote_code or m.model_path is None else [untrusted_code(m.model_path)]
     if m.model_id is None and m.model_path is not None and (Path(m.model_path) / CARD_FILE).is_file():
-        card = read_card(m.model_path)
+        card = read_card(m.model_path, trust_remote_code=m.trust_remote_code)
         note = f"card: {Path(m.model_path) / CARD_FILE} (the card this folder was trained with)"
-        return Resolved(card.models[0].model_id, card, str(m.model_path), notes=[note]), {}
+        return Resolved(card.models[0].model_id, card, str(m.model_path), notes=[note, *filter(None, refused)]), {}
     resolved = resolve_model(m.model_id, m.model_path, m.cards)
+    if m.trust_remote_code:
+        resolved = dataclasses.replace(resolved, card=resolved.card.model_copy(update={"trust_remote_code": True}))
+    elif resolved.derived:
+        resolved.notes.extend(filter(None, refused))
     overrides = get_registry(m.cards).get(m.model_id).config_overrides if m.model_id else dict(resolved.card.config_overrides)
     return resolved, overrides
 
@@ -81,6 +89,10 @@ def settle_training_arguments(args: Arguments) -> list[str]:
     if t.remove_unused_columns:
         # Items are encoded samples, not dataset columns: nothing to remove.
         t.remove_unused_columns = False
+    if "logging_nan_inf_filter" not in args.sources:
+        # The filter logs a NaN step's loss as the window's mean so far (0.0 over one step):
+        # the logs carry the NaN instead, and the run stops there (training.faults).
+        t.logging_nan_inf_filter = False
     if t.dataloader_pin_memory and not _cuda():
         t.dataloader_pin_memory = False  # pinning needs an accelerator
     requested = [r for r in (t.report_to or []) if r not in ("none", "all")]
@@ -200,6 +212,7 @@ class RunResult:
 def run(argv: Sequence[str] | None = None) -> RunResult:
     """Train; returns where things were written, the run's figures and the trainer."""
     started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
     from cardtune.inputs import check_data_paths, check_model, check_model_path
 
@@ -223,17 +236,31 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     notes = settle_training_arguments(args)
     for line in resolved.notes:
         notes.append(line)
+    from cardtune.training.lock import holding
 
+    t = args.training
+    # Held from here to the end (refused while another run holds it): also the check that it can be written.
+    with holding(t.output_dir, t.process_index == 0, lambda message: _say(args, message)):
+        return train_in_held_folder(args, argv, resolved, overrides, demo_folder, notes, started)
+
+
+def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overrides: dict[str, Any],
+                         demo_folder: str | None, notes: list[str], started: float) -> RunResult:
+    """The run once its output folder is its own: where it starts, the data, the model, training."""
+    from cardtune.training.optional_cache import usable_cache
+
+    card = resolved.card
     t = args.training
     output_dir = t.output_dir
     say = lambda message: _say(args, message)  # noqa: E731
+    cache = usable_cache(args.data.data_cache, say)  # before any data is read
     # plain is this run's pretraining format: the output keeps the family's chat template, so
     # the next stage (conversations) loads the folder with the template it needs.
     family = resolve_family(args)[0] if args.model.template == "plain" else None
     saved_card = family.card if family is not None else card
     # Where the run starts, decided before anything is written into output_dir.
     resume, resume_lines = start_point(args, _card_data(saved_card, resolved.model_id))
-    from cardtune.training.checkpoints import checkpoint_step, run_is_finished
+    from cardtune.training.checkpoints import checkpoint_step, complete_checkpoints, run_is_finished
 
     if resume and run_is_finished(resume, t.max_steps, t.num_train_epochs):
         for line in resume_lines:
@@ -250,8 +277,9 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         media_config,
         prepare_split,
     )
+    from cardtune.training.faults import Interrupted, NonFiniteError
     from cardtune.training.model import format_parameter_table, load_and_prepare, parameter_table
-    from cardtune.training.trainer import CardFiles, CardtuneTrainer, LossPlotCallback
+    from cardtune.training.trainer import CardFiles, CardtuneTrainer, LossPlotCallback, NonFiniteGuard
 
     main_process = t.process_index == 0
     set_seed(t.seed)
@@ -294,14 +322,13 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
                         allow_absolute_paths=d.allow_absolute_paths, policy=d.bad_sample_policy,
                         output_dir=output_dir if main_process else None,
                         seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
-                        num_workers=d.validation_workers, cache=d.data_cache,
+                        num_workers=d.validation_workers, cache=cache,
                         role_keys={"user_key": d.user_key, "assistant_key": d.assistant_key})
-    with writing(output_dir, "the list of skipped samples"):
-        train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
-        check_skipped_share("train", train_split.report, d.bad_sample_policy, d.max_skipped_share)
-        eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
-        if eval_split is not None:
-            check_skipped_share("eval", eval_split.report, d.bad_sample_policy, d.max_skipped_share)
+    train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
+    check_skipped_share("train", train_split.report, d.bad_sample_policy, d.max_skipped_share)
+    eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
+    if eval_split is not None:
+        check_skipped_share("eval", eval_split.report, d.bad_sample_policy, d.max_skipped_share)
     if not train_split.samples:
         raise ArgumentError("no training sample left after validation")
 
@@ -335,6 +362,12 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict(),
                            _moe_adapter_files(prepared))
     loss_plot = LossPlotCallback()
+    guard = NonFiniteGuard()
+    if resume:
+        from cardtune.training.checkpoints import run_differences
+        from cardtune.training.fit import check_checkpoint_fits
+
+        check_checkpoint_fits(resume, model, run_differences(resume, args.to_dict(), _card_data(saved_card, resolved.model_id)))
     trainer = CardtuneTrainer(
         model=model,
         args=t,
@@ -342,12 +375,13 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=saved_processing.processor or saved_processing.tokenizer,
-        callbacks=[loss_plot],
+        callbacks=[loss_plot, guard],
         lengths=lengths,
         media_flags=media_flags,
         group_by_length=d.group_by_length,
         card_files=card_files,
         moe=prepared.moe,
+        loss=prepared.loss,
     )
     check_engine(trainer)
     start_step = checkpoint_step(resume) if resume else 0
@@ -355,6 +389,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     try:
         with writing(output_dir, lambda: _being_written(output_dir, trainer.state.global_step)):
             result = trainer.train(resume_from_checkpoint=resume)
+        guard.raise_if_stopped()
         train_s = time.perf_counter() - train_started
         metrics: dict[str, Any] = dict(result.metrics)
         evaluated = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -371,6 +406,15 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     except DiskFullError as exc:
         exc.hint = _after_disk_full(output_dir)
         raise
+    except NonFiniteError as exc:
+        exc.hint = _after_nonfinite(args, argv, exc.step, trainer.cardtune_finite_saves)
+        exc.quiet = not main_process
+        raise
+    except KeyboardInterrupt:
+        saved = complete_checkpoints(output_dir)
+        stop = Interrupted(trainer.state.global_step, saved[-1] if saved else None, _continue_command(args, argv, "auto"))
+        stop.quiet = not main_process
+        raise stop from None
     trainer.accelerator.wait_for_everyone()
     failed_in_training = train_dataset.failures.count()
     if failed_in_training:
@@ -466,6 +510,24 @@ def _after_disk_full(output_dir: str) -> str:
     done = complete_checkpoints(output_dir)
     start = f"continues from {done[-1].name}" if done else "starts over (no checkpoint was completed)"
     return f"Free some space there, then the same command with --resume_from_checkpoint auto {start}."
+
+
+def _continue_command(args: Arguments, argv: list[str], resume: str) -> str:
+    from cardtune.training.faults import train_command
+
+    from_recipe = args.run.overwrite_output_dir and args.sources.get("overwrite_output_dir") != "command line"
+    return train_command(argv, resume=resume, overwrite_from_recipe=from_recipe)
+
+
+def _after_nonfinite(args: Arguments, argv: list[str], step: int, checked: set[int]) -> str:
+    from cardtune.training.faults import last_good_checkpoint
+
+    lr = f"a lower --learning_rate, say (this run's: {args.training.learning_rate:g})"
+    good = last_good_checkpoint(args.training.output_dir, step, checked)
+    if good is None:
+        return f"No checkpoint was saved before step {step}: start over with {lr}."
+    return (f"The last good checkpoint is {good}; to go on from it with {lr}: "
+            f"{_continue_command(args, argv, str(good))}")
 
 
 class SkipLimitError(RuntimeError):
@@ -574,16 +636,27 @@ def name_deepspeed_accelerator() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cardtune.training.data import DataStop
+    from cardtune.training.faults import Interrupted, NonFiniteError
+    from cardtune.training.lock import FolderInUseError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", category=UserWarning)
     name_deepspeed_accelerator()
     try:
         run(argv)
-    except (DataStop, SkipLimitError, DiskFullError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
+    except (DataStop, SkipLimitError, DiskFullError, NonFiniteError, FolderInUseError) as exc:
+        if not getattr(exc, "quiet", False):
+            print(f"train: {exc}", file=sys.stderr)
         return 1
-    except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError, InputFileError) as exc:
+    except Interrupted as exc:
+        if not getattr(exc, "quiet", False):
+            print(f"train: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("train: interrupted (Ctrl-C) before training started; nothing new was saved", file=sys.stderr)
+        return 130
+    except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError, InputFileError,
+            RenderTimeout) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -21,12 +21,12 @@ class ChatSession:
     """A conversation with one model: render with its template, generate, keep the turns."""
 
     def __init__(self, folder: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 system: str | None = None) -> None:
+                 system: str | None = None, trust_remote_code: bool = False) -> None:
         from cardtune.collators.engine import ChatEncoder
         from cardtune.training.output import load_trained
 
         self.folder = folder
-        trained = load_trained(folder, merge=True)
+        trained = load_trained(folder, merge=True, trust_remote_code=trust_remote_code)
         self.model = trained.model
         self.card = trained.card
         self.processing = trained.processing
@@ -49,13 +49,18 @@ class ChatSession:
         return sorted(i for i in ids if i is not None)
 
     def ask(self, prompt: str, image_paths: list[str] | None = None) -> str:
+        import os
+
         import torch
-        from PIL import Image
 
         from cardtune.conversation import Media, Sample
+        from cardtune.data.media import MediaConfig, MediaProblem, open_image
         from cardtune.errors import SampleError
 
-        images = [Image.open(p).convert("RGB") for p in image_paths or []]
+        try:  # as training opens them: regular files only (a FIFO would wait forever), EXIF orientation applied
+            images = [open_image(os.path.abspath(p), MediaConfig(allow_absolute_paths=True)) for p in image_paths or []]
+        except MediaProblem as exc:
+            raise ChatError(exc.detail) from None
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         self.messages.append({"role": "user", "content": content})
         self.images += images
@@ -98,6 +103,22 @@ class ChatSession:
         self.images.clear()
 
 
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="run the Python code the model folder ships (auto_map: its tokenizer, processor or model "
+                   "classes); read it first. Without it that code is never run, whatever the folder's "
+                   "cardtune_card.yaml says")
+
+
+def say_untrusted_code(args: argparse.Namespace, folder: str) -> None:
+    """Without --trust-remote-code, one line naming the folder's code that is not run."""
+    from cardtune.training.output import untrusted_code
+
+    note = None if args.trust_remote_code else untrusted_code(folder)
+    if note:
+        print(f"cardtune {args.command}: {note}", file=sys.stderr)
+
+
 @command("chat", "chat with a trained model (its own template); one-shot with --prompt, else interactive")
 def _configure_chat(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--model", required=True, metavar="DIR", help="a folder written by training or merge")
@@ -106,10 +127,12 @@ def _configure_chat(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    add_trust_arg(p)
 
     def run(args: argparse.Namespace) -> int:
+        say_untrusted_code(args, args.model)
         session = ChatSession(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              system=args.system)
+                              system=args.system, trust_remote_code=args.trust_remote_code)
         if args.prompt is not None:
             try:
                 print(session.ask(args.prompt, args.image))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cardtune.cli import Handler, command
+from cardtune.commands.chat import add_trust_arg, say_untrusted_code
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -14,6 +15,7 @@ def _configure_merge(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter folder written by training")
     p.add_argument("--output", required=True, metavar="DIR", help="where the merged model is written")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype of the merged model (default: the base's)")
+    add_trust_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
@@ -28,10 +30,11 @@ def _configure_merge(p: argparse.ArgumentParser) -> Handler:
         from cardtune.training.moe import model_spec
 
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        trained = load_trained(args.adapter, dtype=dtype, merge=True)
+        say_untrusted_code(args, args.adapter)
+        trained = load_trained(args.adapter, dtype=dtype, merge=True, trust_remote_code=args.trust_remote_code)
         out = Path(args.output)
         spec = model_spec(trained.model)
-        saved_as, moe_note = type(trained.model).__name__, None
+        saved_as, moe_note, written = type(trained.model).__name__, None, set()
         if spec is None:
             trained.model.save_pretrained(out)
         else:
@@ -45,9 +48,10 @@ def _configure_merge(p: argparse.ArgumentParser) -> Handler:
                 saved_as = moe.model_class
                 card = (Path(args.adapter) / CARD_FILE).read_text(encoding="utf-8")
                 (out / CARD_FILE).write_text(card_with_class(card, moe.model_class), encoding="utf-8")
-        copied = copy_side_files(args.adapter, out)
+                written.add(CARD_FILE)
+        copied = copy_side_files(args.adapter, out, written)
         print(f"merged {args.adapter} into its base {adapter_base(args.adapter)}")
-        print(f"saved {out} ({saved_as}; also {', '.join(copied)})")
+        print(f"saved {out} ({saved_as}" + (f"; also {', '.join(copied)})" if copied else ")"))
         if moe_note:
             print(f"moe: {moe_note}")
         return 0

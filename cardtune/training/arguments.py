@@ -37,12 +37,24 @@ class ModelArguments:
     cards: list[str] = field(
         default_factory=list, metadata={"help": "extra folders of model cards", "nargs": "*"}
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "run the Python code the model folder ships (auto_map: its tokenizer, processor or model "
+                  "classes); read it first. Without it, --model_path's own code is never run, whatever the "
+                  "folder's cardtune_card.yaml says (a card of your own --cards folder may still trust it)"},
+    )
     attn_implementation: str | None = field(
         default=None,
         metadata={
             "help": "attention kernel: flash_attention_2, sdpa or eager; default flash_attention_2 when CUDA and "
             "flash_attn are present, else sdpa"
         },
+    )
+    loss_impl: Literal["chunked", "model"] = field(
+        default="chunked",
+        metadata={"help": "chunked: the training loss from the last hidden states, a chunk of trained positions at a "
+                  "time, never the whole logits (where the model's own loss is shown equal at load; else the model's "
+                  "own, with a note); model: the model's forward computes it from its full logits"},
     )
     template: str | None = field(
         default=None,

@@ -35,7 +35,8 @@ EARLIER_RUN = "earlier-run"
 _NOT_SHAPING_PREFIXES = ("logging_", "log_", "save_", "eval_", "per_device_eval_", "hub_", "dataloader_", "ddp_",
                          "fsdp", "torch_compile", "trackio_", "include_")
 _NOT_SHAPING = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "config", "cards", "cpu_threads",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "config", "cards", "cpu_threads", "loss_impl",
+    "trust_remote_code",
     "attn_implementation", "report_to", "run_name", "project", "disable_tqdm", "push_to_hub", "do_train", "do_eval",
     "do_predict", "prediction_loss_only", "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
     "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "skip_memory_metrics", "debug", "local_rank", "use_cpu",

@@ -34,6 +34,8 @@ from cardtune.datasets import (
     validate,
 )
 from cardtune.errors import SampleError
+from cardtune.training.optional_cache import keep_in_cache
+from cardtune.training.writes import writing
 
 
 class DataStop(RuntimeError):
@@ -113,7 +115,7 @@ def prepare_split(
     folder = root / key if root is not None and key is not None else None
     state = PartialState()
     with state.main_process_first():  # one process validates and writes the cache; the other ranks read it
-        kept_before = data_cache.load(folder) if folder is not None else None
+        kept_before = data_cache.load(folder, log) if folder is not None else None
         if kept_before is not None:
             samples, report, flags = kept_before
             log(f"data ({split}): {data_path}: validated before; read from the cache {folder}")
@@ -126,14 +128,16 @@ def prepare_split(
             manifest = data_cache.media_manifest(samples, image_folder, video_folder)
             flags = manifest[2]
             if folder is not None and state.is_main_process:
-                data_cache.save(folder, samples, report, manifest)
-                log(f"data ({split}): kept in the cache {folder}")
+                keep_in_cache(folder, split, log, samples, report, manifest)
     for note in report.notes:
         log(f"data ({split}): {note}")
     log(f"data ({split}): {data_path}: {report.summary()}")
+    if report.hint and policy != "error":  # under "error" the table of problems carries it
+        log(f"data ({split}): {report.hint}")
     skip_dir = (Path(output_dir) if split == "train" else Path(output_dir) / "eval") if output_dir else None
     try:
-        kept = apply_policy(report, samples, policy, skip_dir, log=log)
+        with writing(skip_dir or ".", "the list of skipped samples"):
+            kept = apply_policy(report, samples, policy, skip_dir, log=log)
     except DataValidationError as exc:
         raise DataStop(split, exc.report) from None
     bad = report.bad_indices
@@ -165,8 +169,16 @@ class FailurePolicy:
     def __init__(self, policy: str, skipped_file: Path | None) -> None:
         self.policy = policy
         self.skipped_file = skipped_file
+        self.known: set[int] = set()
+        """Samples (by stored record) this process found failing: each is recorded once, and
+        neither read again nor taken as another failed sample's replacement."""
 
-    def failed(self, sample: Sample, exc: Exception) -> None:
+    def failed(self, sample: Sample, exc: Exception, record: int | None = None) -> None:
+        """``record``: the sample's stored record (:meth:`SampleSet.storage_index`), remembered
+        so that a sample read again (the next epoch, the replacement of another) is not decoded
+        and counted again."""
+        if record is not None:
+            self.known.add(record)
         error = exc if isinstance(exc, SampleError) else SampleError(
             sample.id, "messages", "template_error", f"encoding failed: {type(exc).__name__}: {exc}", sample.source)
         if self.policy != "skip":
@@ -174,20 +186,35 @@ class FailurePolicy:
                 f"sample {error.sample_id} ({error.source}) failed in training: {error.field}: {error.reason}: "
                 f"{error.detail} (found when decoding, which validation's header check does not do: "
                 "--check_media full finds it before step 1, --bad_sample_policy skip drops it)")
-        print(f"data: skipped in training: {error}", file=sys.stderr, flush=True)
-        if self.skipped_file is not None:
-            line = json.dumps({"id": error.sample_id, "source": error.source, "index": None, "found": "training",
-                               "errors": [{"field": error.field, "reason": error.reason, "detail": error.detail}]})
-            self.skipped_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.skipped_file.open("a", encoding="utf-8") as f:  # one short append per line: workers share it
-                f.write(line + "\n")
+        if self.skipped_file is None:
+            print(f"data: skipped in training: {error}", file=sys.stderr, flush=True)
+            return
+        import fcntl
+
+        self.skipped_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.skipped_file.open("a+", encoding="utf-8") as f:
+            # DataLoader workers are processes sharing the file: under its lock, a sample another
+            # worker already recorded is not recorded (nor said) twice.
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            if (error.sample_id, error.source) in _found_in_training(f.read()):
+                return
+            print(f"data: skipped in training: {error}", file=sys.stderr, flush=True)
+            f.write(json.dumps({"id": error.sample_id, "source": error.source, "index": None, "found": "training",
+                                "errors": [{"field": error.field, "reason": error.reason, "detail": error.detail}]})
+                    + "\n")
 
     def count(self) -> int:
         """Samples recorded as failed in training so far."""
         if self.skipped_file is None or not self.skipped_file.is_file():
             return 0
-        lines = self.skipped_file.read_text(encoding="utf-8").splitlines()
-        return sum(1 for line in lines if json.loads(line).get("found") == "training")
+        return len(_found_in_training(self.skipped_file.read_text(encoding="utf-8")))
+
+
+def _found_in_training(text: str) -> set[tuple[str, str]]:
+    """(id, source) of each sample a ``skipped_samples.jsonl`` records as failed in training."""
+    lines = (json.loads(line) for line in text.splitlines())
+    return {(s["id"], s["source"]) for s in lines if s.get("found") == "training"}
 
 
 class TrainingDataset(ConversationDataset):
@@ -200,11 +227,20 @@ class TrainingDataset(ConversationDataset):
     def __getitem__(self, index: int) -> Any:
         for step in range(len(self)):
             i = (index + step) % len(self)
+            record = _record(self.samples, i)
+            if record in self.failures.known:
+                continue
             try:
                 return super().__getitem__(i)
             except Exception as exc:  # noqa: BLE001 - a processor failing on one sample's media
-                self.failures.failed(self.samples[i], exc)
+                self.failures.failed(self.samples[i], exc, record)
         raise MediaFailedInTraining("every sample failed in training; see skipped_samples.jsonl")
+
+
+def _record(samples: Sequence[Sample], index: int) -> int:
+    """The stored record at ``index`` (repeats of an upsampled record share one)."""
+    storage_index = getattr(samples, "storage_index", None)
+    return storage_index(index) if storage_index is not None else index
 
 
 def conversation_dataset(split: SplitData, card: Any, encoder: Any, image_folder: str | None,
@@ -236,11 +272,14 @@ class PackedDataset:
     def __getitem__(self, index: int) -> PackedRow:
         encoded = []
         for i in self.rows[index]:  # a sample failing here leaves the row shorter (policy skip)
+            record = _record(self.samples, i)
+            if record in self.failures.known:
+                continue
             sample = self.samples[i]
             try:
                 encoded.append(self.encoder.encode(sample, load_media(sample, self.media)))
             except Exception as exc:  # noqa: BLE001 - a processor failing on one sample's media
-                self.failures.failed(sample, exc)
+                self.failures.failed(sample, exc, record)
         if not encoded:
             raise MediaFailedInTraining(f"every sample of packed row {index} failed in training; see skipped_samples.jsonl")
         (row,) = pack(encoded, self.max_length)

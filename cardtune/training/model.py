@@ -280,6 +280,8 @@ class PreparedModel:
     notes: list[str] = field(default_factory=list)
     moe: Any = None
     """The model's mixtures of experts (a ``MoESpec``), when it has them."""
+    loss: Any = None
+    """The model's ``OutputHead`` for the chunked loss (``training.loss``); None: the model's own loss."""
 
 
 def quantization_config(model_path: str, card: FamilyCard, dtype: Any) -> Any:
@@ -368,7 +370,11 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    return PreparedModel(model, plan, dtype, dtype_note, attention, attention_note, notes, moe)
+    from cardtune.training.loss import choose_loss
+
+    loss, loss_note = choose_loss(model, args.model.loss_impl, t, t.label_smoothing_factor)  # shown on the model as trained
+    notes.append(loss_note)
+    return PreparedModel(model, plan, dtype, dtype_note, attention, attention_note, notes, moe, loss)
 
 
 def prepare_moe(model: Any, card: FamilyCard, args: Arguments, saved: Any, notes: list[str]) -> tuple[Any, str | None]:

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +32,54 @@ _NOT_MODEL_FILES = {
 }
 
 
-def read_card(folder: str | Path) -> FamilyCard:
+def read_card(folder: str | Path, *, trust_remote_code: bool = False) -> FamilyCard:
+    """The card ``folder`` was trained with (its ``cardtune_card.yaml``), else one derived from
+    the folder. Its ``trust_remote_code`` is ``trust_remote_code`` (the command's
+    ``--trust-remote-code``) whatever the folder's card says: a model folder is data someone may
+    have shared, and trust comes only from the person running the command."""
     folder = Path(folder)
     file = folder / CARD_FILE
     if file.is_file():
         try:
-            return FamilyCard.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")))
+            card = FamilyCard.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")))
         except ValueError as exc:
             raise CardError(f"{file}: not a valid card: {exc}") from None
-    from cardtune.loaders.resolve import derive_card
+    else:
+        from cardtune.loaders.resolve import derive_card
 
-    return derive_card(folder)[0]
+        card = derive_card(folder)[0]
+    return card.model_copy(update={"trust_remote_code": trust_remote_code})
+
+
+def untrusted_code(folder: str | Path) -> str | None:
+    """One line saying which code of ``folder`` is not run and how to allow it, when the folder
+    declares code of its own (``auto_map``) or its card asks for trust; else None."""
+    from cardtune.loaders.discover import read_folder
+
+    folder = Path(folder)
+    file = folder / CARD_FILE
+    try:
+        asked = file.is_file() and bool((yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("trust_remote_code"))
+        code = read_folder(folder).remote_code
+    except (OSError, ValueError, AttributeError, CardError):
+        return None  # the folder's own problems are said where it loads
+    if not asked and not _declares_code(folder):
+        return None
+    card = f"; its {CARD_FILE} says trust_remote_code: true, which counts only with --trust-remote-code" if asked else ""
+    return (f"{folder} holds code of its own ({', '.join(code) or 'auto_map'}), which is not run{card}: a model "
+            "folder grants no trust. Read that code, then give --trust-remote-code to run it")
+
+
+def _declares_code(folder: Path) -> bool:
+    names = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+    for name in names:
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            return True
+    return False
 
 
 def is_adapter(folder: str | Path) -> bool:
@@ -87,14 +124,17 @@ class Trained:
     adapter: bool
 
 
-def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) -> Trained:
+def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False, trust_remote_code: bool = False) -> Trained:
     """The model in ``folder`` (full, or base + adapter; ``merge`` folds the adapter in), with
-    the processing saved beside it and the card it was trained with."""
+    the processing saved beside it and the card it was trained with. The folder's code (and
+    its base's) runs only with ``trust_remote_code``, the command's flag (:func:`read_card`)."""
     from cardtune.loaders.generic import GenericLoader
+    from cardtune.training.fit import check_adapter_fits, check_has_weights
     from cardtune.training.moe import folder_spec, model_spec, upcycle
 
     folder = Path(folder)
-    card = read_card(folder)
+    check_has_weights(folder)
+    card = read_card(folder, trust_remote_code=trust_remote_code)
     base_loader = loader_for(card, adapter_base(folder)) if is_adapter(folder) else None
     # The folder's own tokenizer/processor: the one training saved, fix-ups included.
     with processing_folder(folder, base_loader.path if base_loader else None) as files:
@@ -111,6 +151,7 @@ def load_trained(folder: str | Path, *, dtype: Any = None, merge: bool = False) 
             # Upcycled by the run on a dense base: the experts' frozen weights are the FFN's
             # copies again, the adapter and the routers (modules_to_save) come from the folder.
             upcycle(base, spec)
+        check_adapter_fits(folder, base, adapter_base(folder))
         from cardtune.training.peft_compat import peft_reading_checkpointing_alias
 
         with peft_reading_checkpointing_alias():
@@ -139,13 +180,15 @@ def side_files(source: str | Path) -> list[Path]:
     return out
 
 
-def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
-    """:func:`side_files` of ``source`` into ``target``, where not already there."""
+def copy_side_files(source: str | Path, target: str | Path, written: Collection[str] = ()) -> list[str]:
+    """:func:`side_files` of ``source`` into ``target``, but those named in ``written`` (what the
+    caller wrote there itself). A file left by an earlier merge into ``target`` is replaced: it is
+    another adapter's tokenizer or card."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     copied = []
     for item in side_files(source):
-        if not (target / item.name).exists():
+        if item.name not in written:
             shutil.copy2(item, target / item.name)
             copied.append(item.name)
     return copied
