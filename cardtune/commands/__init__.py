@@ -10,3 +10,5 @@ from cardtune.commands import validate_data  # noqa: F401
 from cardtune.commands import chat  # noqa: F401
 from cardtune.commands import merge  # noqa: F401
 from cardtune.commands import add_model  # noqa: F401
+from cardtune.commands import eval  # noqa: F401
+from cardtune.commands import report  # noqa: F401

@@ -39,14 +39,9 @@ class ChatSession:
         self.images: list[Any] = []
 
     def stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        eot = self.encoder.roles.end_of_turn
-        if len(eot) == 1:
-            ids.add(eot[0])
-        generation = getattr(self.model, "generation_config", None)
-        configured = getattr(generation, "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
+        from cardtune.evaluation.generate import stop_ids
+
+        return stop_ids(self.tokenizer, self.encoder.roles, self.model)
 
     def ask(self, prompt: str, image_paths: list[str] | None = None) -> str:
         import os
@@ -66,20 +61,13 @@ class ChatSession:
         self.images += images
         messages = ([{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else [])
         messages += self.messages
-        # The engine's normalisation (content form, system folding) needs an answer to exist;
-        # a placeholder one is rendered, then replaced by the generation prompt.
+        # The turn is encoded as training encodes a conversation, with a placeholder answer:
+        # the prompt is what training puts before an answer's first trained token.
         sample = Sample("chat", messages + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
                         images=list(self.images))
-        normalised = self.encoder.normalise(sample)[:-1]
-        text = self.encoder.render_prompt(normalised)
         media = Media(images=list(self.images)) if self.images else None
         try:
-            ids, tensors = self.encoder.tokenize(text, sample, media)
-            if self.images and self.card.load_image and not tensors:
-                # Generating now would answer from one unexpanded placeholder token and no pixels.
-                why = "; ".join(self.processing.notes) or "its processor returned no image tensors"
-                raise ChatError(f"{self.folder}: the image(s) were not turned into pixel values, so the model "
-                                f"would not see them ({why})")
+            ids, tensors = self._prompt(sample, media)
         except (SampleError, ChatError) as exc:
             self.messages.pop()  # the turn was not asked: the conversation stays as it was
             del self.images[len(self.images) - len(images):]
@@ -97,6 +85,27 @@ class ChatSession:
         answer = self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer
+
+    def _prompt(self, sample: Any, media: Any) -> tuple[list[int], dict[str, Any]]:
+        """The turn's prompt ids and media tensors (:func:`cardtune.evaluation.prompts.build_prompt`,
+        as ``cardtune eval``); where an earlier answer of the model cannot be located as training
+        would (an empty one, say), the template's generation prompt after the conversation."""
+        from cardtune.errors import SampleError
+        from cardtune.evaluation.prompts import build_prompt
+
+        try:
+            prompt = build_prompt(self.encoder, sample, media)
+            return prompt.input_ids, prompt.tensors
+        except SampleError as exc:
+            if exc.reason not in ("label_contract", "empty_labels", "empty_answer"):
+                raise
+        text = self.encoder.render_prompt(self.encoder.normalise(sample, media)[:-1])
+        ids, tensors = self.encoder.tokenize(text, sample, media)
+        if self.images and self.card.load_image and not tensors:
+            why = "; ".join(self.processing.notes) or "its processor returned no image tensors"
+            raise ChatError(f"{self.folder}: the image(s) were not turned into pixel values, so the model "
+                            f"would not see them ({why})")
+        return ids, tensors
 
     def reset(self) -> None:
         self.messages.clear()

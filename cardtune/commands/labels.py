@@ -192,6 +192,8 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("-n", type=int, default=5, help="how many samples to show (default 5)")
+    p.add_argument("--html", metavar="FILE", help="also write the view as one self-contained HTML page "
+                   "(images as thumbnails), to share a masking question")
 
     def run(args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -203,8 +205,11 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
         resolved, encoder = open_encoder(args)
         failed: Counter[str] = Counter()
         total = 0
+        shown: list[tuple[Any, Any, Any]] = []
         for sample, result in encoded_samples(args, resolved, encoder, limit=args.n):
             total += 1
+            if args.html:
+                shown.append((sample, result, _media_of(args, resolved.card, sample, result)))
             console.rule(f"sample {sample.id if sample is not None else result.sample_id}")
             if isinstance(result, SampleError):
                 failed[result.reason] += 1
@@ -217,6 +222,9 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
                 f"in {turns} assistant turn(s), {sum(1 for t in result.input_ids if t in encoder.media_token_ids)} media"
                 + (f", {result.num_truncated} truncated" if result.num_truncated else "")
             )
+        if args.html:
+            write_label_page(args.html, shown, encoder, f"cardtune inspect: {resolved.model_id}", args.data)
+            print(f"cardtune inspect: wrote {args.html}", file=sys.stderr)
         if failed:
             print(f"cardtune inspect: {failure_summary(failed, total)}", file=sys.stderr)
             return 1
@@ -229,28 +237,36 @@ def render_tokens(encoded: Any, encoder: Any) -> Any:
     """A rich Text of the sample: trained tokens on green, masked dim, media runs collapsed."""
     from rich.text import Text
 
-    tok = encoder.tokenizer
-    ids, labels = encoded.input_ids, encoded.labels
+    from cardtune.report.labels import token_runs
+
+    styles = {"trained": "black on green", "masked": "dim", "media": "bold magenta"}
     out = Text()
-    i = 0
-    while i < len(ids):
-        if ids[i] in encoder.media_token_ids:
-            j = i
-            while j < len(ids) and ids[j] == ids[i]:
-                j += 1
-            out.append(f"{tok.convert_ids_to_tokens(ids[i])}×{j - i}", style="bold magenta")
-            i = j
-            continue
-        piece = _piece(tok, ids[i - 1] if i else None, ids[i]).replace("\n", "↵\n")
-        out.append(piece, style="black on green" if labels[i] != -100 else "dim")
-        i += 1
+    for text, kind in token_runs(encoded.input_ids, encoded.labels, encoder.tokenizer, encoder.media_token_ids):
+        out.append(text.replace("\n", "↵\n") if kind != "media" else text, style=styles[kind])
     return out
 
 
-def _piece(tok: Any, prev: int | None, cur: int) -> str:
-    """The text token ``cur`` adds after ``prev``: decoding a token alone drops its leading
-    space in sentencepiece vocabularies, decoding the pair keeps it."""
-    kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    if prev is None:
-        return tok.decode([cur], **kw)
-    return tok.decode([prev, cur], **kw)[len(tok.decode([prev], **kw)) :]
+def _media_of(args: argparse.Namespace, card: Any, sample: Any, result: Any) -> Any:
+    """The sample's images for the thumbnails (None for a failed or unreadable sample)."""
+    from cardtune.data.media import MediaConfig, load_media
+    from cardtune.errors import SampleError
+
+    if sample is None or isinstance(result, SampleError) or not (sample.images or sample.videos):
+        return None
+    config = MediaConfig.from_card(card, image_folder=args.image_folder, video_folder=args.video_folder,
+                                   allow_absolute_paths=args.allow_absolute_paths)
+    try:
+        return load_media(sample, config)
+    except SampleError:
+        return None
+
+
+def write_label_page(path: str, items: list[tuple[Any, Any, Any]], encoder: Any, title: str, data: str) -> None:
+    """The label view alone, as one self-contained page."""
+    from pathlib import Path
+
+    from cardtune.report.labels import label_view
+    from cardtune.report.page import Section, page
+
+    html = page(title, str(data), [Section("labels", "Labels", label_view(items, encoder))])
+    Path(path).write_text(html, encoding="utf-8")
