@@ -157,6 +157,14 @@ class RunArguments:
         metadata={"help": "start from step 0 in an output_dir that holds an earlier run: the earlier run is moved "
                   "into output_dir/earlier-run-N (nothing is deleted)"},
     )
+    eval_generate: int = field(
+        default=0,
+        metadata={"help": "at each evaluation and at the end, answer the first N eval samples and log their exact "
+                  "match, normalized match and chrF beside the eval loss (eval_exact_match, ...; docs/EVAL.md)"},
+    )
+    eval_generate_max_new_tokens: int = field(
+        default=64, metadata={"help": "with --eval_generate: the longest answer generated, in tokens"}
+    )
 
 
 @dataclass
@@ -376,6 +384,8 @@ def check_arguments(args: Arguments) -> None:
         raise ArgumentError("--group_by_length and --packing are alternatives; choose one")
     if not 0 <= d.max_skipped_share <= 1:
         raise ArgumentError(f"--max_skipped_share {d.max_skipped_share}: a share between 0 and 1 (0.1: 10%)")
+    if args.run.eval_generate < 0 or args.run.eval_generate_max_new_tokens < 1:
+        raise ArgumentError("--eval_generate N: N >= 0 samples, and --eval_generate_max_new_tokens >= 1")
     if args.run.overwrite_output_dir and resume_requested(args.training.resume_from_checkpoint):
         raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one")
     check_moe_arguments(args)

@@ -330,8 +330,10 @@ _RUN_FILES = frozenset({
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
     "vocab.json", "merges.txt", "tokenizer.model", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    "report.html", "data_report.json", "generations.jsonl",  # the run's report (cardtune.report)
 })
-_RUN_PATTERNS = ("model*.safetensors", "adapter_model.*", "pytorch_model*.bin", "tmp-checkpoint-*")
+# eval-*: `cardtune eval` of the run's model, written beside it by default
+_RUN_PATTERNS = ("model*.safetensors", "adapter_model.*", "pytorch_model*.bin", "tmp-checkpoint-*", "eval-*")
 _MODEL_CARD = "README.md"  # transformers' and peft's model card: a user's README.md is not one
 # Folders of common names, the run's only while they hold nothing else: the eval split's skipped
 # samples, tensorboard's event files (the default logging_dir).
