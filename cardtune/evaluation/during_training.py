@@ -28,9 +28,10 @@ LOGGED = ("exact_match", "normalized_match", "chrf")
 class GenerationDuringTraining:
     """Scores the model's answers to a fixed set of eval samples; see the module."""
 
-    def __init__(self, samples: Sequence[Sample], encoder: Any, media: Any, *, max_new_tokens: int = 64,
+    def __init__(self, samples: Sequence[Sample], count: int, encoder: Any, media: Any, *, max_new_tokens: int = 64,
                  batch_size: int = 8, output_dir: str | Path | None = None, synced_gpus: bool = False) -> None:
-        self.samples = list(samples)
+        """The first ``count`` of ``samples`` (the eval split) are asked."""
+        self.samples = [samples[i] for i in range(min(count, len(samples)))]
         # The whole conversation is encoded to find where its last answer starts: a run's
         # --max_length cut would leave no answer to start from.
         self.encoder = copy.copy(encoder)

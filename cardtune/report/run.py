@@ -277,17 +277,17 @@ def labels_from_folder(folder: Path, args: dict[str, Any], n: int = LABEL_SAMPLE
     media = MediaConfig.from_card(card, image_folder=args.get("image_folder"), video_folder=args.get("video_folder"),
                                   allow_absolute_paths=bool(args.get("allow_absolute_paths")),
                                   max_image_pixels=args.get("max_image_pixels"))
-    return label_html(encoder, [samples[i] for i in range(min(n, len(samples)))], media), None
+    return label_html(encoder, samples, media, n), None
 
 
-def label_html(encoder: Any, samples: Sequence[Any], media_config: Any) -> str:
-    """The label view of ``samples``, encoded as training encodes them."""
+def label_html(encoder: Any, samples: Sequence[Any], media_config: Any, n: int = LABEL_SAMPLES) -> str:
+    """The label view of the first ``n`` of ``samples``, encoded as training encodes them."""
     from cardtune.data.media import load_media
     from cardtune.errors import SampleError
     from cardtune.report.labels import label_view
 
     items = []
-    for sample in samples:
+    for sample in (samples[i] for i in range(min(n, len(samples)))):
         media = None
         try:
             media = load_media(sample, media_config)
@@ -350,7 +350,7 @@ def write_run_report(output_dir: str | Path, history: list[dict[str, Any]], *, s
             summary = {name: split_summary(split, (data_paths or {}).get(name)) for name, split in splits.items()
                        if split is not None}
             (folder / DATA_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        labels = (label_html(encoder, label_samples, media), None) if encoder is not None and label_samples else None
+        labels = (label_html(encoder, label_samples, media), None) if encoder is not None and len(label_samples) else None
         return write_report(folder, history=history, labels=labels)
     except Exception as exc:  # noqa: BLE001 - never fail a finished run over its report
         warn(f"warning: {REPORT_FILE} was not written: {type(exc).__name__}: {exc}")
