@@ -56,10 +56,13 @@ def up_to_last_answer(sample: Sample) -> Sample:
 
 
 def cut_media(media: Media | None, sample: Sample) -> Media | None:
-    """``media`` loaded for a whole sample, cut to what ``sample`` (a cut of it) names."""
-    if media is None or not (sample.images or sample.videos):
+    """``media`` loaded for a whole sample, cut to the media parts ``sample`` (a cut of it) holds."""
+    if media is None:
         return None
-    return Media(images=list(media.images[: len(sample.images)]), videos=list(media.videos[: len(sample.videos)]))
+    images, videos = sample.count_parts("image"), sample.count_parts("video")
+    if len(media.images) == images and len(media.videos) == videos:
+        return media
+    return Media(images=list(media.images[:images]), videos=list(media.videos[:videos])) if images or videos else None
 
 
 def last_answer_start(labels: list[int]) -> int | None:
@@ -104,7 +107,7 @@ def build_prompt(encoder: Any, sample: Sample, media: Media | None) -> Prompt:
 def prompt_for(encoder: Any, sample: Sample, media: Media | None) -> Prompt:
     """:func:`build_prompt` for a data sample: cut after its last answer, which is the reference."""
     cut = up_to_last_answer(sample)
-    return build_prompt(encoder, cut, cut_media(media, cut))
+    return build_prompt(encoder, cut, media if cut is sample else cut_media(media, cut))
 
 
 def readable(ids: list[int], tokenizer: Any, media_token_ids: set[int] | frozenset[int]) -> str:
