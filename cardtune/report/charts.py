@@ -65,7 +65,7 @@ def _fmt(value: float) -> str:
 
 
 def line_chart(series: Sequence[tuple[str, Sequence[Point]]], *, title: str, y_label: str = "",
-               width: int = 640, height: int = 240, markers: Sequence[str] = (), chart_id: str | None = None) -> str:
+               width: int = 560, height: int = 240, markers: Sequence[str] = (), chart_id: str | None = None) -> str:
     """An SVG line chart of named ``(step, value)`` series; ``markers``: series drawn with dots."""
     drawn = [(name, downsample([p for p in pts if math.isfinite(p[1])])) for name, pts in series]
     drawn = [(name, pts) for name, pts in drawn if pts]
@@ -75,7 +75,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[Point]]], *, title: str, y_l
     if not drawn:
         return (head + f'<text x="10" y="20" class="ct">{escape(title)}</text>'
                 f'<text x="10" y="50" class="cn">nothing logged</text></svg>')
-    left, right, top, bottom = 58, 12, 26, 34
+    left, right, top, bottom = 58, 16, 40, 34
     xs = [p[0] for _, pts in drawn for p in pts]
     ys = [p[1] for _, pts in drawn for p in pts]
     x_ticks = nice_ticks(min(xs), max(xs))
@@ -103,7 +103,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[Point]]], *, title: str, y_l
         parts.append(f'<text x="12" y="{top + plot_h / 2:.1f}" class="tk" text-anchor="middle" '
                      f'transform="rotate(-90 12 {top + plot_h / 2:.1f})">{escape(y_label)}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>')
-    legend_x = left + 8
+    legend_x = left
     for i, (name, pts) in enumerate(drawn):
         colour = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
@@ -113,15 +113,15 @@ def line_chart(series: Sequence[tuple[str, Sequence[Point]]], *, title: str, y_l
         if name in markers:
             parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"><title>step {_fmt(x)}: '
                       f'{_fmt(y)}</title></circle>' for x, y in pts]
-        parts.append(f'<rect x="{legend_x}" y="{top + 6}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{legend_x + 14}" y="{top + 15}" class="lg">{escape(name)}</text>')
+        parts.append(f'<rect x="{legend_x}" y="{top - 16}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{legend_x + 14}" y="{top - 7}" class="lg">{escape(name)}</text>')
         legend_x += 24 + 7 * len(name)
     parts.append("</svg>")
     return "".join(parts)
 
 
 def heatmap(rows: Sequence[str], steps: Sequence[float], values: Sequence[Sequence[float]], *, title: str,
-            width: int = 640, row_height: int = 14, max_columns: int = 160) -> str:
+            width: int = 470, row_height: int = 14, max_columns: int = 160) -> str:
     """An SVG heatmap: one row per name (an expert), one column per step, darker = larger.
     The cells are one small PNG (a pixel each) scaled up inside the SVG, so a long run stays
     a few kilobytes; columns beyond ``max_columns`` are averaged together."""
@@ -145,7 +145,7 @@ def heatmap(rows: Sequence[str], steps: Sequence[float], values: Sequence[Sequen
     image.save(buffer, format="PNG", optimize=True)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     left, top = 70, 22
-    plot_w, plot_h = width - left - 10, row_height * len(rows)
+    plot_w, plot_h = width - left - 24, row_height * len(rows)
     height = top + plot_h + 30
     parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" role="img" aria-label="{escape(title)}">',

@@ -29,7 +29,7 @@ svg.chart{display:block;margin:8px 0;max-width:100%;height:auto;background:#fff}
 svg .ct{font:600 13px system-ui,sans-serif;fill:#1d2330}svg .tk,svg .lg{font:11px system-ui,sans-serif;fill:#5b6272}
 svg .cn{font:12px system-ui,sans-serif;fill:#8a91a0}svg .grid{stroke:#eceef2}svg .frame{fill:none;stroke:#ccd2dc}
 .grid2{display:flex;flex-wrap:wrap;gap:8px 20px}
-td.pred{max-width:360px}td.prompt{max-width:380px;font-size:12px;color:#5b6272}
+td.pred{max-width:360px}td.prompt{max-width:380px;font-size:12px;color:#5b6272;white-space:pre-wrap}
 details summary{cursor:pointer;color:#2452a6}
 """
 

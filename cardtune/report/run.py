@@ -176,7 +176,7 @@ def moe_section(history: list[dict[str, Any]]) -> Section | None:
     if not layers:
         return None
     parts = ['<p class="note">Share of the routed tokens each expert received in each logging window '
-             "(an even split is 1/experts).</p>"]
+             "(an even split is 1/experts).</p>", '<div class="grid2">']
     for layer in sorted(layers, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]):
         experts = layers[layer]
         steps = sorted({s for points in experts.values() for s, _ in points})
@@ -188,6 +188,7 @@ def moe_section(history: list[dict[str, Any]]) -> Section | None:
                 row[index[s]] = v
             values.append(row)
         parts.append(heatmap([f"expert {e}" for e in sorted(experts)], steps, values, title=f"Expert load, {layer}"))
+    parts.append("</div>")
     charts = [line_chart([("load imbalance (CV)", _series(history, "moe_load_cv"))], title="Expert load imbalance",
                          chart_id="chart-moe-cv")]
     if _series(history, "aux_loss"):
