@@ -106,6 +106,10 @@ def settle_training_arguments(args: Arguments) -> list[str]:
             t.report_to = [r for r in requested if r not in missing] or ["none"]
             notes.append(f"report_to: {', '.join(missing)} not installed; not reporting to it")
     notes += settle_evaluation(args)
+    if "ddp_find_unused_parameters" not in args.sources:
+        # Every trainable parameter takes part in every step (training.participation), so DDP
+        # need not search the autograd graph for unused ones after each forward.
+        t.ddp_find_unused_parameters = False
     if "dataloader_num_workers" not in args.sources:
         workers, why = default_num_workers(_cuda() and not t.use_cpu, _usable_cpus(), _local_processes())
         t.dataloader_num_workers = workers
@@ -279,6 +283,7 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
     )
     from cardtune.training.faults import Interrupted, NonFiniteError
     from cardtune.training.model import format_parameter_table, load_and_prepare, parameter_table
+    from cardtune.training.participation import text_only_warning
     from cardtune.training.trainer import CardFiles, CardtuneTrainer, LossPlotCallback, NonFiniteGuard
 
     main_process = t.process_index == 0
@@ -359,6 +364,9 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
                     if eval_split is not None else None)
 
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
+    text_only = text_only_warning(prepared.plan, train_split.media_flags)
+    if text_only:
+        say(f"warning: {text_only}")
     card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict(),
                            _moe_adapter_files(prepared))
     loss_plot = LossPlotCallback()
@@ -382,6 +390,7 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
         card_files=card_files,
         moe=prepared.moe,
         loss=prepared.loss,
+        card=card,
     )
     check_engine(trainer)
     start_step = checkpoint_step(resume) if resume else 0
@@ -420,6 +429,10 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
     if failed_in_training:
         say(f"data: {failed_in_training} samples failed when decoded in training and were skipped "
             f"(ids in {train_split.skipped_file})")
+
+    unreached = trainer.cardtune_participation.report()
+    if unreached:
+        say(f"note: {unreached}")
 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]

@@ -40,11 +40,22 @@ class CardtuneTrainer(Trainer):
     ``loss`` (an ``OutputHead``, see ``training.loss``): training steps compute the model's loss
     from its last hidden states, a chunk of trained positions at a time, never its whole logits;
     evaluation keeps the model's own.
+
+    ``card``: every trainable parameter takes part in every training step
+    (:mod:`cardtune.training.participation`): a batch that reaches none of them is skipped
+    cleanly and counted (``cardtune_participation``), and under DDP the parameters a batch may
+    not reach get a zero-weighted touch, so DDP needs no search for unused parameters.
     """
 
     def __init__(self, *args: Any, lengths: list[int], media_flags: list[bool], group_by_length: bool,
-                 card_files: CardFiles | None = None, moe: Any = None, loss: Any = None, **kwargs: Any) -> None:
+                 card_files: CardFiles | None = None, moe: Any = None, loss: Any = None, card: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.cardtune_participation = None
+        if card is not None:
+            from cardtune.training.participation import Participation
+
+            self.cardtune_participation = Participation(self.model, card, distributed=self._ddp())
         self.cardtune_loss = loss
         self.cardtune_lengths = lengths
         self.cardtune_media_flags = media_flags
@@ -58,8 +69,25 @@ class CardtuneTrainer(Trainer):
 
             self.cardtune_routing = RoutingMonitor(self.model, moe.router_aux_loss_coef)
 
+    def _ddp(self) -> bool:
+        """Several processes whose parameters are whole in each (DDP, DeepSpeed ZeRO-1/2): not
+        ZeRO-3 or FSDP, whose parameters are shards outside their module's forward; nor DDP
+        told to find unused parameters itself (``--ddp_find_unused_parameters true``), which
+        marks them ready after the forward, so a touch in backward would mark them twice."""
+        if self.args.world_size <= 1 or self.is_fsdp_enabled or self.args.ddp_find_unused_parameters:
+            return False
+        return not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        result = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.cardtune_participation is None or not model.training:
+            return result
+        if return_outputs:
+            return self.cardtune_participation(result[0]), result[1]
+        return self.cardtune_participation(result)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         parallel = getattr(self.accelerator, "parallelism_config", None)
         if (self.cardtune_loss is not None and model.training and "labels" in inputs
                 and self.label_smoother is None and self.compute_loss_func is None
