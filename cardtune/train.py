@@ -131,6 +131,8 @@ def settle_evaluation(args: Arguments) -> list[str]:
     if source == "command line" or t.load_best_model_at_end:
         asked = "--load_best_model_at_end" if t.load_best_model_at_end else f"--eval_strategy {t.eval_strategy.value}"
         raise ArgumentError(f"{asked} evaluates on --eval_data_path, which is not given: give it, or drop {asked}")
+    if args.run.eval_generate:
+        raise ArgumentError("--eval_generate scores answers to eval samples: give --eval_data_path")
     t.eval_strategy = IntervalStrategy.NO
     t.do_eval = False
     return [f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
@@ -376,6 +378,12 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
         from cardtune.training.fit import check_checkpoint_fits
 
         check_checkpoint_fits(resume, model, run_differences(resume, args.to_dict(), _card_data(saved_card, resolved.model_id)))
+    from cardtune.evaluation.during_training import GenerationDuringTraining
+
+    generation = GenerationDuringTraining(
+        eval_split.samples, args.run.eval_generate, encoder, media, max_new_tokens=args.run.eval_generate_max_new_tokens,
+        batch_size=t.per_device_eval_batch_size, output_dir=output_dir if main_process else None,
+        synced_gpus=t.world_size > 1) if args.run.eval_generate and eval_split is not None else None
     trainer = CardtuneTrainer(
         model=model,
         args=t,
@@ -391,6 +399,7 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
         moe=prepared.moe,
         loss=prepared.loss,
         card=card,
+        generation=generation,
     )
     check_engine(trainer)
     start_step = checkpoint_step(resume) if resume else 0
@@ -453,6 +462,13 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
         "metrics": metrics,
         "moe": moe_output.note if moe_output else None,
     }
+    if main_process:
+        from cardtune.report.run import write_run_report
+
+        report = write_run_report(out, history, splits={"train": train_split, "eval": eval_split},
+                                  data_paths={"train": d.data_path, "eval": d.eval_data_path}, encoder=encoder,
+                                  label_samples=train_split.samples, media=media, warn=say)
+        summary["report"] = str(report) if report else None
     say(_closing(summary, t))
     return RunResult(summary, trainer, args)
 
@@ -475,12 +491,16 @@ def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float
             plot = plot_loss(history, out / LOSS_PLOT)
         _say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
              f"left to train; the final folder is written from it ({', '.join(copied)})")
+        from cardtune.report.run import write_run_report
+
+        report = write_run_report(out, history, warn=lambda message: _say(args, message))
     losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
     summary = {
         "output_dir": str(out), "checkpoint": str(out), "plot": str(plot) if t.process_index == 0 and plot else None,
         "logs": str(out / LOG_FILE), "global_step": state["global_step"], "steps_run": 0, "resumed_from": checkpoint,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "train_s": 0.0, "skipped_in_training": 0, "wall_s": time.perf_counter() - started, "metrics": {},
+        "report": str(report) if t.process_index == 0 and report else None,
     }
     _say(args, _closing(summary, t))
     return RunResult(summary, None, args)
@@ -625,6 +645,8 @@ def _closing(summary: dict[str, Any], t: Any) -> str:
         lines.append(f"loss plot:  {summary['plot']}")
     else:
         lines.append(f"loss plot:  none (no loss was logged: --logging_steps {t.logging_steps:g})")
+    if summary.get("report"):
+        lines.append(f"report:     {summary['report']}")
     logs = summary["logs"]
     if t.report_to and "tensorboard" in t.report_to:
         logs += f" (tensorboard: {t.logging_dir or Path(summary['output_dir']) / 'runs'})"

@@ -45,12 +45,16 @@ class CardtuneTrainer(Trainer):
     (:mod:`cardtune.training.participation`): a batch that reaches none of them is skipped
     cleanly and counted (``cardtune_participation``), and under DDP the parameters a batch may
     not reach get a zero-weighted touch, so DDP needs no search for unused parameters.
+
+    ``generation`` (``--eval_generate``, :mod:`cardtune.evaluation.during_training`): each
+    evaluation's log also gets the generation metrics (``eval_exact_match``, ...).
     """
 
     def __init__(self, *args: Any, lengths: list[int], media_flags: list[bool], group_by_length: bool,
                  card_files: CardFiles | None = None, moe: Any = None, loss: Any = None, card: Any = None,
-                 **kwargs: Any) -> None:
+                 generation: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.cardtune_generation = generation
         self.cardtune_participation = None
         if card is not None:
             from cardtune.training.participation import Participation
@@ -115,6 +119,9 @@ class CardtuneTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.cardtune_routing is not None and "loss" in logs:
             logs.update(self.cardtune_routing.window_logs(self.accelerator))
+        if self.cardtune_generation is not None and "eval_loss" in logs:
+            # in place: evaluate() returns this dict, so metric_for_best_model sees them too
+            logs.update(self.cardtune_generation(self.model, self.state.global_step))
         super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
