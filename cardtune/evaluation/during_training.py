@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ class GenerationDuringTraining:
                     self._prompts.append(prompt_for(self.encoder, sample, load_media(sample, self.media)))
                 except SampleError as exc:
                     self.failed.append(exc)
+            if self.failed and self.file is not None:  # said once, by the main process
+                print(f"note: --eval_generate: {len(self.failed)} of {len(self.samples)} eval samples cannot be asked "
+                      f"and are left out ({self.failed[0]})", file=sys.stderr, flush=True)
         return self._prompts
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
