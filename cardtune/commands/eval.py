@@ -8,6 +8,7 @@ exactly as training encodes it (:mod:`cardtune.evaluation.prompts`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> Handler:
         from cardtune.data.media import MediaConfig
 
         samples = load_samples(args.data, user_key=args.user_key, assistant_key=args.assistant_key)
-        items = [*samples.errors, *samples]
+        items = itertools.chain(samples.errors, samples)  # read a sample at a time: a large set stays on disk
         media = MediaConfig.from_card(card, image_folder=args.image_folder, video_folder=args.video_folder,
                                       allow_absolute_paths=args.allow_absolute_paths)
         out = Path(args.out) if args.out else default_out(args.model, args.data)
@@ -96,7 +97,8 @@ def _configure_eval(p: argparse.ArgumentParser) -> Handler:
         settings = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
                     "image_folder": _abs(args.image_folder), "video_folder": _abs(args.video_folder)}
         try:
-            result = evaluate(model, encoder, items, media, out, options, settings=settings, total=len(items),
+            result = evaluate(model, encoder, items, media, out, options, settings=settings,
+                              total=len(samples.errors) + len(samples),
                               progress=args.progress)
         except (EvalSettingsError, ScorerError) as exc:
             print(f"cardtune eval: {exc}", file=sys.stderr)
