@@ -206,3 +206,29 @@ def test_the_pages_render_every_section_in_a_browser(browser: Any, long_run: tup
     _check_page(browser, out / "report.html", SECTIONS, tmp_path, "demo-run")
     whole = browser.screenshot({"x": 0, "y": 0, "width": 1280, "height": 900})
     assert len(whole) > 10_000
+
+
+def test_an_moe_run_shows_expert_load_and_its_model_is_evaluated(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """MoE-tuning on the demo (every layer upcycled, LoRA on the experts): the report has the
+    expert-load section, one heatmap per MoE layer; ``cardtune eval`` answers with the MoE
+    adapter folder, and the rebuilt report shows that evaluation."""
+    from test_train import train
+
+    from cardtune.cli import main as cli
+    from cardtune.demo import EVAL_FILE, IMAGE_DIR, ensure_demo_dataset
+
+    out = tmp_path / "moe"
+    train(["--model_id", "tiny-llava-demo", "--output_dir", str(out), "--moe_layers", "dense", "--moe_train", "lora",
+           "--max_steps", "20", "--eval_steps", "10", "--eval_generate", "2"])
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert section_ids(html) == ["model", "data", "curves", "generation", "moe", "labels", "predictions"]
+    assert html.count(">Expert load, layer_") == 2  # the demo's two decoder layers
+    demo = ensure_demo_dataset()
+    capsys.readouterr()
+    assert cli(["eval", "--no-progress", "--model", str(out), "--data", str(demo / EVAL_FILE), "--image-folder",
+                str(demo / IMAGE_DIR), "--limit", "4", "--max-new-tokens", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 4
+    assert cli(["report", str(out)]) == 0
+    rebuilt = (out / "report.html").read_text(encoding="utf-8")
+    assert "cardtune eval: eval-eval" in rebuilt and section_ids(rebuilt) == section_ids(html)
