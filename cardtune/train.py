@@ -25,8 +25,15 @@ from typing import Any
 
 from cardtune.collators.render_limit import RenderTimeout
 from cardtune.collators.roles import TemplateProbeError
+from cardtune.quiet import name_deepspeed_accelerator  # noqa: F401  (re-exported: tests, bench)
 from cardtune.registry import CapabilityError, CardError, FamilyCard, InputFileError, UnknownModelError
-from cardtune.training.arguments import ArgumentError, Arguments, check_media_folders, parse_arguments
+from cardtune.training.arguments import (
+    ArgumentError,
+    Arguments,
+    check_media_folders,
+    parse_arguments,
+    source_lines,
+)
 from cardtune.training.template import card_with_template
 from cardtune.training.writes import DiskFullError, writing
 
@@ -220,6 +227,8 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
+    for line in source_lines(args):  # first: every later error is about values whose source is said
+        _say(args, line)
     from cardtune.inputs import check_data_paths, check_model, check_model_path
 
     check_model_path(args.model.model_path, weights=True)  # before anything loads
@@ -301,9 +310,6 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
             + (f": {card.status_note}" if card.status_note else ""))
     if demo_folder:
         say(f"data: the demo dataset in {demo_folder}")
-    for source in sorted(set(args.sources.values())):
-        keys = sorted(k for k, v in args.sources.items() if v == source)
-        say(f"arguments from {source}: {', '.join(keys)}")
     for line in resume_lines:
         say(line)
 
@@ -654,32 +660,23 @@ def _closing(summary: dict[str, Any], t: Any) -> str:
     return "\n".join(lines)
 
 
-def name_deepspeed_accelerator() -> None:
-    """deepspeed, which accelerate imports whenever it is installed, warns on every run of a
-    machine without an accelerator that it "was unable to detect" one and takes its CPU
-    accelerator. There that is the only choice, so it is named through deepspeed's own override
-    (``DS_ACCELERATOR=cpu``) and the run says nothing false; a setting of the user's is kept."""
-    import os
-
-    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
-        return
-    import torch
-
-    if not torch.accelerator.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+def _data_stop() -> type[BaseException]:
+    """``DataStop``, once the module that raises it is loaded: importing it imports torch, which
+    ``--help`` and an unknown option are answered without (an except clause is evaluated only
+    when an exception reaches it)."""
+    module = sys.modules.get("cardtune.training.data")
+    return module.DataStop if module is not None else SkipLimitError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cardtune.training.data import DataStop
     from cardtune.training.faults import Interrupted, NonFiniteError
     from cardtune.training.lock import FolderInUseError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", category=UserWarning)
-    name_deepspeed_accelerator()
     try:
         run(argv)
-    except (DataStop, SkipLimitError, DiskFullError, NonFiniteError, FolderInUseError) as exc:
+    except (_data_stop(), SkipLimitError, DiskFullError, NonFiniteError, FolderInUseError) as exc:
         if not getattr(exc, "quiet", False):
             print(f"train: {exc}", file=sys.stderr)
         return 1
@@ -692,6 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ArgumentError, CardError, UnknownModelError, CapabilityError, TemplateProbeError, InputFileError,
             RenderTimeout) as exc:
+        for line in getattr(exc, "context", ()):  # where the values came from, before what is wrong with them
+            print(line, flush=True)
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0

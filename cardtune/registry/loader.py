@@ -141,9 +141,19 @@ class _NotPlainData(yaml.YAMLError):
         self.what = what
 
 
+MAX_DEPTH = 32
+"""Lists and mappings inside each other a card, recipe or mix may hold: they use a few; a
+thousand would end YAML's recursive composer in a RecursionError."""
+MAX_DIGITS = 100
+"""Digits of a number: Python refuses to read an integer of more than 4300 (a ValueError)."""
+
+
 class _PlainDataLoader(yaml.SafeLoader):
     """Refuses anchors and aliases while composing: an alias repeats a node by reference, so a
-    1 KB file of nested aliases becomes gigabytes once something copies the data."""
+    1 KB file of nested aliases becomes gigabytes once something copies the data. Refuses
+    nesting deeper than :data:`MAX_DEPTH` at its line, before the composer's recursion is deep."""
+
+    depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -151,7 +161,14 @@ class _PlainDataLoader(yaml.SafeLoader):
             raise _NotPlainData(event, f"alias *{event.anchor}: anchors and aliases are not allowed; write the value out")
         if getattr(event, "anchor", None) is not None:
             raise _NotPlainData(event, f"anchor &{event.anchor}: anchors and aliases are not allowed; write the value out")
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise _NotPlainData(event, f"lists and mappings nested more than {MAX_DEPTH} levels deep: not a value "
+                                       "this file takes")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _check_plain(node: yaml.Node, path: list[str | int]) -> None:
@@ -160,6 +177,9 @@ def _check_plain(node: yaml.Node, path: list[str | int]) -> None:
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         raise _NotPlainData(node, f"{dotted(path)}: tag {tag} is not allowed: only plain data (text, numbers, "
                                   "true/false, lists, mappings); remove the tag")
+    if node.tag.endswith((":int", ":float")) and len(node.value) > MAX_DIGITS:
+        raise _NotPlainData(node, f"{dotted(path)}: a number written with {len(node.value)} characters: not a value "
+                                  "this file takes")
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _check_plain(item, [*path, i])

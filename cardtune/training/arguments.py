@@ -8,7 +8,6 @@ must name an argument: a misspelt option is an error that names the closest ones
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cardtune.registry.errors import InputFileError
+from cardtune.registry.errors import CardError, InputFileError
 from cardtune.registry.loader import PACKAGE_ROOT, load_yaml, read_text
 
 RECIPE_DIR = PACKAGE_ROOT / "configs" / "train"
@@ -24,7 +23,13 @@ DEMO_RECIPE = RECIPE_DIR / "demo.yaml"
 
 
 class ArgumentError(ValueError):
-    """A training option that does not exist or does not fit with the others."""
+    """A training option that does not exist or does not fit with the others. ``options``: the
+    options it is about; ``context``: lines to print before it (where values came from)."""
+
+    def __init__(self, message: str, options: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.options = tuple(options)
+        self.context: list[str] = []
 
 
 @dataclass
@@ -216,6 +221,8 @@ class Arguments:
     """Where each non-default value came from: ``command line``, the config file, or ``demo recipe``."""
     run: RunArguments = field(default_factory=RunArguments)
     moe: MoEArguments = field(default_factory=MoEArguments)
+    not_applied: dict[str, str] = field(default_factory=dict)
+    """Keys of the default recipe left out, and why (an explicit value contradicts them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, JSON-serialisable (saved as ``cardtune_args.json``)."""
@@ -227,20 +234,35 @@ class Arguments:
         return out
 
 
+DEMO_SOURCE = "demo recipe"
+"""The default recipe's name among the sources: it applies to a ``loader: demo`` model, and an
+explicit recipe or flag wins over it, also where they only contradict each other."""
+SUPERSEDES = {"num_train_epochs": (("max_steps",), "says how long to train")}
+"""An explicit value of the key drops these keys of the default recipe, and why (a step count
+would end the epochs asked for)."""
+
+
 def _parser() -> Any:
+    from cardtune.quiet import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator()  # before transformers imports accelerate, which imports deepspeed
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((*ARGUMENT_CLASSES, TrainingArguments), prog="train.py", allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="a recipe YAML (configs/train/); the command line overrides it")
+    parser.add_argument("--config", default=None)
+
+    def error(message: str) -> Any:  # one line, not argparse's usage of every option
+        raise ArgumentError(message)
+
+    parser.error = error  # type: ignore[method-assign]
     return parser
 
 
-def _dests(parser: argparse.ArgumentParser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file's mapping, every key an option and every value of its option's type."""
+    from cardtune.training.options import all_options
+    from cardtune.training.values import ValueProblem, recipe_value
 
-
-def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
-    """A recipe file's mapping, every key checked against the known arguments."""
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(f"--config {path}: no such file")
@@ -261,15 +283,22 @@ def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
         if both:
             raise ArgumentError(f"{path}: {', '.join(both)} given both flat and in the moe: section")
         data.update(section)
-    for key in data:
-        if key not in known:
-            raise ArgumentError(f"{path}: unknown argument '{key}'{_close(key, known)}")
+    options = all_options()
     if "config" in data:
         raise ArgumentError(f"{path}: a recipe cannot name another --config")
+    for key in list(data):
+        if key not in options:
+            raise ArgumentError(f"{path}: unknown argument '{key}'{close_names(str(key), set(options))}")
+        try:
+            data[key] = recipe_value(options[key], data[key])
+        except ValueProblem as exc:
+            from cardtune.registry.loader import field_location
+
+            raise ArgumentError(f"{field_location(str(path), [key])}: {key}: {exc}") from None
     return data
 
 
-def _close(name: str, known: set[str]) -> str:
+def close_names(name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), sorted(known), n=3, cutoff=0.6)
     return f" (did you mean: {', '.join('--' + c for c in close)}?)" if close else ""
 
@@ -281,38 +310,110 @@ def _is_demo(model_id: str | None, cards: list[str]) -> bool:
 
     try:
         return get_registry(cards).get(model_id).family.loader == "demo"
-    except UnknownModelError:
+    except (UnknownModelError, CardError):
         return False  # reported when the model resolves
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into the four argument groups."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into the argument groups. ``--help`` and an
+    option that does not exist are answered before transformers (and torch) are imported."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    known = _dests(parser)
-    first, unknown = parser.parse_known_args(argv)
-    if unknown:
-        option = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise ArgumentError(f"unknown option {option}{_close(option.split('=')[0], known)}")
+    from cardtune.training.options import format_help, given_options
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else None]):
+        sys.stdout.write(format_help())
+        raise SystemExit(0)
+    given = given_options(argv)
+    config = _last(given.get("config"))
+    if "config" in given and not config:
+        raise ArgumentError("--config: give a recipe file (configs/train/*.yaml)")
+    recipe = read_recipe(config) if config else {}
+    model_id = _last(given.get("model_id")) or recipe.get("model_id")
     layers: list[tuple[str, dict[str, Any]]] = []
-    recipe = read_recipe(first.config, known) if first.config else {}
-    model_id = first.model_id or recipe.get("model_id")
-    if _is_demo(model_id, list(first.cards or recipe.get("cards") or [])):
-        layers.append(("demo recipe", read_recipe(DEMO_RECIPE, known)))
-    if first.config:
-        layers.append((first.config, recipe))
+    if _is_demo(model_id, list(given.get("cards") or recipe.get("cards") or [])):
+        layers.append((DEMO_SOURCE, read_recipe(DEMO_RECIPE)))
+    if config:
+        layers.append((config, recipe))
+    not_applied: dict[str, str] = {}
+    while True:
+        args = _parse_layers(argv, layers, set(given))
+        args.not_applied = dict(not_applied)
+        try:
+            check_arguments(args)
+        except ArgumentError as exc:
+            dropped = _defaults_in_conflict(exc, args.sources)
+            if not dropped:
+                exc.context = source_lines(args)
+                raise
+            for key in dropped:
+                not_applied[key] = f"{_because(exc, dropped, args.sources)}: {exc}"
+            layers = [(name, {k: v for k, v in values.items() if not (name == DEMO_SOURCE and k in dropped)})
+                      for name, values in layers]
+            continue
+        superseded = {k: f"{given_key} from {_named(args.sources[given_key])} {why}"
+                      for given_key, (keys, why) in SUPERSEDES.items()
+                      if args.sources.get(given_key) not in (None, DEMO_SOURCE)
+                      for k in keys if args.sources.get(k) == DEMO_SOURCE}
+        if not superseded:
+            return args
+        not_applied.update(superseded)
+        layers = [(name, {k: v for k, v in values.items() if not (name == DEMO_SOURCE and k in superseded)})
+                  for name, values in layers]
+
+
+def _last(values: list[str] | None) -> str | None:
+    return values[-1] if values else None
+
+
+def _defaults_in_conflict(exc: ArgumentError, sources: dict[str, str]) -> list[str]:
+    """The default recipe's keys among the options an error names, when an explicit source
+    gave the others: the explicit choice wins, and they are dropped."""
+    involved = [o for o in exc.options if o in sources]
+    defaults = [o for o in involved if sources[o] == DEMO_SOURCE]
+    return defaults if defaults and len(defaults) < len(involved) else []
+
+
+def _because(exc: ArgumentError, dropped: list[str], sources: dict[str, str]) -> str:
+    explicit = [f"{o} from {_named(sources[o])}" for o in exc.options if o in sources and o not in dropped]
+    return f"{' and '.join(explicit)} contradict{'s' if len(explicit) == 1 else ''} it"
+
+
+def _named(source: str) -> str:
+    return "the command line" if source == "command line" else source
+
+
+def source_lines(args: Arguments) -> list[str]:
+    """Where each non-default value came from, and what of the default recipe was not applied."""
+    lines = []
+    for source in sorted(set(args.sources.values())):
+        keys = sorted(k for k, v in args.sources.items() if v == source)
+        lines.append(f"arguments from {source}: {', '.join(keys)}")
+    for key, why in sorted(args.not_applied.items()):
+        lines.append(f"arguments from {DEMO_SOURCE}, not applied: {key} ({why})")
+    return lines
+
+
+def _parse_layers(argv: list[str], layers: list[tuple[str, dict[str, Any]]], given: set[str]) -> Arguments:
+    """``argv`` over the recipes' values, lowest first; ranges checked before the Trainer's
+    arguments are built."""
+    from cardtune.training.values import range_problem, shown
+
+    parser = _parser()
     sources: dict[str, str] = {}
     for name, values in layers:
         parser.set_defaults(**values)
         sources.update({k: name for k in values})
     namespace = parser.parse_args(argv)
-    sources.update({k: "command line" for k in _given_on_command_line(argv, parser)})
+    sources.update({k: "command line" for k in given if k != "config"})
 
     values = vars(namespace)
     config_file = values.pop("config")
+    for name, value in values.items():
+        problem = range_problem(name, value)
+        if problem:
+            raise ArgumentError(f"{_where(name, sources.get(name))} {shown(value)}: {problem}", (name,))
     model, data, tune, run, moe = (
         cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES
     )
@@ -326,10 +427,21 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
         sources["use_cpu"] = "no CUDA in a multi-process launch"
     from transformers import TrainingArguments
 
-    training = TrainingArguments(**values)
-    args = Arguments(model, data, tune, training, config_file, sources, run, moe)
-    check_arguments(args)
-    return args
+    try:
+        training = TrainingArguments(**values)
+    except ValueError as exc:  # the Trainer's own checks of its arguments (a strategy without steps, ...)
+        raise ArgumentError(" ".join(str(exc).split())) from None
+    return Arguments(model, data, tune, training, config_file, sources, run, moe)
+
+
+def _where(name: str, source: str | None) -> str:
+    """How a problem names an option's value: ``--name`` typed, or ``FILE:LINE: name:`` in a recipe."""
+    from cardtune.registry.loader import field_location
+
+    file = str(DEMO_RECIPE) if source == DEMO_SOURCE else source
+    if file is None or not Path(file).is_file():
+        return f"--{name}"
+    return f"{field_location(file, [name])}: {name}:"
 
 
 def _distributed_without_cuda() -> bool:
@@ -340,15 +452,6 @@ def _distributed_without_cuda() -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-def _given_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
-    given: set[str] = set()
-    for action in parser._actions:
-        for option in action.option_strings:
-            if any(a == option or a.startswith(option + "=") for a in argv):
-                given.add(action.dest)
-    return given
 
 
 def check_media_folders(args: Arguments) -> None:
@@ -372,22 +475,24 @@ def check_arguments(args: Arguments) -> None:
     if m.model_id is None and m.model_path is None:
         raise ArgumentError("give --model_id (a registered id, see `cardtune list`) or --model_path (a local folder)")
     if t.q_lora and not t.use_lora:
-        raise ArgumentError("--q_lora trains LoRA adapters over a 4-bit base: add --use_lora")
+        raise ArgumentError("--q_lora trains LoRA adapters over a 4-bit base: add --use_lora", ("q_lora", "use_lora"))
     if t.use_lora and not t.train_llm:
-        raise ArgumentError("--use_lora trains the LLM through adapters, but --train_llm is false")
+        raise ArgumentError("--use_lora trains the LLM through adapters, but --train_llm is false", ("use_lora", "train_llm"))
     if t.use_vision_lora and not t.train_vision_encoder:
-        raise ArgumentError("--use_vision_lora needs --train_vision_encoder")
+        raise ArgumentError("--use_vision_lora needs --train_vision_encoder", ("use_vision_lora", "train_vision_encoder"))
     if not (t.train_llm or t.train_vision_encoder or t.train_vision_projector):
-        raise ArgumentError("nothing to train: --train_llm, --train_vision_encoder and --train_vision_projector are all false")
+        raise ArgumentError("nothing to train: --train_llm, --train_vision_encoder and --train_vision_projector are all false",
+                            ("train_llm", "train_vision_encoder", "train_vision_projector"))
     d = args.data
     if d.group_by_length and d.packing:
-        raise ArgumentError("--group_by_length and --packing are alternatives; choose one")
+        raise ArgumentError("--group_by_length and --packing are alternatives; choose one", ("group_by_length", "packing"))
     if not 0 <= d.max_skipped_share <= 1:
         raise ArgumentError(f"--max_skipped_share {d.max_skipped_share}: a share between 0 and 1 (0.1: 10%)")
     if args.run.eval_generate < 0 or args.run.eval_generate_max_new_tokens < 1:
         raise ArgumentError("--eval_generate N: N >= 0 samples, and --eval_generate_max_new_tokens >= 1")
     if args.run.overwrite_output_dir and resume_requested(args.training.resume_from_checkpoint):
-        raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one")
+        raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one",
+                            ("overwrite_output_dir", "resume_from_checkpoint"))
     check_moe_arguments(args)
 
 
@@ -418,10 +523,12 @@ def check_moe_arguments(args: Arguments) -> None:
         raise ArgumentError("--moe_eval_capacity_factor without --moe_capacity_factor: training routes dropless")
     if t.q_lora:
         raise ArgumentError("--q_lora with --moe_layers: upcycling copies 16-bit FFNs into experts; "
-                            "4-bit experts are not supported")
+                            "4-bit experts are not supported", ("q_lora", "moe_layers"))
     if moe.moe_train == "only_moe" and t.use_lora:
         raise ArgumentError("--moe_train only_moe trains the experts and routers in full; for adapters use "
-                            "--moe_train lora (experts) or --moe_train all --use_lora (attention and experts)")
+                            "--moe_train lora (experts) or --moe_train all --use_lora (attention and experts)",
+                            ("moe_train", "use_lora"))
     if moe.moe_train == "all" and not t.train_llm:
-        raise ArgumentError("--moe_train all with --train_llm false: the experts are part of the LLM")
+        raise ArgumentError("--moe_train all with --train_llm false: the experts are part of the LLM",
+                            ("moe_train", "train_llm"))
 
