@@ -7,10 +7,14 @@ Tests that need them skip, saying why, only when the folder is absent (a user's 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +62,44 @@ def fixtures_present() -> Path:
     if not MODELS.is_dir():
         pytest.skip(f"fixtures not found at {FIXTURES} (set CARDTUNE_FIXTURES)")
     return MODELS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of a module that sets ``GROUP_ITEMS_BY = "PARAM"`` run grouped by that
+    parameter's value (in the order values first appear, each test's own order kept): with its
+    per-module caches bounded, every model loads once and only a couple stay in memory."""
+    start = 0
+    while start < len(items):
+        module = items[start].module
+        end = start
+        while end < len(items) and items[end].module is module:
+            end += 1
+        name = getattr(module, "GROUP_ITEMS_BY", None)
+        if name:
+            block = items[start:end]
+            order: dict[Any, int] = {}
+            for item in block:
+                order.setdefault(_param(item, name), len(order))
+            items[start:end] = sorted(block, key=lambda item: order[_param(item, name)])
+        start = end
+
+
+def _param(item: pytest.Item, name: str) -> Any:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(name) if callspec is not None else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _memory_back_after_each_module() -> Any:
+    """What a module loaded (tokenizers of 262k-token vocabularies, tiny models) given back to
+    the system when it ends, so the suite's memory is one module's, not the sum of them all."""
+    yield
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the memory is reused all the same
+            pass
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -25,6 +25,7 @@ from test_labels_golden import (  # noqa: F401  (fixtures)
 )
 
 IGNORE = -100
+GROUP_ITEMS_BY = "model_id"  # run this module's tests model by model (tests/conftest.py)
 
 
 # -- the prompt: training's tokens before the last answer ---------------------------------------

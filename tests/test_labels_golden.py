@@ -63,6 +63,7 @@ import pytest
 from conftest import require_fixture
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+GROUP_ITEMS_BY = "model_id"  # run this module's tests model by model (tests/conftest.py)
 UPDATE = os.environ.get("CARDTUNE_UPDATE_GOLDEN") == "1"
 IGNORE = -100
 SENTINEL = "QZXANSWER{}QZX"
@@ -915,12 +916,18 @@ def write_golden(model_id: str, data: dict[str, Any]) -> None:
 # -- module-scoped loading: each tokenizer/processor once ---------------------------------------
 
 
+LOADED_PER_MODULE = 2
+"""Models a module keeps loaded at once: the tests of a module that sets ``GROUP_ITEMS_BY`` run
+grouped by model (tests/conftest.py), so each model still loads once, and a 262k-vocabulary
+tokenizer (300 MB) is not kept for the rest of the module."""
+
+
 def cached_per_module(load: Callable[[str], Any]) -> Any:
-    """A module-scoped fixture giving ``load`` memoised: each model is loaded once per test module."""
+    """A module-scoped fixture giving ``load`` memoised for the last models asked for."""
 
     @pytest.fixture(scope="module")
     def fixture() -> Callable[[str], Any]:
-        return functools.cache(load)
+        return functools.lru_cache(maxsize=LOADED_PER_MODULE)(load)
 
     return fixture
 

@@ -27,6 +27,8 @@ from test_labels_golden import (
     reference_of,
 )
 
+GROUP_ITEMS_BY = "model_id"  # run this module's tests model by model (tests/conftest.py)
+
 MODELS = ["qwen2.5-7b-instruct", "mistral-7b-instruct-v0.2", "mistral-7b-instruct-v0.3", "llama-2-7b-chat",
           "llava-1.5-7b", "llama-3-8b-instruct", "gemma-2-2b-it", "deepseek-coder-6.7b-instruct"]
 

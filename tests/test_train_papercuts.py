@@ -113,7 +113,8 @@ def test_closing_names_no_plot_when_nothing_was_logged(tmp_path: Path, capsys: p
                                         str(out), "--max_steps", "2", "--logging_steps", "10"])
     assert code == 0
     assert "\ndone: 2 steps in " in stdout
-    assert f"loss plot:  none (no loss was logged: --logging_steps 10)\nlogs:       {out / 'log_history.json'}\n" in stdout
+    assert (f"loss plot:  none (no loss was logged: --logging_steps 10)\nreport:     {out / 'report.html'}\n"
+            f"logs:       {out / 'log_history.json'}\n") in stdout
     assert not (out / "loss.png").exists() and (out / "log_history.json").is_file()
 
 
