@@ -20,14 +20,23 @@ import stat
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
-from cardtune.data.json_stream import JsonStream, NotJson, RepeatedKeys
+from cardtune.data.json_stream import JsonStream, NotJson, RepeatedKeys, UnreadableValue, too_much
 from cardtune.data.media import not_regular
+from cardtune.data.record_values import check_role, check_sample_values, sample_id_of, shown
 from cardtune.data.sample_store import SampleSet, concat, encode_sample
 from cardtune.errors import SampleError
 from cardtune.registry.errors import InputFileError
@@ -38,20 +47,44 @@ Format = Literal["auto", "llava", "openai"]
 
 
 # -- configuration a user writes ----------------------------------------------------------------
+def _not_bool(value: Any) -> Any:
+    """YAML's true is no number (pydantic would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"a number, not {str(value).lower()}")
+    return value
+
+
+def _plain_text(value: Any) -> Any:
+    from cardtune.data.record_values import text_problem
+
+    if isinstance(value, str) and (problem := text_problem(value)):
+        raise ValueError(f"the text {problem}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
+Text = Annotated[str, AfterValidator(_plain_text)]
+MAX_MIX = 2**31 - 1
+"""The most samples a mix may ask for (each is an index kept in memory)."""
+MAX_REPEAT = 1000
+"""A mix asking for more than this many passes over all its records is a mistake (1e14 samples of two records)."""
+
+
 class DataSource(BaseModel):
     """One data file, folder or hub dataset, as written in ``--data`` or a mix YAML."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
-    weight: float | None = Field(default=None, gt=0)
+    path: Text
+    weight: Number | None = Field(default=None, gt=0, allow_inf_nan=False)
     format: Format = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)
+    columns: dict[Text, Text] = Field(default_factory=dict)
     """Canonical field -> column name, e.g. ``{conversations: dialog, image: img_path}``."""
-    split: str = "train"
-    user_key: str = "human"
-    assistant_key: str = "gpt"
-    system_key: str = "system"
+    split: Text = "train"
+    user_key: Text = "human"
+    assistant_key: Text = "gpt"
+    system_key: Text = "system"
 
 
 class DataMix(BaseModel):
@@ -60,8 +93,8 @@ class DataMix(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[DataSource] = Field(min_length=1)
-    seed: int = 0
-    num_samples: int | None = Field(default=None, gt=0)
+    seed: Count = 0
+    num_samples: Count | None = Field(default=None, gt=0, le=MAX_MIX)
     """Size of the mix; default: the sources' total size."""
 
     @field_validator("sources")
@@ -71,6 +104,17 @@ class DataMix(BaseModel):
         if any(given) and not all(given):
             raise ValueError("give a weight to every source or to none")
         return sources
+
+    @property
+    def shares(self) -> list[float] | None:
+        """Each source's share of the mix (the weights over their sum, computed without the sum
+        overflowing), or None without weights."""
+        if self.sources[0].weight is None:
+            return None
+        weights = [s.weight or 0.0 for s in self.sources]
+        top = max(weights)
+        scaled = [w / top for w in weights]
+        return [w / sum(scaled) for w in scaled]
 
 
 def parse_data_arg(data: str | os.PathLike | DataMix | Sequence[Any], **source_defaults: Any) -> DataMix:
@@ -95,8 +139,16 @@ def parse_data_arg(data: str | os.PathLike | DataMix | Sequence[Any], **source_d
                 path = head
             except ValueError:
                 pass
-        sources.append(_source({"path": path, "weight": weight}, source_defaults))
-    return DataMix(sources=sources)
+        try:
+            sources.append(_source({"path": path, "weight": weight}, source_defaults))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InputFileError(f"--data {text}: {item.strip()}: {'.'.join(map(str, first['loc']))}: "
+                                 f"{first['msg']}, got {first['input']!r:.40}") from None
+    try:
+        return DataMix(sources=sources)
+    except ValidationError as exc:
+        raise InputFileError(f"--data {text}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def _source(item: Any, defaults: dict[str, Any]) -> DataSource:
@@ -195,13 +247,15 @@ def llava_record(record: dict[str, Any], sample_id: str, source: str, opts: Data
     system_prompt = record.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise SampleError(sample_id, "system_prompt", "bad_format",
-                          f"system_prompt is text, got {type(system_prompt).__name__}: {system_prompt!r:.60}", source)
+                          f"system_prompt is text, got {type(system_prompt).__name__}: {shown(system_prompt)}", source)
     if system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": _content_from_text(system_prompt)})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SampleError(sample_id, f"conversations[{i}]", "bad_format", "a turn needs 'from' and 'value'", source)
         speaker = turn["from"]
+        check_role(speaker, sample_id, f"conversations[{i}].from", source,
+                   f"{opts.user_key}, {opts.assistant_key}, {opts.system_key}")
         role = roles.get(speaker, speaker if speaker in ROLES else str(speaker))
         message = {"role": role, "content": _content_from_text(turn["value"])}
         messages.append(_with_reasoning(message, turn, sample_id, f"conversations[{i}]", source))
@@ -241,6 +295,7 @@ def openai_record(record: dict[str, Any], sample_id: str, source: str, opts: Dat
     for i, message in enumerate(raw):
         if not isinstance(message, dict) or "role" not in message:
             raise SampleError(sample_id, f"messages[{i}]", "bad_format", "a message needs 'role' and 'content'", source)
+        check_role(message["role"], sample_id, f"messages[{i}].role", source, "system, user, assistant")
         content = message.get("content")
         if isinstance(content, list):
             parts: list[dict[str, Any]] = []
@@ -251,10 +306,14 @@ def openai_record(record: dict[str, Any], sample_id: str, source: str, opts: Dat
                     parts += as_parts(text, PLACEHOLDERS) if isinstance(text, str) else [text_part(text)]
                 elif kind in ("image", "image_url", "video"):
                     parts.append({"type": "video" if kind == "video" else "image", "payload": _part_payload(part)})
+                elif not isinstance(part, dict):
+                    raise SampleError(sample_id, f"messages[{i}].content[{j}]", "bad_format",
+                                      f"a content part is an object ({{type: text, text: ...}}, ...), got "
+                                      f"{type(part).__name__}: {shown(part)}", source)
                 else:
                     raise SampleError(
                         sample_id, f"messages[{i}].content[{j}]", "bad_format",
-                        f"unknown content part {kind!r} (known: text, image, image_url, video)", source,
+                        f"unknown content part {shown(kind)} (known: text, image, image_url, video)", source,
                     )
         else:
             parts = _content_from_text(content)
@@ -272,8 +331,7 @@ def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> 
         raise SampleError(str(index), "record", "bad_format", f"a record is a JSON object, got {type(record).__name__}", source)
     if opts.columns:
         record = {**record, **{canon: record[col] for canon, col in opts.columns.items() if col in record}}
-    raw_id = record.get("id")
-    sample_id = str(raw_id) if raw_id is not None and raw_id != "" else str(index)
+    sample_id = sample_id_of(record.get("id"), index, source)
     fmt = opts.format
     if fmt == "auto" and "conversations" in record and "messages" in record:
         raise SampleError(sample_id, "record", "bad_format", "holds both 'conversations' (LLaVA) and 'messages' "
@@ -281,9 +339,14 @@ def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> 
     if fmt == "auto":
         fmt = "llava" if "conversations" in record else "openai" if "messages" in record else "auto"
     if fmt == "llava" and "conversations" in record:
-        return llava_record(record, sample_id, source, opts)
-    if fmt == "openai" and "messages" in record:
-        return openai_record(record, sample_id, source, opts)
+        sample = llava_record(record, sample_id, source, opts)
+    elif fmt == "openai" and "messages" in record:
+        sample = openai_record(record, sample_id, source, opts)
+    else:
+        sample = None
+    if sample is not None:
+        check_sample_values(sample)
+        return sample
     wanted = {"auto": "'conversations' or 'messages'", "llava": "'conversations'", "openai": "'messages'"}[opts.format]
     raise SampleError(sample_id, "record", "bad_format", f"no {wanted} field (keys: {', '.join(map(str, record))})", source)
 
@@ -348,6 +411,11 @@ def _json_lines(path: Path, name: str) -> Iterator[tuple[int, str, Any]]:
             except json.JSONDecodeError as exc:
                 detail = f"invalid JSON at column {exc.colno}: {_json_problem(exc)}"
                 record = SampleError(str(index), "record", "bad_format", detail, where)
+            except (RecursionError, ValueError) as exc:
+                reason = too_much(exc)
+                if reason is None:
+                    raise
+                record = SampleError(str(index), "record", "bad_format", reason, where)
             yield index, where, record
             index += 1
 
@@ -356,10 +424,12 @@ def _id_of_unreadable(raw: bytes, index: int) -> str:
     """The ``id`` of a JSONL line that is not UTF-8, when the rest of it parses; else its index."""
     try:
         record = json.loads(raw.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError, ValueError):
         return str(index)
-    raw_id = record.get("id") if isinstance(record, dict) else None
-    return str(raw_id) if raw_id not in (None, "") else str(index)
+    try:
+        return sample_id_of(record.get("id") if isinstance(record, dict) else None, index, "")
+    except SampleError:
+        return str(index)
 
 
 class _JsonDocument:
@@ -405,10 +475,15 @@ def _json_list(path: Path, name: str) -> Iterator[tuple[Any, list[str]]]:
     name the line, column and reason as :mod:`json` does."""
     with path.open("rb") as f:
         document = _JsonDocument(f)
+        read = 0
         try:
             for record in document.samples():
                 yield record, list(document.stream.repeated_keys.found)
+                read += 1
             document.stream.expect_end()
+        except UnreadableValue as exc:  # where the next record ends is unknown: the file stops here
+            raise InputFileError(f"{name}:{_line_column(path, exc.pos)}: record {read}: {exc.reason}; a JSON list "
+                                 "cannot be read past it (JSONL can: one record a line, each read alone)") from None
         except NotJson:
             _json_document(path, name)
             raise AssertionError(f"{name}: read in chunks it is not JSON, read whole it is") from None
@@ -435,6 +510,12 @@ def _json_document(path: Path, name: str) -> Any:
         raise InputFileError(f"{name}:{exc.lineno}:{exc.colno}: invalid JSON: {_json_problem(exc)}{hint}") from None
 
 
+def _line_column(path: Path, pos: int) -> str:
+    """``LINE:COLUMN`` of character ``pos`` of a UTF-8 file (past its byte-order mark)."""
+    text = path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")[:pos]
+    return f"{text.count(chr(10)) + 1}:{pos - (text.rfind(chr(10)) + 1) + 1}"
+
+
 def _json_problem(exc: json.JSONDecodeError) -> str:
     """The decoder's words without their dangling "at" (it appends the position to them)."""
     return exc.msg.removesuffix(" at").removesuffix(" starting")
@@ -457,7 +538,7 @@ def _is_json_lines(path: Path) -> bool:
             if stream.past_first_line():
                 return False
             return not document.has_list or stream.next_char() != ""
-        except NotJson as exc:
+        except (NotJson, UnreadableValue) as exc:
             return not stream.past_first_line(exc.pos)
         except _RepeatedData:
             return not stream.past_first_line()
@@ -581,11 +662,13 @@ def mix(sets: Sequence[SampleSet], weights: Sequence[float] | None, seed: int = 
     sizes = [len(s) for s in sets]
     total = num_samples or sum(sizes)
     weights = list(weights) if weights is not None else [float(n) for n in sizes]
-    norm = sum(weights)
+    top = max(weights) or 1.0
+    shares = [w / top for w in weights]  # a sum of weights near the largest float overflows
+    norm = sum(shares) or 1.0
     rng = random.Random(seed)
     offsets = np.cumsum([0, *sizes])
     chosen: list[int] = []
-    for k, (size, weight) in enumerate(zip(sizes, weights, strict=True)):
+    for k, (size, weight) in enumerate(zip(sizes, shares, strict=True)):
         want = round(total * weight / norm)
         if size == 0:
             if want:
@@ -611,5 +694,8 @@ def load_samples(
     """
     spec = parse_data_arg(data, **source_defaults)
     sets = [read_source(s) for s in spec.sources]
-    weights = [s.weight for s in spec.sources] if spec.sources[0].weight is not None else None
-    return mix(sets, weights, spec.seed if seed is None else seed, spec.num_samples)
+    records = sum(len(s) for s in sets)
+    if spec.num_samples and spec.num_samples > MAX_REPEAT * max(records, 1):
+        raise InputFileError(f"{data}: num_samples {spec.num_samples:,} from {records:,} records would repeat each about "
+                             f"{spec.num_samples // max(records, 1):,} times (at most {MAX_REPEAT:,}): is it a typo?")
+    return mix(sets, spec.shares, spec.seed if seed is None else seed, spec.num_samples)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -40,6 +41,28 @@ class RepeatedKeys:
 
     def decoder(self) -> json.JSONDecoder:
         return json.JSONDecoder(object_pairs_hook=self)
+
+
+def too_much(exc: BaseException) -> str | None:
+    """Why :mod:`json` could not build a value that is valid JSON: nested past the recursion
+    limit, or an integer of more digits than Python converts; None for anything else."""
+    if isinstance(exc, RecursionError):
+        return (f"lists and objects nested too deep to read (past Python's limit of about "
+                f"{sys.getrecursionlimit():,} levels): not a sample")
+    if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError):
+        digits = re.search(r"value has (\d+) digits", str(exc))
+        if digits:
+            return f"a number of {int(digits.group(1)):,} digits: too long to read (at most {sys.get_int_max_str_digits():,})"
+    return None
+
+
+class UnreadableValue(Exception):
+    """Valid JSON that :mod:`json` cannot build (:func:`too_much`), at character ``pos``."""
+
+    def __init__(self, pos: int, reason: str) -> None:
+        super().__init__(reason)
+        self.pos = pos
+        self.reason = reason
 
 
 class NotJson(Exception):
@@ -121,6 +144,11 @@ class JsonStream:
                 if final or not self._read():
                     raise NotJson(self._dropped + exc.pos) from None
                 continue
+            except (RecursionError, ValueError) as exc:
+                reason = too_much(exc)
+                if reason is None:
+                    raise
+                raise UnreadableValue(self.position, reason) from None
             if isinstance(value, (int, float)) and end + _LOOKAHEAD > len(self._text) and self._read():
                 continue
             self._pos = end
