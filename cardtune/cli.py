@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cardtune.quiet import plain_cardtune_warnings
+
+    plain_cardtune_warnings()
     from cardtune.collators.render_limit import RenderTimeout
     from cardtune.collators.roles import TemplateProbeError
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from cardtune.collators.render_limit import RenderTimeout
 from cardtune.collators.roles import TemplateProbeError
-from cardtune.quiet import name_deepspeed_accelerator  # noqa: F401  (re-exported: tests, bench)
+from cardtune.quiet import name_deepspeed_accelerator, plain_cardtune_warnings  # noqa: F401  (re-exported: tests, bench)
 from cardtune.registry import CapabilityError, CardError, FamilyCard, InputFileError, UnknownModelError
 from cardtune.training.arguments import (
     ArgumentError,
@@ -674,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default", category=UserWarning)
+    plain_cardtune_warnings()
     try:
         run(argv)
     except (_data_stop(), SkipLimitError, DiskFullError, NonFiniteError, FolderInUseError) as exc:

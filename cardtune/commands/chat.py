@@ -26,7 +26,10 @@ class ChatSession:
         from cardtune.training.output import load_trained
 
         self.folder = folder
-        trained = load_trained(folder, merge=True, trust_remote_code=trust_remote_code)
+        from cardtune.quiet import no_weight_bars
+
+        with no_weight_bars():
+            trained = load_trained(folder, merge=True, trust_remote_code=trust_remote_code)
         self.model = trained.model
         self.card = trained.card
         self.processing = trained.processing

@@ -219,8 +219,11 @@ def build_model(tokenizer: Any, spec: DemoModelSpec = SPEC) -> Any:
 
 def write_demo_model(folder: Path, spec: DemoModelSpec = SPEC) -> None:
     """Write the complete model folder into ``folder`` (which exists and is empty)."""
+    from cardtune.quiet import no_weight_bars
+
     tokenizer = build_tokenizer(spec)
-    build_model(tokenizer, spec).save_pretrained(folder)
+    with no_weight_bars():  # the run's first lines, not a bar for one small file
+        build_model(tokenizer, spec).save_pretrained(folder)
     build_processor(tokenizer, spec).save_pretrained(folder)
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         # transformers' save_pretrained writes no weights on a rank it takes for a non-main FSDP

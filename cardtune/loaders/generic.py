@@ -156,6 +156,9 @@ class GenericLoader:
         # Training pads on the right whatever the folder says (llava-hf ships "left" for
         # generation); the attention mask then marks exactly the real tokens.
         tokenizer.padding_side = "right"
+        from cardtune.quiet import bpe_cleanup_off
+
+        bpe_cleanup_off(tokenizer)
         return tokenizer
 
     def _apply_chat_template(self, target: Any) -> None:
@@ -192,18 +195,24 @@ class GenericLoader:
             processor.tokenizer = tokenizer
             image_processor = processor.image_processor
         except Exception as exc:  # noqa: BLE001 - ImportError (torchvision), RecursionError, OSError...
-            notes.append(f"AutoProcessor failed ({type(exc).__name__}: {_first_line(exc)})")
+            failed = f"AutoProcessor failed ({type(exc).__name__}: {_first_line(exc)})"
             video = f"video needs the video processor of {self.card.family}, which cannot be built here ({_first_line(exc)})"
             try:
                 image_processor = self._load_image_processor()
             except Exception as exc2:  # noqa: BLE001 - e.g. phi3-v: remote code not in the folder
+                notes.append(failed)
                 notes.append(f"no image processor ({type(exc2).__name__}); text-only encoding until one is available")
                 self._install_folder_template(tokenizer)
                 remote = self._image_processor_is_remote()
                 why = (f"the image processor is remote code ({remote}) that {'is not trusted' if not self.card.trust_remote_code else 'does not load'}"
                        if remote else f"no image processor loads here ({type(exc2).__name__}: {_first_line(exc2)})")
                 return Processing(tokenizer, None, None, tuple(notes), video, why, bool(remote))
-            processor = self._assemble_processor(tokenizer, image_processor, notes)
+            # Recovered: one line saying what is missing, not the ImportError cardtune worked around.
+            why = ("torchvision is not installed: no videos" if "orchvision" in str(exc)
+                   else f"AutoProcessor: {type(exc).__name__}: {_first_line(exc)}")
+            processor = self._assemble_processor(tokenizer, image_processor, notes, why)
+            if processor is None:
+                notes.insert(0, failed)
         if processor is None:
             self._install_folder_template(tokenizer)
             return Processing(tokenizer, None, image_processor, tuple(notes), video)
@@ -303,7 +312,7 @@ class GenericLoader:
             return PROCESSOR_MAPPING_NAMES.get(model_type)
         return None
 
-    def _assemble_processor(self, tokenizer: Any, image_processor: Any, notes: list[str]) -> Any | None:
+    def _assemble_processor(self, tokenizer: Any, image_processor: Any, notes: list[str], why: str) -> Any | None:
         import transformers
 
         folder = Path(self.path)
@@ -322,7 +331,7 @@ class GenericLoader:
             notes.append(f"{name} could not be assembled ({type(exc).__name__}: {_first_line(exc)})")
             return None
         processor.assembled_kwargs = kwargs
-        notes.append(f"assembled {name} from its image processor ({type(image_processor).__name__}) and tokenizer")
+        notes.append(f"assembled {name} from its image processor ({type(image_processor).__name__}) and tokenizer ({why})")
         return processor
 
     # -- model ------------------------------------------------------------------------------
