@@ -176,6 +176,14 @@ def test_a_yaml_number_written_as_text_is_read_as_the_command_line_would() -> No
     assert read_recipe(RECIPE_DIR / "lora.yaml")["learning_rate"] == pytest.approx(2e-4)
 
 
+def test_a_strategy_written_no_is_the_word_not_yaml_false(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``save_strategy: no`` as false; the option's choices name the word."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("save_strategy: no\neval_strategy: no\n", encoding="utf-8")
+    args = parse_arguments(["--config", str(recipe), "--model_id", "tiny-llava-demo"])
+    assert (args.training.save_strategy.value, args.training.eval_strategy.value) == ("no", "no")
+
+
 def test_range_errors_raise_argument_error() -> None:
     with pytest.raises(ArgumentError, match="--max_skipped_share 2: a number >= 0 and <= 1"):
         parse_arguments(["--model_id", "tiny-llava-demo", "--max_skipped_share", "2"])

@@ -109,6 +109,9 @@ def recipe_value(option: Option, value: Any) -> Any:
     if isinstance(value, bool):
         if bool in types:
             return value
+        word = "yes" if value else "no"  # YAML 1.1 reads the words no and yes as false and true
+        if word in option.choices:
+            return word
         raise ValueProblem(f"{_kind(option)}, got {_shown(value)}")
     if option.choices:
         if value in option.choices:
