@@ -122,6 +122,7 @@ RECIPE_VALUES = [
     ("output_dir: 5", "output_dir: text, got 5"),
     ("deepspeed: 5", "deepspeed: text or a mapping, got 5"),
     ("eval_strategy: sometimes", "eval_strategy: one of no, steps, epoch, got 'sometimes'"),
+    ("log_level: bogus", "log_level: 'bogus': one of detail, debug, info, warning, error, critical, passive"),
     # a number out of range
     ("max_steps: -3", "max_steps: -3: a number of steps >= 1, or -1 (train --num_train_epochs)"),
     ("lora_r: 100000000000000000000", "lora_r: 100000000000000000000: too large (at most 9,223,372,036,854,775,807)"),

@@ -410,6 +410,12 @@ def _parse_layers(argv: list[str], layers: list[tuple[str, dict[str, Any]]], giv
 
     values = vars(namespace)
     config_file = values.pop("config")
+    for action in parser._actions:  # argparse checks the choices of typed values only, not of a recipe's
+        value = values.get(action.dest)
+        if action.choices and sources.get(action.dest, "command line") != "command line" and value is not None \
+                and value not in action.choices:
+            raise ArgumentError(f"{_where(action.dest, sources[action.dest])} {shown(value)}: one of "
+                                f"{', '.join(map(str, action.choices))}", (action.dest,))
     for name, value in values.items():
         problem = range_problem(name, value)
         if problem:
