@@ -677,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_cardtune_warnings()
     try:
         run(argv)
+        _leave_the_process_group()
     except (_data_stop(), SkipLimitError, DiskFullError, NonFiniteError, FolderInUseError) as exc:
         if not getattr(exc, "quiet", False):
             print(f"train: {exc}", file=sys.stderr)
@@ -695,6 +696,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _leave_the_process_group() -> None:
+    """Every rank leaves a multi-process run together (a barrier, then the group torn down):
+    a rank that exits while another still writes the final folder can abort in its exit
+    ("terminate called without an active exception") and fail the launch."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

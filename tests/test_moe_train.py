@@ -243,7 +243,7 @@ def test_two_process_gloo_moe_run(tmp_path: Path) -> None:
     data = ensure_demo_dataset()
     ensure_demo_model()  # built once here, not by both ranks at once
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"),
+    cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"),
            str(REPO / "train.py"), *DEMO, "--data_path", str(data / TRAIN_FILE), "--image_folder",
            str(data / IMAGE_DIR), "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no",
            "--activation_checkpointing", "true"]
@@ -274,7 +274,7 @@ def test_two_process_deepspeed_zero_moe_run(stage: int, tmp_path: Path) -> None:
     ensure_demo_dataset()
     ensure_demo_model()  # built once here, not by both ranks at once
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--config_file",
            f"configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2", "train.py", *DEMO,
            "--moe_layers", "sparse", "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "no"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

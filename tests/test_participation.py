@@ -136,7 +136,7 @@ def test_ddp_rank_with_a_text_only_batch(mode: str, tmp_path: Path) -> None:
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH.format(repo=str(REPO), trace=str(trace)), encoding="utf-8")
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
+    cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
            *DEMO, "--data_path", str(data), "--image_folder", str(images), "--output_dir", str(out),
            "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-2", *MODES[mode]]
     if torch.cuda.is_available():  # this test is the CPU (gloo) path

@@ -61,7 +61,7 @@ def test_two_process_cpu_run_completes_and_ranks_see_different_data(tmp_path: Pa
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH.format(repo=str(REPO), trace=str(trace)), encoding="utf-8")
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
+    cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
            "--model_id", "tiny-llava-demo", "--data_path", str(data / TRAIN_FILE), "--image_folder", str(data / IMAGE_DIR),
            "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
            "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
@@ -125,7 +125,7 @@ def test_an_fsdp_config_on_cpu_is_refused_not_trained_as_ddp(tmp_path: Path) -> 
     cache = tmp_path / "cache"  # an empty model cache: the ranks build the demo model themselves
     shutil.copytree(data, cache / data.name)
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+    cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
            "--num_processes", "2", str(REPO / "train.py"), "--model_id", "tiny-llava-demo",
            "--data_path", str(cache / data.name / TRAIN_FILE),
            "--image_folder", str(cache / data.name / IMAGE_DIR), "--output_dir", str(out), "--max_steps", "2",

@@ -205,7 +205,7 @@ class GenericLoader:
                 self._install_folder_template(tokenizer)
                 remote = self._image_processor_is_remote()
                 why = (f"the image processor is remote code ({remote}) that {'is not trusted' if not self.card.trust_remote_code else 'does not load'}"
-                       if remote else f"no image processor loads here ({type(exc2).__name__}: {_first_line(exc2)})")
+                       if remote else self._why_no_image_processor(exc2))
                 return Processing(tokenizer, None, None, tuple(notes), video, why, bool(remote))
             # Recovered: one line saying what is missing, not the ImportError cardtune worked around.
             why = ("torchvision is not installed: no videos" if "orchvision" in str(exc)
@@ -273,6 +273,13 @@ class GenericLoader:
             template = folder_chat_template(Path(self.path))
             if template:
                 tokenizer.chat_template = template
+
+    def _why_no_image_processor(self, exc: BaseException) -> str:
+        name = read_json(Path(self.path) / "preprocessor_config.json").get("image_processor_type") or "its image processor"
+        if "torchvision" in str(exc).lower():
+            return (f"no image processor loads here: {name} needs torchvision, which is not installed, and transformers "
+                    "has no PIL version of it")
+        return f"no image processor loads here ({type(exc).__name__}: {_first_line(exc)})"
 
     def _image_processor_is_remote(self) -> str | None:
         """The image processor class the folder names, where transformers has no such class
