@@ -360,3 +360,17 @@ def test_qwen3_vl_trains_on_images_with_lora(tmp_path: Path) -> None:
                     "--max_steps", "2", "--per_device_train_batch_size", "2"])
     losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
+@pytest.mark.parametrize("model_id, ends", [("qwen2.5-7b-instruct", ["<|im_end|>", "<|im_end|>"]),
+                                            ("gpt-oss-20b", ["<|end|>", "<|return|>"])])
+def test_two_answers_in_a_row_are_both_trained(model_id: str, ends: list[str]) -> None:
+    """The assistant header a template writes begins with the end of the turn before it
+    (``<|im_end|>\\n<|im_start|>assistant\\n``): after an answer, that end is the answer's own."""
+    from cardtune.conversation import Sample
+
+    encoder = _encoder(require_fixture(model_id), model_id)
+    sample = Sample("in-a-row", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                 {"role": "assistant", "content": "Again."}])
+    encoded = encoder.encode(sample)
+    assert _spans_text(encoder.tokenizer, encoded.input_ids, encoded.labels) == ["Hello." + ends[0], "Again." + ends[1]]

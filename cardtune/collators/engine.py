@@ -457,6 +457,11 @@ class ChatEncoder:
             spans.append(span[:2])
             answer.reasoning_rendered = span[2]
             pos = span[1]
+            # the next header may begin with this answer's own end (ChatML's <|im_end|>): an
+            # answer that follows an answer (two assistant messages in a row) is found too
+            shared = self.roles.closing_before(ids, pos)
+            if shared and tuple(ids[pos - shared : pos]) == header[:shared]:
+                pos -= shared
         return spans
 
     def _span_after(self, ids: list[int], start: int, answer: Answer,
