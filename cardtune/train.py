@@ -1,20 +1,33 @@
 """Finetune a registered model: ``python train.py --model_id llava-1.5-7b --data_path d.json ...``.
 
-The run, in order: arguments (command line over ``--config``), the model resolved to its card,
-the tokenizer/processor with the card's fix-ups, every sample validated and encoded once
-(``--bad_sample_policy``), the model loaded (dtype, attention kernel) and prepared (full,
-LoRA, QLoRA, frozen parts), ``transformers.Trainer`` with cardtune's collator and batch
-sampler, then a plain Hugging Face folder: weights or adapter, processor, the resolved card
-(``cardtune_card.yaml``), the arguments (``cardtune_args.json``) and the loss curve.
+A run is its stages, in order; :func:`run` and :func:`train_in_held_folder` read as their table
+of contents, each stage a function given what it needs:
+
+1. :func:`check_run`: the arguments (command line over ``--config``), the model resolved to its
+   card, and everything given checked before anything loads;
+2. the output folder held (one run at a time) and :func:`resume_point`: where training starts;
+3. :func:`open_encoding`: the tokenizer/processor with the card's fix-ups, and the encoder;
+4. :func:`prepare_data`: every sample validated and encoded once (``--bad_sample_policy``);
+5. :func:`prepare_model`: the model loaded (dtype, attention kernel) and prepared (full, LoRA,
+   QLoRA, frozen parts);
+6. :func:`build_trainer`: ``transformers.Trainer`` with the method's datasets, collator and loss;
+7. :func:`fit`: training, then a plain Hugging Face folder: weights or adapter, processor, the
+   resolved card (``cardtune_card.yaml``), the arguments (``cardtune_args.json``), the loss curve;
+8. :func:`finish`: the run's summary, ``report.html`` and its closing lines.
+
+What differs between training methods (``--method sft``, ``dpo``) is each method's own, in one
+place (:mod:`cardtune.training.methods`): its datasets, collator, loss and logged figures.
 
 ``python train.py --model_id tiny-llava-demo`` trains the embedded demo with no other argument.
+
+The module is longer than most (about 600 lines) because it is the list of stages itself: each
+is short and reads the products of the ones before, and what they call lives below
+(``training.settle``: the arguments the run settles; ``training.outcome``: how a run ends).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import logging
 import sys
 import time
@@ -34,12 +47,16 @@ from cardtune.training.arguments import (
     parse_arguments,
     source_lines,
 )
+from cardtune.training.outcome import card_data, card_yaml, closing
+from cardtune.training.settle import (  # noqa: F401  (default_num_workers: re-exported for tests)
+    check_engine,
+    default_num_workers,
+    settle_training_arguments,
+)
 from cardtune.training.template import card_with_template
 from cardtune.training.writes import DiskFullError, writing
 
 log = logging.getLogger("cardtune.train")
-
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def _say(args: Arguments | None, message: str) -> None:
@@ -88,113 +105,9 @@ def folder_loader(resolved: Any) -> Any:
     return loader_for(resolved.card, resolved.path, resolved.revision)
 
 
-# -- arguments the run settles ------------------------------------------------------------------
-def settle_training_arguments(args: Arguments) -> list[str]:
-    """Settings the run needs whatever the user wrote; returns what was changed and why."""
-    t = args.training
-    notes: list[str] = []
-    if t.remove_unused_columns:
-        # Items are encoded samples, not dataset columns: nothing to remove.
-        t.remove_unused_columns = False
-    if "logging_nan_inf_filter" not in args.sources:
-        # The filter logs a NaN step's loss as the window's mean so far (0.0 over one step):
-        # the logs carry the NaN instead, and the run stops there (training.faults).
-        t.logging_nan_inf_filter = False
-    if t.dataloader_pin_memory and not _cuda():
-        t.dataloader_pin_memory = False  # pinning needs an accelerator
-    requested = [r for r in (t.report_to or []) if r not in ("none", "all")]
-    if "report_to" not in args.sources and not requested:
-        if importlib.util.find_spec("tensorboard") is not None:
-            t.report_to = ["tensorboard"]
-            notes.append("report_to: tensorboard (installed)")
-    else:
-        missing = [r for r in requested if r in TRACKERS and importlib.util.find_spec(TRACKERS[r]) is None]
-        if missing:
-            t.report_to = [r for r in requested if r not in missing] or ["none"]
-            notes.append(f"report_to: {', '.join(missing)} not installed; not reporting to it")
-    notes += settle_evaluation(args)
-    if "ddp_find_unused_parameters" not in args.sources:
-        # Every trainable parameter takes part in every step (training.participation), so DDP
-        # need not search the autograd graph for unused ones after each forward.
-        t.ddp_find_unused_parameters = False
-    if "dataloader_num_workers" not in args.sources:
-        workers, why = default_num_workers(_cuda() and not t.use_cpu, _usable_cpus(), _local_processes())
-        t.dataloader_num_workers = workers
-        if workers:
-            notes.append(f"dataloader_num_workers: {workers} ({why})")
-    return notes
-
-
-def settle_evaluation(args: Arguments) -> list[str]:
-    """Evaluation follows the data given: a recipe's evaluation schedule without eval data is
-    turned off (the demo recipe evaluates on the demo's own eval split); one asked for on
-    the command line is an error."""
-    from transformers.trainer_utils import IntervalStrategy
-
-    t = args.training
-    if args.data.eval_data_path is not None or t.eval_strategy == IntervalStrategy.NO:
-        return []
-    source = args.sources.get("eval_strategy", "the defaults")
-    if source == "command line" or t.load_best_model_at_end:
-        asked = "--load_best_model_at_end" if t.load_best_model_at_end else f"--eval_strategy {t.eval_strategy.value}"
-        raise ArgumentError(f"{asked} evaluates on --eval_data_path, which is not given: give it, or drop {asked}")
-    if args.run.eval_generate:
-        raise ArgumentError("--eval_generate scores answers to eval samples: give --eval_data_path")
-    t.eval_strategy = IntervalStrategy.NO
-    t.do_eval = False
-    return [f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
-
-
-ENGINES = {"FSDP": ("ACCELERATE_USE_FSDP", "is_fsdp_enabled"),
-           "DeepSpeed": ("ACCELERATE_USE_DEEPSPEED", "is_deepspeed_enabled")}
-
-
-def check_engine(trainer: Any) -> None:
-    """The engine the accelerate config asked for (``accelerate launch`` says so in the
-    processes' environment) is the one the Trainer's accelerator runs. accelerate 1.15 turns
-    FSDP and DeepSpeed on only on accelerator devices: on CPU the same processes would train
-    plain DDP over gloo, unsharded, without a word."""
-    import os
-
-    for engine, (env, enabled) in ENGINES.items():
-        if os.environ.get(env, "false").lower() == "true" and not getattr(trainer, enabled, False):
-            device = trainer.args.device.type
-            raise ArgumentError(
-                f"the accelerate config asks for {engine}, but accelerate did not turn it on: these processes run on "
-                f"{device}, and accelerate runs {engine} only on GPUs (or other accelerators), so they would train "
-                "unsharded DDP instead. On CPU, launch with configs/accelerate/cpu.yaml (DDP over gloo)"
-            )
-
-
-def default_num_workers(accelerator: bool, cpus: int, processes: int) -> tuple[int, str]:
-    """Data-loading processes when nothing sets them: on an accelerator, the cores each
-    training process can spare (at most 4); on CPU none, as training itself needs the cores."""
-    if not accelerator:
-        return 0, "training on CPU"
-    spare = max(0, cpus // max(processes, 1) - 1)
-    return min(4, spare), f"{cpus} CPU cores for {processes} training process{'es' if processes > 1 else ''}"
-
-
-def _usable_cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _local_processes() -> int:
-    import os
-
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def demo_data(args: Arguments, card: FamilyCard) -> str | None:
-    """The demo dataset as default data for a ``loader: demo`` model."""
+def demo_data(args: Arguments, card: FamilyCard, files: tuple[str, str] | None = None) -> str | None:
+    """The demo dataset as default data for a ``loader: demo`` model; ``files``: its (train,
+    eval) files for the run's method (default: the conversations)."""
     d = args.data
     if d.data_path is not None:
         return None
@@ -202,10 +115,11 @@ def demo_data(args: Arguments, card: FamilyCard) -> str | None:
         raise ArgumentError("give --data_path (LLaVA or OpenAI-messages JSON/JSONL, or a mix YAML)")
     from cardtune.demo import EVAL_FILE, IMAGE_DIR, TRAIN_FILE, ensure_demo_dataset
 
+    train_file, eval_file = files or (TRAIN_FILE, EVAL_FILE)
     folder = ensure_demo_dataset()
-    d.data_path = str(folder / TRAIN_FILE)
+    d.data_path = str(folder / train_file)
     if d.eval_data_path is None:
-        d.eval_data_path = str(folder / EVAL_FILE)
+        d.eval_data_path = str(folder / eval_file)
     if d.image_folder is None:
         d.image_folder = str(folder / IMAGE_DIR)
     return str(folder)
@@ -229,8 +143,74 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     args = parse_arguments(argv)
     for line in source_lines(args):  # first: every later error is about values whose source is said
         _say(args, line)
-    from cardtune.inputs import check_data_paths, check_model, check_model_path
+    the_run = check_run(args, argv, started)
+    from cardtune.training.lock import holding
 
+    t = args.training
+    # Held from here to the end (refused while another run holds it): also the check that it can be written.
+    with holding(t.output_dir, t.process_index == 0, the_run.say):
+        return train_in_held_folder(the_run)
+
+
+def train_in_held_folder(the_run: Run) -> RunResult:
+    """The run once its output folder is its own: where it starts, the data, the model, training."""
+    from cardtune.training.optional_cache import usable_cache
+
+    cache = usable_cache(the_run.args.data.data_cache, the_run.say)  # before any data is read
+    start = resume_point(the_run)
+    if start.finished:
+        from cardtune.training.outcome import finish_from_last_checkpoint
+
+        return RunResult(finish_from_last_checkpoint(the_run.args, start.checkpoint, the_run.started), None,
+                         the_run.args)
+    encoding = open_encoding(the_run, start)
+    splits = prepare_data(the_run, encoding, cache)
+    prepared = prepare_model(the_run, encoding)
+    training = build_trainer(the_run, encoding, splits, prepared, start)
+    outcome = fit(the_run, training, encoding, start)
+    return finish(the_run, training, encoding, splits, outcome, start)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run reads: its arguments, method, resolved model and notes."""
+
+    args: Arguments
+    argv: list[str]
+    method: Any
+    resolved: Any
+    overrides: dict[str, Any]
+    family: Any
+    """The model as its family writes it, where ``--template plain`` changed this run's card."""
+    demo_folder: str | None
+    notes: list[str]
+    started: float
+
+    def say(self, message: str) -> None:
+        _say(self.args, message)
+
+    @property
+    def main_process(self) -> bool:
+        return self.args.training.process_index == 0
+
+    @property
+    def saved_card(self) -> FamilyCard:
+        """The card the output keeps: plain is this run's pretraining format, and the next stage
+        (conversations) loads the folder with the family's chat template."""
+        return self.family.card if self.family is not None else self.resolved.card
+
+    def card_data(self) -> dict[str, Any]:
+        return card_data(self.saved_card, self.resolved.model_id)
+
+
+def check_run(args: Arguments, argv: list[str], started: float) -> Run:
+    """The model resolved and everything given checked, before anything loads: the model folder
+    and its weights, QLoRA and packing on this card, the media folders, the data paths; the
+    training arguments the run settles."""
+    from cardtune.inputs import check_data_paths, check_model, check_model_path
+    from cardtune.training.methods import method_named
+
+    method = method_named(args.tune.method)
     check_model_path(args.model.model_path, weights=True)  # before anything loads
     resolved, overrides = resolve(args)
     card = resolved.card
@@ -244,62 +224,65 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
         check_capability(card, "packing", "packing")  # unsupported: an error; experimental: a warning
     check_model(resolved, model_path=args.model.model_path, weights=True, cards=args.model.cards)
     check_media_folders(args)
-    demo_folder = demo_data(args, card)
+    demo_folder = demo_data(args, card, method.demo_files)
     for data_path in (args.data.data_path, args.data.eval_data_path):
         if data_path is not None:
             check_data_paths(data_path)
-    notes = settle_training_arguments(args)
-    for line in resolved.notes:
-        notes.append(line)
-    from cardtune.training.lock import holding
-
-    t = args.training
-    # Held from here to the end (refused while another run holds it): also the check that it can be written.
-    with holding(t.output_dir, t.process_index == 0, lambda message: _say(args, message)):
-        return train_in_held_folder(args, argv, resolved, overrides, demo_folder, notes, started)
-
-
-def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overrides: dict[str, Any],
-                         demo_folder: str | None, notes: list[str], started: float) -> RunResult:
-    """The run once its output folder is its own: where it starts, the data, the model, training."""
-    from cardtune.training.optional_cache import usable_cache
-
-    card = resolved.card
-    t = args.training
-    output_dir = t.output_dir
-    say = lambda message: _say(args, message)  # noqa: E731
-    cache = usable_cache(args.data.data_cache, say)  # before any data is read
-    # plain is this run's pretraining format: the output keeps the family's chat template, so
-    # the next stage (conversations) loads the folder with the template it needs.
+    notes = settle_training_arguments(args) + list(resolved.notes)
     family = resolve_family(args)[0] if args.model.template == "plain" else None
-    saved_card = family.card if family is not None else card
-    # Where the run starts, decided before anything is written into output_dir.
-    resume, resume_lines = start_point(args, _card_data(saved_card, resolved.model_id))
-    from cardtune.training.checkpoints import checkpoint_step, complete_checkpoints, run_is_finished
+    return Run(args, argv, method, resolved, overrides, family, demo_folder, notes, started)
 
-    if resume and run_is_finished(resume, t.max_steps, t.num_train_epochs):
-        for line in resume_lines:
-            say(line)
-        return finish_from_last_checkpoint(args, resume, started)
 
+@dataclasses.dataclass
+class Start:
+    """Where training starts: the checkpoint resumed (None: step 0) and what to say about it."""
+
+    checkpoint: str | None
+    lines: list[str]
+    step: int = 0
+    """The checkpoint's step (read now: checkpoint rotation may delete it during training)."""
+    finished: bool = False
+    """The checkpoint holds the run's last step: nothing is left to train."""
+
+
+def resume_point(the_run: Run) -> Start:
+    """Where the run starts, decided before anything is written into the output folder."""
+    from cardtune.training.checkpoints import checkpoint_step, run_is_finished
+
+    t = the_run.args.training
+    checkpoint, lines = start_point(the_run.args, the_run.card_data())
+    if checkpoint is None:
+        return Start(None, lines)
+    finished = run_is_finished(checkpoint, t.max_steps, t.num_train_epochs)
+    if finished:
+        for line in lines:
+            the_run.say(line)
+    return Start(checkpoint, lines, checkpoint_step(checkpoint), finished)
+
+
+@dataclasses.dataclass
+class Encoding:
+    """The model's folder, its tokenizer/processor, and what encodes one record for the method."""
+
+    loader: Any
+    processing: Any
+    saved_processing: Any
+    """What the output folder keeps (the family's, where ``--template plain`` changed this run's)."""
+    encoder: Any
+
+
+def open_encoding(the_run: Run, start: Start) -> Encoding:
+    """The seed and threads set, what the run trains said, the tokenizer/processor loaded with the
+    card's fix-ups, and the method's encoder over the model's own chat template."""
     from transformers import set_seed
 
     from cardtune.data.max_length import length_note, limited_encoder
-    from cardtune.training.data import (
-        PackedCollator,
-        PackedDataset,
-        conversation_dataset,
-        media_config,
-        prepare_split,
-    )
-    from cardtune.training.faults import Interrupted, NonFiniteError
-    from cardtune.training.model import format_parameter_table, load_and_prepare, parameter_table
-    from cardtune.training.participation import text_only_warning
-    from cardtune.training.trainer import CardFiles, CardtuneTrainer, LossPlotCallback, NonFiniteGuard
+    from cardtune.training.model import cuda_available
 
-    main_process = t.process_index == 0
+    args, card, resolved, say = the_run.args, the_run.resolved.card, the_run.resolved, the_run.say
+    t = args.training
     set_seed(t.seed)
-    if args.model.cpu_threads and (t.use_cpu or not _cuda()):
+    if args.model.cpu_threads and (t.use_cpu or not cuda_available()):
         import torch
 
         torch.set_num_threads(args.model.cpu_threads)
@@ -308,9 +291,9 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
     if card.status == "experimental":
         say(f"warning: family {card.family} is experimental (card: status: experimental)"
             + (f": {card.status_note}" if card.status_note else ""))
-    if demo_folder:
-        say(f"data: the demo dataset in {demo_folder}")
-    for line in resume_lines:
+    if the_run.demo_folder:
+        say(f"data: the demo dataset in {the_run.demo_folder}")
+    for line in start.lines:
         say(line)
 
     try:
@@ -318,88 +301,127 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
     except OSError as exc:  # the hub unreachable, a folder missing its tokenizer files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"{loader.path}: cannot load the tokenizer/processor: {first}") from None
-    for line in processing.notes:
-        notes.append(line)
-    saved_processing = folder_loader(family).load_processing() if family is not None else processing
+    the_run.notes.extend(processing.notes)
+    saved_processing = folder_loader(the_run.family).load_processing() if the_run.family is not None else processing
     d = args.data
-    encoder = limited_encoder(card, processing, loader.path, max_length=d.max_length,
-                              revision=resolved.revision, config_overrides=overrides,
-                              typed_control_tokens=d.typed_control_tokens)
-    if d.max_length is None and encoder.limit is not None:
-        notes.append(f"length limit: {encoder.limit.tokens} tokens ({encoder.limit.origin}); a longer sample is "
-                     "too_long (--max_length cuts such samples instead)")
-    above_limit = length_note(d.max_length, encoder.limit)
+    engine = limited_encoder(card, processing, loader.path, max_length=d.max_length, revision=resolved.revision,
+                             config_overrides=the_run.overrides, typed_control_tokens=d.typed_control_tokens)
+    if d.max_length is None and engine.limit is not None:
+        the_run.notes.append(f"length limit: {engine.limit.tokens} tokens ({engine.limit.origin}); a longer sample "
+                             "is too_long (--max_length cuts such samples instead)")
+    above_limit = length_note(d.max_length, engine.limit)
     if above_limit:
-        notes.append(above_limit)
-    split_kwargs = dict(card=card, image_folder=d.image_folder, video_folder=d.video_folder,
+        the_run.notes.append(above_limit)
+    return Encoding(loader, processing, saved_processing, the_run.method.encoder(engine))
+
+
+@dataclasses.dataclass
+class Splits:
+    train: Any
+    eval: Any | None
+
+
+def prepare_data(the_run: Run, encoding: Encoding, cache: str | None) -> Splits:
+    """Each split read, validated (every sample encoded once) and the policy applied; a split
+    that would lose more than ``--max_skipped_share`` stops the run before step 1."""
+    from cardtune.training.data import prepare_split
+
+    args = the_run.args
+    d, t = args.data, args.training
+    split_kwargs = dict(card=the_run.resolved.card, image_folder=d.image_folder, video_folder=d.video_folder,
                         allow_absolute_paths=d.allow_absolute_paths, policy=d.bad_sample_policy,
-                        output_dir=output_dir if main_process else None,
-                        seed=t.seed, log=say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
+                        output_dir=t.output_dir if the_run.main_process else None,
+                        seed=t.seed, log=the_run.say, check_media=d.check_media, max_image_pixels=d.max_image_pixels,
                         num_workers=d.validation_workers, cache=cache,
-                        role_keys={"user_key": d.user_key, "assistant_key": d.assistant_key})
-    train_split = prepare_split("train", d.data_path, encoder, **split_kwargs)
+                        role_keys={"user_key": d.user_key, "assistant_key": d.assistant_key},
+                        settings=the_run.method.cache_settings())
+    train_split = prepare_split("train", d.data_path, encoding.encoder, **split_kwargs)
     check_skipped_share("train", train_split.report, d.bad_sample_policy, d.max_skipped_share)
-    eval_split = prepare_split("eval", d.eval_data_path, encoder, **split_kwargs) if d.eval_data_path else None
+    eval_split = prepare_split("eval", d.eval_data_path, encoding.encoder, **split_kwargs) if d.eval_data_path else None
     if eval_split is not None:
         check_skipped_share("eval", eval_split.report, d.bad_sample_policy, d.max_skipped_share)
     if not train_split.samples:
         raise ArgumentError("no training sample left after validation")
+    return Splits(train_split, eval_split)
 
-    prepared = load_and_prepare(loader, card, args, overrides, processing.tokenizer)
-    model = prepared.model
-    notes += prepared.notes
+
+def prepare_model(the_run: Run, encoding: Encoding) -> Any:
+    """The model loaded and prepared as the card and the flags say; the run's notes said."""
+    from cardtune.training.model import load_and_prepare
+
+    args, say = the_run.args, the_run.say
+    prepared = load_and_prepare(encoding.loader, the_run.resolved.card, args, the_run.overrides,
+                                encoding.processing.tokenizer)
+    the_run.notes.extend(prepared.notes)
     say(f"attention: {prepared.attention} ({prepared.attention_note})")
     say(f"dtype: {prepared.dtype_note}")
-    if str(prepared.dtype) == "torch.bfloat16" and not t.fp16:
-        t.bf16 = True  # bf16 weights: autocast the adapters' and the loss's matmuls to bf16 too
-    for line in notes:
+    if str(prepared.dtype) == "torch.bfloat16" and not args.training.fp16:
+        args.training.bf16 = True  # bf16 weights: autocast the adapters' and the loss's matmuls to bf16 too
+    for line in the_run.notes:
         say(f"note: {line}")
+    return prepared
 
+
+@dataclasses.dataclass
+class Training:
+    """The Trainer and what the run reads back from it at the end."""
+
+    trainer: Any
+    data: Any
+    """The method's :class:`~cardtune.training.methods.TrainingData`."""
+    prepared: Any
+    card_files: Any
+    loss_plot: Any
+    guard: Any
+    media: Any
+
+
+def build_trainer(the_run: Run, encoding: Encoding, splits: Splits, prepared: Any, start: Start) -> Training:
+    """The method's datasets, collator and Trainer, with the callbacks every run has (loss curve,
+    a stop at numbers that are not finite, the card files in every checkpoint)."""
+    from cardtune.evaluation.during_training import GenerationDuringTraining
+    from cardtune.training.data import media_config
+    from cardtune.training.model import format_parameter_table, parameter_table
+    from cardtune.training.outcome import moe_adapter_files
+    from cardtune.training.participation import text_only_warning
+    from cardtune.training.trainer import CardFiles, LossPlotCallback, NonFiniteGuard
+
+    args, say, card = the_run.args, the_run.say, the_run.resolved.card
+    d, t = args.data, args.training
     media = media_config(card, d.image_folder, d.video_folder, d.max_image_pixels, d.allow_absolute_paths)
-    if d.packing:
-        capacity = d.max_length or max(train_split.lengths)
-        train_dataset: Any = PackedDataset(train_split, card, encoder, media, capacity)
-        lengths, media_flags = train_dataset.lengths, train_dataset.media_flags
-        collator: Any = PackedCollator(encoder.handler, prepared.attention, mask_dtype=model.dtype)
-        say(f"packing: {len(train_split.samples)} samples in {len(train_dataset)} rows of at most {capacity} tokens")
-    else:
-        train_dataset = conversation_dataset(train_split, card, encoder, d.image_folder, d.video_folder,
-                                             d.max_image_pixels, d.allow_absolute_paths)
-        lengths, media_flags = train_split.lengths, train_split.media_flags
-        collator = encoder.handler
-    eval_dataset = (conversation_dataset(eval_split, card, encoder, d.image_folder, d.video_folder,
-                                         d.max_image_pixels, d.allow_absolute_paths)
-                    if eval_split is not None else None)
-
+    data = the_run.method.data(splits, encoding.encoder, media, prepared, args)
+    if data.note:
+        say(data.note)
+    model = prepared.model
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
-    text_only = text_only_warning(prepared.plan, train_split.media_flags)
+    text_only = text_only_warning(prepared.plan, splits.train.media_flags)
     if text_only:
         say(f"warning: {text_only}")
-    card_files = CardFiles(_card_yaml(saved_card, resolved.model_id, loader.path), args.to_dict(),
-                           _moe_adapter_files(prepared))
-    loss_plot = LossPlotCallback()
-    guard = NonFiniteGuard()
-    if resume:
+    card_files = CardFiles(card_yaml(the_run.saved_card, the_run.resolved.model_id, encoding.loader.path),
+                           args.to_dict(), moe_adapter_files(prepared))
+    loss_plot, guard = LossPlotCallback(), NonFiniteGuard()
+    if start.checkpoint:
         from cardtune.training.checkpoints import run_differences
         from cardtune.training.fit import check_checkpoint_fits
 
-        check_checkpoint_fits(resume, model, run_differences(resume, args.to_dict(), _card_data(saved_card, resolved.model_id)))
-    from cardtune.evaluation.during_training import GenerationDuringTraining
-
+        check_checkpoint_fits(start.checkpoint, model, run_differences(start.checkpoint, args.to_dict(), the_run.card_data()))
+    eval_split = splits.eval
     generation = GenerationDuringTraining(
-        eval_split.samples, args.run.eval_generate, encoder, media, max_new_tokens=args.run.eval_generate_max_new_tokens,
-        batch_size=t.per_device_eval_batch_size, output_dir=output_dir if main_process else None,
+        eval_split.samples, args.run.eval_generate, getattr(encoding.encoder, "engine", encoding.encoder), media,
+        max_new_tokens=args.run.eval_generate_max_new_tokens, batch_size=t.per_device_eval_batch_size,
+        output_dir=t.output_dir if the_run.main_process else None,
         synced_gpus=t.world_size > 1) if args.run.eval_generate and eval_split is not None else None
-    trainer = CardtuneTrainer(
+    trainer = the_run.method.trainer(
+        prepared, args,
         model=model,
         args=t,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        processing_class=saved_processing.processor or saved_processing.tokenizer,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=encoding.saved_processing.processor or encoding.saved_processing.tokenizer,
         callbacks=[loss_plot, guard],
-        lengths=lengths,
-        media_flags=media_flags,
+        lengths=data.lengths,
+        media_flags=data.media_flags,
         group_by_length=d.group_by_length,
         card_files=card_files,
         moe=prepared.moe,
@@ -408,108 +430,111 @@ def train_in_held_folder(args: Arguments, argv: list[str], resolved: Any, overri
         generation=generation,
     )
     check_engine(trainer)
-    start_step = checkpoint_step(resume) if resume else 0
+    return Training(trainer, data, prepared, card_files, loss_plot, guard, media)
+
+
+@dataclasses.dataclass
+class Outcome:
+    metrics: dict[str, Any]
+    train_s: float
+    moe: Any
+
+
+def fit(the_run: Run, training: Training, encoding: Encoding, start: Start) -> Outcome:
+    """Train, evaluate at the last step, and write the final folder; a full disk, a number that
+    is not finite and Ctrl-C end the run saying what was saved and what to do next."""
+    from cardtune.training.checkpoints import complete_checkpoints
+    from cardtune.training.faults import Interrupted, NonFiniteError
+    from cardtune.training.outcome import (
+        after_disk_full,
+        after_nonfinite,
+        being_written,
+        continue_command,
+        save_moe,
+    )
+
+    args, trainer, prepared = the_run.args, training.trainer, training.prepared
+    output_dir = args.training.output_dir
+    main_process = the_run.main_process
     train_started = time.perf_counter()
     try:
-        with writing(output_dir, lambda: _being_written(output_dir, trainer.state.global_step)):
-            result = trainer.train(resume_from_checkpoint=resume)
-        guard.raise_if_stopped()
+        with writing(output_dir, lambda: being_written(output_dir, trainer.state.global_step)):
+            result = trainer.train(resume_from_checkpoint=start.checkpoint)
+        training.guard.raise_if_stopped()
         train_s = time.perf_counter() - train_started
         metrics: dict[str, Any] = dict(result.metrics)
         evaluated = [h for h in trainer.state.log_history if "eval_loss" in h]
-        if eval_dataset is not None and (not evaluated or evaluated[-1].get("step") != trainer.state.global_step):
+        if training.data.eval is not None and (not evaluated or evaluated[-1].get("step") != trainer.state.global_step):
             metrics.update(trainer.evaluate())
         elif evaluated:
             metrics["eval_loss"] = evaluated[-1]["eval_loss"]
 
         trainer.save_model(output_dir)  # with the card files
-        moe_output = _save_moe(trainer, prepared, card_files, output_dir, card.model_class) if prepared.moe else None
-        if main_process and saved_processing.processor is None and saved_processing.image_processor is not None:
+        card = the_run.resolved.card
+        moe = save_moe(trainer, prepared, training.card_files, output_dir, card.model_class) if prepared.moe else None
+        saved = encoding.saved_processing
+        if main_process and saved.processor is None and saved.image_processor is not None:
             with writing(output_dir, "the image processor"):
-                saved_processing.image_processor.save_pretrained(output_dir)
+                saved.image_processor.save_pretrained(output_dir)
     except DiskFullError as exc:
-        exc.hint = _after_disk_full(output_dir)
+        exc.hint = after_disk_full(output_dir)
         raise
     except NonFiniteError as exc:
-        exc.hint = _after_nonfinite(args, argv, exc.step, trainer.cardtune_finite_saves)
+        exc.hint = after_nonfinite(args, the_run.argv, exc.step, trainer.cardtune_finite_saves)
         exc.quiet = not main_process
         raise
     except KeyboardInterrupt:
-        saved = complete_checkpoints(output_dir)
-        stop = Interrupted(trainer.state.global_step, saved[-1] if saved else None, _continue_command(args, argv, "auto"))
+        saved_checkpoints = complete_checkpoints(output_dir)
+        stop = Interrupted(trainer.state.global_step, saved_checkpoints[-1] if saved_checkpoints else None,
+                           continue_command(args, the_run.argv, "auto"))
         stop.quiet = not main_process
         raise stop from None
     trainer.accelerator.wait_for_everyone()
-    failed_in_training = train_dataset.failures.count()
+    return Outcome(metrics, train_s, moe)
+
+
+def finish(the_run: Run, training: Training, encoding: Encoding, splits: Splits, outcome: Outcome,
+           start: Start) -> RunResult:
+    """What training found in the data and the batches, the run's summary and report, and its
+    closing lines."""
+    args, say, trainer = the_run.args, the_run.say, training.trainer
+    d, t = args.data, args.training
+    failed_in_training = training.data.train.failures.count()
     if failed_in_training:
         say(f"data: {failed_in_training} samples failed when decoded in training and were skipped "
-            f"(ids in {train_split.skipped_file})")
-
+            f"(ids in {splits.train.skipped_file})")
     unreached = trainer.cardtune_participation.report()
     if unreached:
         say(f"note: {unreached}")
 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    out = Path(output_dir)
+    out = Path(t.output_dir)
     summary = {
         "output_dir": str(out),
         "checkpoint": str(out),
-        "plot": str(loss_plot.plot) if loss_plot.plot else None,
+        "plot": str(training.loss_plot.plot) if training.loss_plot.plot else None,
         "logs": str(out / "log_history.json"),
         "global_step": trainer.state.global_step,
-        "steps_run": trainer.state.global_step - start_step,
-        "resumed_from": resume,
+        "steps_run": trainer.state.global_step - start.step,
+        "resumed_from": start.checkpoint,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
-        "train_s": train_s,
+        "train_s": outcome.train_s,
         "skipped_in_training": failed_in_training,
-        "wall_s": time.perf_counter() - started,
-        "metrics": metrics,
-        "moe": moe_output.note if moe_output else None,
+        "wall_s": time.perf_counter() - the_run.started,
+        "metrics": outcome.metrics,
+        "moe": outcome.moe.note if outcome.moe else None,
     }
-    if main_process:
+    if the_run.main_process:
         from cardtune.report.run import write_run_report
 
-        report = write_run_report(out, history, splits={"train": train_split, "eval": eval_split},
-                                  data_paths={"train": d.data_path, "eval": d.eval_data_path}, encoder=encoder,
-                                  label_samples=train_split.samples, media=media, warn=say)
+        report = write_run_report(out, history, splits={"train": splits.train, "eval": splits.eval},
+                                  data_paths={"train": d.data_path, "eval": d.eval_data_path}, encoder=encoding.encoder,
+                                  label_samples=splits.train.samples, media=training.media, warn=say)
         summary["report"] = str(report) if report else None
-    say(_closing(summary, t))
+    say(closing(summary, t, the_run.method.closing_lines(history)))
     return RunResult(summary, trainer, args)
-
-
-# -- the output folder --------------------------------------------------------------------------
-def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float) -> RunResult:
-    """A resume from the run's last step (its final save failed, say) trains nothing: the
-    final folder is the checkpoint's model files, with the loss curve of its history."""
-    from cardtune.training.checkpoints import finish_from, trainer_state
-    from cardtune.training.trainer import LOG_FILE, LOSS_PLOT, plot_loss
-
-    t = args.training
-    out = Path(t.output_dir)
-    state = trainer_state(checkpoint)
-    if t.process_index == 0:
-        copied = finish_from(checkpoint, out)
-        history = state.get("log_history", [])
-        with writing(out, f"{LOG_FILE} and {LOSS_PLOT}"):
-            (out / LOG_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
-            plot = plot_loss(history, out / LOSS_PLOT)
-        _say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
-             f"left to train; the final folder is written from it ({', '.join(copied)})")
-        from cardtune.report.run import write_run_report
-
-        report = write_run_report(out, history, warn=lambda message: _say(args, message))
-    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
-    summary = {
-        "output_dir": str(out), "checkpoint": str(out), "plot": str(plot) if t.process_index == 0 and plot else None,
-        "logs": str(out / LOG_FILE), "global_step": state["global_step"], "steps_run": 0, "resumed_from": checkpoint,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "train_s": 0.0, "skipped_in_training": 0, "wall_s": time.perf_counter() - started, "metrics": {},
-        "report": str(report) if t.process_index == 0 and report else None,
-    }
-    _say(args, _closing(summary, t))
-    return RunResult(summary, None, args)
 
 
 def start_point(args: Arguments, card_data: dict[str, Any]) -> tuple[str | None, list[str]]:
@@ -534,41 +559,6 @@ def start_point(args: Arguments, card_data: dict[str, Any]) -> tuple[str | None,
     return None, lines
 
 
-def _being_written(output_dir: str, step: int) -> str:
-    from cardtune.training.checkpoints import checkpoint_problem
-
-    folder = Path(output_dir) / f"checkpoint-{step}"
-    if folder.is_dir() and checkpoint_problem(folder):
-        return f"{folder.name} (left incomplete: it is never resumed; delete it to free its space)"
-    return "the run's logs and checkpoints"
-
-
-def _after_disk_full(output_dir: str) -> str:
-    from cardtune.training.checkpoints import complete_checkpoints
-
-    done = complete_checkpoints(output_dir)
-    start = f"continues from {done[-1].name}" if done else "starts over (no checkpoint was completed)"
-    return f"Free some space there, then the same command with --resume_from_checkpoint auto {start}."
-
-
-def _continue_command(args: Arguments, argv: list[str], resume: str) -> str:
-    from cardtune.training.faults import train_command
-
-    from_recipe = args.run.overwrite_output_dir and args.sources.get("overwrite_output_dir") != "command line"
-    return train_command(argv, resume=resume, overwrite_from_recipe=from_recipe)
-
-
-def _after_nonfinite(args: Arguments, argv: list[str], step: int, checked: set[int]) -> str:
-    from cardtune.training.faults import last_good_checkpoint
-
-    lr = f"a lower --learning_rate, say (this run's: {args.training.learning_rate:g})"
-    good = last_good_checkpoint(args.training.output_dir, step, checked)
-    if good is None:
-        return f"No checkpoint was saved before step {step}: start over with {lr}."
-    return (f"The last good checkpoint is {good}; to go on from it with {lr}: "
-            f"{_continue_command(args, argv, str(good))}")
-
-
 class SkipLimitError(RuntimeError):
     """``--bad_sample_policy skip`` would drop more of a split than ``--max_skipped_share``."""
 
@@ -584,80 +574,6 @@ def check_skipped_share(split: str, report: Any, policy: str, share: float) -> N
         "--bad_sample_policy skip drop; nothing was trained. Fix the data or the media folders, or raise "
         f"--max_skipped_share:\n{report.format_table(limit=20)}"
     )
-
-
-def _moe_adapter_files(prepared: Any) -> dict[str, str] | None:
-    """An adapter over an upcycled model carries its MoE spec (the base folder is dense)."""
-    if prepared.moe is None or not prepared.plan.uses_lora:
-        return None
-    from cardtune.training.moe import SPEC_FILE
-
-    return {SPEC_FILE: prepared.moe.model_dump_json(indent=2) + "\n"}
-
-
-def _save_moe(trainer: Any, prepared: Any, card_files: Any, output_dir: str, card_class: str) -> Any:
-    """The upcycled model's final folder: native where an architecture fits (docs/MOE.md)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    from cardtune.training.moe.output import adapter_output, card_with_class, save_full_model
-
-    if prepared.plan.uses_lora:
-        return adapter_output()
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # every rank: gathered under ZeRO-3
-    if is_deepspeed_zero3_enabled():
-        # Training is over: rank 0 builds the native model alone, which transformers would
-        # otherwise partition across the ranks (a collective the others never join).
-        unset_hf_deepspeed_config()
-    saved = None
-    if trainer.args.process_index == 0:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        with writing(output_dir, "the model in its MoE architecture"):
-            saved = save_full_model(model, prepared.moe, output_dir, state=state, card_class=card_class, written=True)
-            if saved.model_class:  # a text model saved as Mixtral / Qwen2-MoE: its card names the class
-                card_files.card_yaml = card_with_class(card_files.card_yaml, saved.model_class)
-                card_files.write(output_dir)
-    trainer.accelerator.wait_for_everyone()
-    return saved
-
-
-def _card_data(card: FamilyCard, model_id: str) -> dict[str, Any]:
-    """The card as trained: the family with only this model's entry."""
-    data = card.model_dump(mode="json", exclude_defaults=True)
-    data["models"] = [m for m in data["models"] if m["model_id"] == model_id] or data["models"][:1]
-    return data
-
-
-def _card_yaml(card: FamilyCard, model_id: str, weights: str) -> str:
-    import yaml
-
-    header = f"# The card this model was trained with: model id {model_id}, base weights from {weights}.\n"
-    return header + yaml.safe_dump(_card_data(card, model_id), sort_keys=False, allow_unicode=True)
-
-
-def _closing(summary: dict[str, Any], t: Any) -> str:
-    run, step = summary["steps_run"], summary["global_step"]
-    steps = f"{run} step{'s' if run != 1 else ''}"
-    if summary["resumed_from"]:
-        steps += f" (global step {step}, resumed from {Path(summary['resumed_from']).name})"
-    lines = ["", f"done: {steps} in {summary['train_s']:.1f}s (wall {summary['wall_s']:.1f}s)"]
-    if summary["loss_first"] is not None:
-        lines.append(f"loss: {summary['loss_first']:.3f} (first logged) -> {summary['loss_last']:.3f} (last logged)")
-    if "eval_loss" in summary["metrics"]:
-        lines.append(f"eval loss: {summary['metrics']['eval_loss']:.3f}")
-    if summary.get("moe"):
-        lines.append(f"moe: {summary['moe']}")
-    lines.append(f"checkpoint: {summary['checkpoint']}")
-    if summary["plot"]:
-        lines.append(f"loss plot:  {summary['plot']}")
-    else:
-        lines.append(f"loss plot:  none (no loss was logged: --logging_steps {t.logging_steps:g})")
-    if summary.get("report"):
-        lines.append(f"report:     {summary['report']}")
-    logs = summary["logs"]
-    if t.report_to and "tensorboard" in t.report_to:
-        logs += f" (tensorboard: {t.logging_dir or Path(summary['output_dir']) / 'runs'})"
-    lines.append(f"logs:       {logs}")
-    return "\n".join(lines)
 
 
 def _data_stop() -> type[BaseException]:

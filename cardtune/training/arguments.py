@@ -142,6 +142,10 @@ class DataArguments:
 
 @dataclass
 class TuneArguments:
+    method: Literal["sft"] = field(
+        default="sft",
+        metadata={"help": "sft: supervised finetuning, every assistant answer trained"},
+    )
     use_lora: bool = field(default=False, metadata={"help": "train the LLM through LoRA adapters"})
     use_vision_lora: bool = field(
         default=False, metadata={"help": "train the vision encoder through LoRA (with --train_vision_encoder)"}

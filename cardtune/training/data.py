@@ -95,11 +95,13 @@ def prepare_split(
     num_workers: int | None = None,
     cache: str | None = None,
     role_keys: dict[str, str] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> SplitData:
     """Read, validate (every sample encoded once, in ``num_workers`` processes, default the
     cores) and apply the policy to one split. The validated split is kept in the data cache
     (``cache``: a folder, or ``none``; default ``$CARDTUNE_DATA_CACHE`` or ``$CARDTUNE_CACHE/data``)
-    and read back from it while nothing that shapes it has changed."""
+    and read back from it while nothing that shapes it has changed (``settings``: what else
+    shapes it, the training method's own)."""
     from accelerate import PartialState
 
     from cardtune.training import data_cache
@@ -109,7 +111,7 @@ def prepare_split(
                 "allow_absolute_paths": allow_absolute_paths, "check_media": check_media,
                 "max_image_pixels": max_image_pixels,
                 "typed_control_tokens": "keep" if getattr(encoder, "keep_typed_control_tokens", False) else "plain",
-                "role_keys": role_keys or {}}
+                "role_keys": role_keys or {}, **(settings or {})}
     root = data_cache.cache_root(cache)
     key = data_cache.split_key(data_path, card, getattr(encoder.tokenizer, "name_or_path", None), settings) if root else None
     folder = root / key if root is not None and key is not None else None
@@ -243,11 +245,16 @@ def _record(samples: Sequence[Sample], index: int) -> int:
     return storage_index(index) if storage_index is not None else index
 
 
+def failure_policy(split: SplitData) -> FailurePolicy:
+    """What a sample of ``split`` failing in a DataLoader worker does (its policy, its skip list)."""
+    return FailurePolicy(split.policy, split.skipped_file)
+
+
 def conversation_dataset(split: SplitData, card: Any, encoder: Any, image_folder: str | None,
                          video_folder: str | None, max_image_pixels: int | None = None,
                          allow_absolute_paths: bool = False) -> ConversationDataset:
     media = media_config(card, image_folder, video_folder, max_image_pixels, allow_absolute_paths)
-    return TrainingDataset(split.samples, media, encoder, FailurePolicy(split.policy, split.skipped_file))
+    return TrainingDataset(split.samples, media, encoder, failure_policy(split))
 
 
 class PackedDataset:
@@ -257,7 +264,7 @@ class PackedDataset:
     def __init__(self, split: SplitData, card: Any, encoder: Any, media: MediaConfig, max_length: int) -> None:
         check_packing(card)
         self.samples = split.samples
-        self.failures = FailurePolicy(split.policy, split.skipped_file)
+        self.failures = failure_policy(split)
         self.encoder = encoder
         self.media = media
         self.max_length = max_length
