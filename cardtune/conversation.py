@@ -40,6 +40,27 @@ class Sample:
                    for p in m["content"] if p["type"] == kind)
 
 
+REJECTED = "rejected"
+"""A preference sample is the conversation with its chosen answer last; that last message holds
+the rejected answer under this key, a message of its own (``{"role": "assistant", "content":
+[...]}``). So a pair is read, stored, mixed, cached and reported as one sample, and its two
+sequences are the two conversations :func:`preference_sides` gives."""
+
+
+def is_preference(sample: Sample) -> bool:
+    """Whether ``sample`` is a preference pair (its last answer has a rejected alternative)."""
+    return bool(sample.messages) and isinstance(sample.messages[-1].get(REJECTED), dict)
+
+
+def preference_sides(sample: Sample) -> tuple[Sample, Sample]:
+    """The chosen and the rejected conversation of a preference sample: the same prompt (and
+    media), each with its own last answer."""
+    *prompt, last = sample.messages
+    chosen = {k: v for k, v in last.items() if k != REJECTED}
+    return (Sample(sample.id, [*prompt, chosen], sample.images, sample.videos, sample.source),
+            Sample(sample.id, [*prompt, last[REJECTED]], sample.images, sample.videos, sample.source))
+
+
 @dataclass
 class Media:
     """Loaded media of one sample, in the order of its placeholders."""

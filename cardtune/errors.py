@@ -26,6 +26,8 @@ REASONS: dict[str, str] = {
     "label_contract": "supervised tokens do not decode to the assistant answers",
     "bad_format": "the record is not a sample of any known format",
     "unsupported_media": "the model does not take this kind of media",
+    "same_answers": "a preference pair's chosen and rejected answers are the same",
+    "prompt_mismatch": "a preference pair's prompt is not the same tokens before its chosen and its rejected answer",
 }
 
 

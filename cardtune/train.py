@@ -393,6 +393,8 @@ def build_trainer(the_run: Run, encoding: Encoding, splits: Splits, prepared: An
     if data.note:
         say(data.note)
     model = prepared.model
+    for line in the_run.method.describe(prepared, args):
+        say(line)
     say("trainable parameters (before step 1):\n" + format_parameter_table(parameter_table(model, card), prepared.plan))
     text_only = text_only_warning(prepared.plan, splits.train.media_flags)
     if text_only:

@@ -18,6 +18,8 @@ from cardtune.demo import (
     IMAGE_TOKEN,
     IMAGE_TOKENS_PER_IMAGE,
     METADATA_FILE,
+    PREFS_EVAL_FILE,
+    PREFS_TRAIN_FILE,
     TRAIN_FILE,
     ensure_demo_dataset,
     ensure_demo_model,
@@ -245,7 +247,32 @@ def test_dataset_matches_its_pictures(data_dir: Path) -> None:
             if len(images) == 1 and len(turns) == 4:
                 assert turns[3]["value"] == f"It is {drawn[0]['colour']}."
         assert all(kinds.values()), kinds
-    assert seen_images == set(metadata) == {p.name for p in (data_dir / IMAGE_DIR).iterdir()}
+    conversations = {name for name in metadata if not name.startswith("prefs_")}
+    assert seen_images == conversations and conversations <= {p.name for p in (data_dir / IMAGE_DIR).iterdir()}
+
+
+def test_preference_pairs_name_the_right_colour_and_a_wrong_one(data_dir: Path) -> None:
+    """The preference split (--method dpo): each pair on a picture of its own, the chosen answer
+    the right colour, the rejected one the same words with another colour; LLaVA's form for
+    training, TRL's for eval; every image of the folder belongs to one split or the other."""
+    metadata = json.loads((data_dir / METADATA_FILE).read_text())
+    seen: set[str] = set()
+    for file, count in ((PREFS_TRAIN_FILE, 256), (PREFS_EVAL_FILE, 48)):
+        pairs = json.loads((data_dir / file).read_text())
+        assert len(pairs) == count and len({p["id"] for p in pairs}) == count
+        for pair in pairs:
+            image = pair["image"] if "conversations" in pair else pair["images"][0]
+            chosen, rejected = pair["chosen"], pair["rejected"]
+            if "prompt" in pair:  # TRL's form
+                chosen, rejected = chosen[0]["content"], rejected[0]["content"]
+            colour = metadata[image]["colour"]
+            assert COLOUR_WORDS.findall(chosen) == [colour]
+            (wrong,) = COLOUR_WORDS.findall(rejected)
+            assert wrong != colour and rejected == chosen.replace(colour, wrong)
+            assert image not in seen
+            seen.add(image)
+    conversations = {name for name in metadata if not name.startswith("prefs_")}
+    assert seen | conversations == set(metadata) == {p.name for p in (data_dir / IMAGE_DIR).iterdir()}
 
 
 # -- caching and determinism -------------------------------------------------------------------

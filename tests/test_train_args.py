@@ -61,11 +61,11 @@ def test_demo_recipe_applies_to_the_demo_model_only() -> None:
 
 def test_shipped_recipes_parse_and_open_with_their_command() -> None:
     recipes = sorted(RECIPE_DIR.glob("*.yaml"))
-    assert {p.stem for p in recipes} >= {"full", "lora", "qlora", "projector-only", "demo"}
+    assert {p.stem for p in recipes} >= {"full", "lora", "qlora", "projector-only", "demo", "demo-dpo", "dpo"}
     for path in recipes:
         first = path.read_text(encoding="utf-8").splitlines()[0]
         assert first.startswith("# python train.py"), path
-        if path.stem != "demo":
+        if path.stem not in ("demo", "demo-dpo"):  # the demo's own: applied by --model_id tiny-llava-demo
             assert f"--config configs/train/{path.name}" in first, path
             argv = first[2:].split()[2:]  # drop "python train.py"
             argv = [a.replace(f"configs/train/{path.name}", str(path)) for a in argv]

@@ -33,7 +33,8 @@ def test_help_is_grouped_by_task_and_needs_no_torch() -> None:
     text = done.stdout
     groups = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert groups == ["recipe", "model", "data", "what to train", "MoE-tuning (docs/MOE.md; a recipe's moe: section)",
-                      "output", "Trainer options (transformers.TrainingArguments)"]
+                      "preference tuning (--method dpo; docs/PREFERENCE.md)", "output",
+                      "Trainer options (transformers.TrainingArguments)"]
     body = text[text.index("\nrecipe:"):]
     assert body.index("--config RECIPE.yaml") < body.index("--model_id") < body.index("--learning_rate")
     output = text[text.index("\noutput:"):text.index("\nTrainer options")]

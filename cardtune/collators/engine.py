@@ -29,7 +29,7 @@ from typing import Any
 
 from cardtune.collators.media import is_per_token
 from cardtune.collators.roles import close_last_answer, render_chat
-from cardtune.conversation import Media, Processing, Sample, join_text_parts, message_text
+from cardtune.conversation import Media, Processing, Sample, is_preference, join_text_parts, message_text
 from cardtune.errors import SampleError
 from cardtune.registry.schema import FamilyCard
 
@@ -160,6 +160,9 @@ class ChatEncoder:
     def normalise(self, sample: Sample, media: Media | None = None, *, typed: int | None = None) -> list[dict[str, Any]]:
         """``typed``: the sample's count of typed control tokens, when already counted."""
         roles = self.roles
+        if is_preference(sample):  # its two sequences are a pair's (collators.pairs), never one conversation
+            raise SampleError(sample.id, "messages", "bad_format", "a preference record (chosen and rejected "
+                              "answers): train it with --method dpo", sample.source)
         messages = [{**m, "content": join_text_parts(m["content"])} for m in sample.messages]
         if self._sanitize(sample, typed):
             messages = self.control.mark(messages)

@@ -125,18 +125,23 @@ def encoded_samples(args: argparse.Namespace, resolved: Any, encoder: Any, limit
 
 class SampleCheck:
     """One sample as training encodes it: the media kinds the card takes, then the media
-    loaded, then the encoder; every failure is the sample's :class:`SampleError` (a processor or
-    template failing on it is ``template_error``, as validation reports it), never a traceback."""
+    loaded, then the encoder (a preference pair's, :class:`~cardtune.collators.pairs.PairEncoder`,
+    for a record with chosen and rejected answers); every failure is the sample's
+    :class:`SampleError` (a processor or template failing on it is ``template_error``, as
+    validation reports it), never a traceback."""
 
     def __init__(self, card: Any, encoder: Any, **media: Any) -> None:
+        from cardtune.collators.pairs import PairEncoder
         from cardtune.data.media import MediaConfig
 
         self.card = card
         self.encoder = encoder
+        self.pairs = PairEncoder(encoder)
         self.media = MediaConfig.from_card(card, **media)
         self.failures: list[Any] = []
 
     def __call__(self, sample: Any) -> Any:
+        from cardtune.conversation import is_preference
         from cardtune.data.media import load_media
         from cardtune.data.validate import check_modalities
         from cardtune.errors import SampleError
@@ -145,7 +150,8 @@ class SampleCheck:
             unsupported = check_modalities(sample, self.card)
             if unsupported:
                 raise unsupported[0]
-            return self.encoder.encode(sample, load_media(sample, self.media))
+            encoder = self.pairs if is_preference(sample) else self.encoder
+            return encoder.encode(sample, load_media(sample, self.media))
         except SampleError as exc:
             self.failures.append(exc)
             return exc
@@ -159,6 +165,16 @@ class SampleCheck:
 def failure_summary(failed: Counter[str], total: int) -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in failed.most_common())
     return f"{sum(failed.values())} of {total} samples failed ({counts})"
+
+
+def label_record(sample_id: str, encoded: Any) -> dict[str, Any]:
+    """What ``labels`` writes of one sample; of a preference pair, both sequences and the length
+    of the prompt they share."""
+    if hasattr(encoded, "rejected"):
+        return {"id": sample_id, "prompt_length": encoded.prompt_length,
+                **{side: {"input_ids": e.input_ids, "labels": e.labels}
+                   for side, e in (("chosen", encoded.chosen), ("rejected", encoded.rejected))}}
+    return {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels}
 
 
 @command("labels", "print input_ids and labels of each sample as JSON lines (exit 1 if any sample fails)")
@@ -178,7 +194,7 @@ def _configure_labels(p: argparse.ArgumentParser) -> Handler:
                 failed[result.reason] += 1
                 print(f"cardtune labels: {result}", file=sys.stderr)
                 continue
-            sys.stdout.write(json.dumps({"id": sample.id, "input_ids": result.input_ids, "labels": result.labels}) + "\n")
+            sys.stdout.write(json.dumps(label_record(sample.id, result)) + "\n")
         if failed:
             print(f"cardtune labels: {failure_summary(failed, total)}", file=sys.stderr)
             return 1
@@ -215,13 +231,17 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
                 failed[result.reason] += 1
                 console.print(f"[bold red]FAILED[/] {escape(str(result))}")
                 continue
+            if hasattr(result, "rejected"):  # a preference pair: both sequences
+                for side, encoded in (("chosen", result.chosen), ("rejected", result.rejected)):
+                    console.print(f"[bold]{side}[/]")
+                    console.print(render_tokens(encoded, encoder))
+                    console.print(summary_line(f"{sample.id} ({side})", encoded, encoder, 1))
+                console.print(f"[bold]{sample.id}[/]: the first {result.prompt_length} tokens, the prompt, are the same "
+                              "on both sides; only each final answer is trained")
+                continue
             console.print(render_tokens(result, encoder))
             turns = sum(1 for m in sample.messages if m["role"] == "assistant")
-            console.print(
-                f"[bold]{sample.id}[/]: {len(result.input_ids)} tokens, {result.num_trained} trained "
-                f"in {turns} assistant turn(s), {sum(1 for t in result.input_ids if t in encoder.media_token_ids)} media"
-                + (f", {result.num_truncated} truncated" if result.num_truncated else "")
-            )
+            console.print(summary_line(sample.id, result, encoder, turns))
         if args.html:
             write_label_page(args.html, shown, encoder, f"cardtune inspect: {resolved.model_id}", args.data)
             print(f"cardtune inspect: wrote {args.html}", file=sys.stderr)
@@ -231,6 +251,14 @@ def _configure_inspect(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+def summary_line(name: str, encoded: Any, encoder: Any, turns: int) -> str:
+    from rich.markup import escape
+
+    return (f"[bold]{escape(name)}[/]: {len(encoded.input_ids)} tokens, {encoded.num_trained} trained "
+            f"in {turns} assistant turn(s), {sum(1 for t in encoded.input_ids if t in encoder.media_token_ids)} media"
+            + (f", {encoded.num_truncated} truncated" if encoded.num_truncated else ""))
 
 
 def render_tokens(encoded: Any, encoder: Any) -> Any:

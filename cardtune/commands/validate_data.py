@@ -27,6 +27,8 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     def run(args: argparse.Namespace) -> int:
+        from cardtune.collators.pairs import PairEncoder
+        from cardtune.conversation import is_preference
         from cardtune.data.formats import load_samples
         from cardtune.data.validate import validate
 
@@ -42,6 +44,8 @@ def _configure_validate_data(p: argparse.ArgumentParser) -> Handler:
         except (OSError, ValueError) as exc:
             print(f"cardtune validate-data: {exc}", file=sys.stderr)
             return 2
+        if encoder is not None and len(samples) and is_preference(samples[0]):
+            encoder = PairEncoder(encoder)  # preference pairs, validated as --method dpo trains them
         report = validate(
             samples, encoder, card=resolved.card, image_folder=args.image_folder, video_folder=args.video_folder,
             allow_absolute_paths=args.allow_absolute_paths, num_workers=args.workers,

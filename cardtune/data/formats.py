@@ -36,6 +36,7 @@ from pydantic import (
 from cardtune.conversation import ROLES, Sample, as_parts, text_part
 from cardtune.data.json_stream import JsonStream, NotJson, RepeatedKeys, UnreadableValue, too_much
 from cardtune.data.media import not_regular
+from cardtune.data.preferences import is_preference_record, preference_record
 from cardtune.data.record_values import check_role, check_sample_values, sample_id_of, shown
 from cardtune.data.sample_store import SampleSet, concat, encode_sample
 from cardtune.errors import SampleError
@@ -326,12 +327,16 @@ def openai_record(record: dict[str, Any], sample_id: str, source: str, opts: Dat
 
 
 def record_to_sample(record: Any, index: int, source: str, opts: DataSource) -> Sample:
-    """One record of any known format; raises :class:`SampleError` (``bad_format``) otherwise."""
+    """One record of any known format (a preference record, with ``chosen`` and ``rejected``,
+    is read by :mod:`cardtune.data.preferences`); raises :class:`SampleError` (``bad_format``)
+    otherwise."""
     if not isinstance(record, dict):
         raise SampleError(str(index), "record", "bad_format", f"a record is a JSON object, got {type(record).__name__}", source)
     if opts.columns:
         record = {**record, **{canon: record[col] for canon, col in opts.columns.items() if col in record}}
     sample_id = sample_id_of(record.get("id"), index, source)
+    if is_preference_record(record):
+        return preference_record(record, sample_id, source, opts)
     fmt = opts.format
     if fmt == "auto" and "conversations" in record and "messages" in record:
         raise SampleError(sample_id, "record", "bad_format", "holds both 'conversations' (LLaVA) and 'messages' "

@@ -90,6 +90,16 @@ class HeaderEncoder:
         self.counter = counter
 
     @classmethod
+    def for_encoder(cls, encoder: Any) -> tuple[Any, str]:
+        """:meth:`from_encoder` of ``encoder``, or of the engine it wraps (a preference pair's
+        encoder: ``engine``, ``with_engine``), wrapped again around the header encoder."""
+        engine = getattr(encoder, "engine", None)
+        if engine is None:
+            return cls.from_encoder(encoder)
+        header, note = cls.from_encoder(engine)
+        return (encoder.with_engine(header.engine) if header is not None else None), note
+
+    @classmethod
     def from_encoder(cls, encoder: Any) -> tuple[HeaderEncoder | None, str]:
         """(header encoder, note) for ``encoder``; (None, why) where it would not be exact."""
         if not encoder.card.load_image or not {"image"} & set(encoder.card.modalities):

@@ -24,6 +24,7 @@ import numpy as np
 
 from cardtune.conversation import ROLES, Sample
 from cardtune.data.media import MediaConfig, load_headers_checked, load_media_checked
+from cardtune.data.preferences import check_pair
 from cardtune.errors import REASONS, SampleError
 
 Policy = Literal["error", "skip"]
@@ -162,7 +163,8 @@ ROLE_KEYS_HINT = ("a LLaVA 'from' value maps to a role with --user-key/--assista
 
 
 def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError]:
-    """Roles, turns, answers and placeholder counts; with a card, the media kinds it takes."""
+    """Roles, turns, answers and placeholder counts; with a card, the media kinds it takes; of a
+    preference pair, its conversation with the chosen answer and then the pair itself."""
     errs: list[SampleError] = []
 
     def err(field: str, reason: str, detail: str = "") -> None:
@@ -205,7 +207,7 @@ def check_structure(sample: Sample, card: Any | None = None) -> list[SampleError
             err(f"{kind}s", "placeholder_mismatch", f"{placeholders} {kind} placeholders for {len(given)} {kind}s")
     if card is not None:
         errs += check_modalities(sample, card)
-    return errs
+    return errs + check_pair(sample)
 
 
 def check_modalities(sample: Sample, card: Any) -> list[SampleError]:
@@ -297,7 +299,7 @@ def validate(
     if encoder is not None and check_media == "header":
         from cardtune.data.media_tokens import HeaderEncoder
 
-        header_encoder, note = HeaderEncoder.from_encoder(encoder)
+        header_encoder, note = HeaderEncoder.for_encoder(encoder)
         report.notes.append(note)
     report.duplicate_ids = dict(getattr(samples, "duplicate_ids", {}))
     # upsampled repeats of one record (a weighted mix) are checked once, reported each time
@@ -387,7 +389,7 @@ class _Work:
         except Exception as exc:  # noqa: BLE001 - a processor or template failing on this one sample
             return [SampleError(sample.id, "messages", "template_error",
                                 f"encoding failed: {type(exc).__name__}: {exc}", sample.source)], False, None, 0
-        return [], bool(encoded.num_truncated), len(encoded.input_ids), bool(encoded.typed_control_tokens)
+        return [], bool(encoded.num_truncated), len(encoded), bool(encoded.typed_control_tokens)
 
 
 _WORK: _Work | None = None  # what forked workers check, inherited rather than pickled

@@ -12,7 +12,15 @@ from cardtune.demo.build import (
     IMAGE_TOKENS_PER_IMAGE,
     ensure_demo_model,
 )
-from cardtune.demo.data import EVAL_FILE, IMAGE_DIR, METADATA_FILE, TRAIN_FILE, ensure_demo_dataset
+from cardtune.demo.data import (
+    EVAL_FILE,
+    IMAGE_DIR,
+    METADATA_FILE,
+    PREFS_EVAL_FILE,
+    PREFS_TRAIN_FILE,
+    TRAIN_FILE,
+    ensure_demo_dataset,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -22,6 +30,8 @@ __all__ = [
     "IMAGE_TOKEN",
     "IMAGE_TOKENS_PER_IMAGE",
     "METADATA_FILE",
+    "PREFS_EVAL_FILE",
+    "PREFS_TRAIN_FILE",
     "TRAIN_FILE",
     "ensure_demo_dataset",
     "ensure_demo_model",

@@ -5,6 +5,11 @@ an ``images/`` folder, so the demo exercises the same data path as a user's data
 image holds one shape of one colour on a white background; ``metadata.json`` records what was
 drawn where, so tests can check each answer against the pixels.
 
+A preference split for ``--method dpo`` (docs/PREFERENCE.md) asks the colour of pictures of its
+own (held-out ones for its eval part): the chosen answer names the right colour, the rejected one
+a wrong colour in the same words. Its training pairs are in LLaVA's preference form, its eval
+pairs in TRL's conversational form, so the demo reads both.
+
 The texts are also the training corpus of the demo tokenizer (:func:`corpus`), which is why
 they live here as data rather than inside the generator.
 """
@@ -23,10 +28,12 @@ from cardtune.demo.cache import build_once, cache_root, fingerprint
 DATASET_NAME = "tiny-llava-demo-data"
 TRAIN_FILE = "train.json"
 EVAL_FILE = "eval.json"
+PREFS_TRAIN_FILE = "prefs_train.json"
+PREFS_EVAL_FILE = "prefs_eval.json"
 IMAGE_DIR = "images"
 METADATA_FILE = "metadata.json"
 SEED = 1234
-FORMAT = 1  # bump when the generator's logic changes (the constants below are hashed already)
+FORMAT = 2  # bump when the generator's logic changes (the constants below are hashed already)
 
 CANVAS = 64
 BACKGROUND = (255, 255, 255)
@@ -67,6 +74,8 @@ SPLITS: dict[str, dict[str, int]] = {
     "train": {"single": 200, "two_turn": 64, "two_image": 24, "text": 32},
     "eval": {"single": 30, "two_turn": 8, "two_image": 4, "text": 6},
 }
+PREFERENCE_SPLITS: dict[str, int] = {"prefs_train": 256, "prefs_eval": 48}
+"""Preference pairs per split, each on a picture of its own."""
 
 
 @dataclass(frozen=True)
@@ -179,13 +188,42 @@ def _split(name: str, rng: random.Random, image_dir: Path) -> tuple[list[dict[st
     return samples, drawings
 
 
+def _preference_split(name: str, rng: random.Random, image_dir: Path) -> tuple[list[dict[str, Any]], list[Drawing]]:
+    """Pairs asking a picture's colour (or what it shows): the right colour chosen, a wrong one
+    rejected, in the same words. The training split in LLaVA's preference form, eval in TRL's."""
+    samples: list[dict[str, Any]] = []
+    drawings: list[Drawing] = []
+    for index in range(PREFERENCE_SPLITS[name]):
+        d, image = _draw(rng, f"{name}_{index:04d}.png")
+        image.save(image_dir / d.file)
+        drawings.append(d)
+        wrong = rng.choice([c for c in COLOURS if c != d.colour])
+        question, answer = rng.choice([(q, _colour_answer) for q in COLOUR_QUESTIONS]
+                                      + [(q, _shape_answer) for q in SHAPE_QUESTIONS])
+        chosen, rejected = answer(d), answer(Drawing(d.file, d.shape, wrong, d.size, d.center))
+        sample_id = f"demo-{name}-{index:04d}"
+        if name == "prefs_train":
+            samples.append({"id": sample_id, "image": d.file,
+                            "conversations": [{"from": "human", "value": f"<image>\n{question}"}],
+                            "chosen": chosen, "rejected": rejected})
+        else:
+            samples.append({"id": sample_id, "images": [d.file],
+                            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                            "chosen": [{"role": "assistant", "content": chosen}],
+                            "rejected": [{"role": "assistant", "content": rejected}]})
+    return samples, drawings
+
+
 def _write(folder: Path) -> None:
     rng = random.Random(SEED)
     image_dir = folder / IMAGE_DIR
     image_dir.mkdir()
     metadata: dict[str, dict[str, Any]] = {}
-    for name, file in (("train", TRAIN_FILE), ("eval", EVAL_FILE)):
-        samples, drawings = _split(name, rng, image_dir)
+    splits = [(name, file, _split) for name, file in (("train", TRAIN_FILE), ("eval", EVAL_FILE))]
+    splits += [(name, file, _preference_split) for name, file in (("prefs_train", PREFS_TRAIN_FILE),
+                                                                 ("prefs_eval", PREFS_EVAL_FILE))]
+    for name, file, make in splits:  # in this order: the conversations are drawn first, as before
+        samples, drawings = make(name, rng, image_dir)
         (folder / file).write_text(json.dumps(samples, indent=1) + "\n", encoding="utf-8")
         metadata.update(
             {
@@ -198,13 +236,14 @@ def _write(folder: Path) -> None:
 
 def dataset_version() -> str:
     """``v<FORMAT>-<hash of the constants and texts>``: the cache folder's suffix."""
-    return f"v{FORMAT}-{fingerprint(SEED, CANVAS, BACKGROUND, COLOURS, SIZES, SPLITS, corpus())}"
+    return f"v{FORMAT}-{fingerprint(SEED, CANVAS, BACKGROUND, COLOURS, SIZES, SPLITS, PREFERENCE_SPLITS, corpus())}"
 
 
 def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo dataset folder, generated on first use and cached.
 
-    Holds ``train.json`` (320 samples), ``eval.json`` (48), ``images/`` (the paths in the JSON
+    Holds ``train.json`` (320 samples), ``eval.json`` (48), the preference pairs
+    ``prefs_train.json`` (256) and ``prefs_eval.json`` (48), ``images/`` (the paths in the JSON
     are relative to it) and ``metadata.json`` (image file -> shape, colour, size, center).
     Sample kinds: one image and one question; one image and two turns; two images; text only.
     """

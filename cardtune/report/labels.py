@@ -84,8 +84,8 @@ LEGEND = ('<p class="note">Trained tokens <span class="t">highlighted</span>, ma
 
 
 def label_view(items: Iterable[tuple[Any, Any, Any]], encoder: Any) -> str:
-    """HTML for ``(sample, Encoded or SampleError, media)`` items (a sample may be None for a
-    record that could not be read: its error names it)."""
+    """HTML for ``(sample, Encoded, EncodedPair or SampleError, media)`` items (a sample may be
+    None for a record that could not be read: its error names it)."""
     from cardtune.errors import SampleError
 
     parts = [LEGEND]
@@ -93,6 +93,11 @@ def label_view(items: Iterable[tuple[Any, Any, Any]], encoder: Any) -> str:
         sample_id = sample.id if sample is not None else getattr(result, "sample_id", "?")
         if isinstance(result, SampleError):
             parts.append(failed_html(sample_id, result))
+            continue
+        if hasattr(result, "rejected"):  # a preference pair: both sequences, the final answer trained in each
+            parts.append(sample_html(f"{sample_id}: chosen", result.chosen, encoder, media, 1))
+            parts.append(sample_html(f"{sample_id}: rejected (the first {result.prompt_length} tokens are the chosen's)",
+                                     result.rejected, encoder, None, 1))
             continue
         turns = sum(1 for m in sample.messages if m["role"] == "assistant") if sample is not None else None
         parts.append(sample_html(sample_id, result, encoder, media, turns))

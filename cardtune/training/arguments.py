@@ -142,9 +142,10 @@ class DataArguments:
 
 @dataclass
 class TuneArguments:
-    method: Literal["sft"] = field(
+    method: Literal["sft", "dpo"] = field(
         default="sft",
-        metadata={"help": "sft: supervised finetuning, every assistant answer trained"},
+        metadata={"help": "sft: supervised finetuning, every assistant answer trained; dpo: preference tuning on "
+                  "pairs of a chosen and a rejected answer (docs/PREFERENCE.md)"},
     )
     use_lora: bool = field(default=False, metadata={"help": "train the LLM through LoRA adapters"})
     use_vision_lora: bool = field(
@@ -173,6 +174,29 @@ class RunArguments:
     )
     eval_generate_max_new_tokens: int = field(
         default=64, metadata={"help": "with --eval_generate: the longest answer generated, in tokens"}
+    )
+
+
+@dataclass
+class PreferenceArguments:
+    """``--method dpo`` (docs/PREFERENCE.md): the loss on each pair's sequence log-probabilities."""
+
+    preference_loss: Literal["sigmoid", "robust", "ipo", "simpo"] = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid: DPO (with --label_smoothing: conservative DPO); robust: rDPO, unbiased under "
+                  "--label_smoothing of flipped pairs; ipo: IPO on per-token log-ratios; simpo: SimPO, no reference "
+                  "model (length-normalised log-probabilities and a margin --simpo_gamma)"},
+    )
+    beta: float = field(default=0.1, metadata={"help": "how far the policy may move from the reference (the "
+                                                        "rewards' scale; SimPO's is larger, 2 to 2.5)"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "the share of pairs assumed flipped (sigmoid, robust, simpo), below 0.5"},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target margin between the rewards"})
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of a supervised term: each pair's mean negative log-likelihood of its chosen "
+                  "answer (RPO, CPO-SimPO); 0: none"},
     )
 
 
@@ -211,7 +235,8 @@ class MoEArguments:
     )
 
 
-ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments, RunArguments, MoEArguments)
+ARGUMENT_CLASSES: tuple[type, ...] = (ModelArguments, DataArguments, TuneArguments, RunArguments, MoEArguments,
+                                       PreferenceArguments)
 
 
 @dataclass
@@ -227,11 +252,12 @@ class Arguments:
     moe: MoEArguments = field(default_factory=MoEArguments)
     not_applied: dict[str, str] = field(default_factory=dict)
     """Keys of the default recipe left out, and why (an explicit value contradicts them)."""
+    preference: PreferenceArguments = field(default_factory=PreferenceArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, JSON-serialisable (saved as ``cardtune_args.json``)."""
         out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.tune, self.run, self.moe):
+        for part in (self.model, self.data, self.tune, self.run, self.moe, self.preference):
             out.update(dataclasses.asdict(part))
         out.update(self.training.to_dict())
         out["config"] = self.config_file
@@ -302,6 +328,15 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def demo_recipe(method: Any) -> Path:
+    """The demo's own recipe for a training method (the supervised one for a name no method has:
+    the parser then says what ``--method`` takes)."""
+    from cardtune.training.methods import METHODS
+
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    return RECIPE_DIR / (cls.demo_recipe if cls is not None else DEMO_RECIPE.name)
+
+
 def close_names(name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), sorted(known), n=3, cutoff=0.6)
     return f" (did you mean: {', '.join('--' + c for c in close)}?)" if close else ""
@@ -337,7 +372,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
     model_id = _last(given.get("model_id")) or recipe.get("model_id")
     layers: list[tuple[str, dict[str, Any]]] = []
     if _is_demo(model_id, list(given.get("cards") or recipe.get("cards") or [])):
-        layers.append((DEMO_SOURCE, read_recipe(DEMO_RECIPE)))
+        method = _last(given.get("method")) or recipe.get("method")
+        layers.append((DEMO_SOURCE, read_recipe(demo_recipe(method))))
     if config:
         layers.append((config, recipe))
     not_applied: dict[str, str] = {}
@@ -424,7 +460,7 @@ def _parse_layers(argv: list[str], layers: list[tuple[str, dict[str, Any]]], giv
         problem = range_problem(name, value)
         if problem:
             raise ArgumentError(f"{_where(name, sources.get(name))} {shown(value)}: {problem}", (name,))
-    model, data, tune, run, moe = (
+    model, data, tune, run, moe, preference = (
         cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init}) for cls in ARGUMENT_CLASSES
     )
     if values.get("output_dir") is None:
@@ -441,7 +477,7 @@ def _parse_layers(argv: list[str], layers: list[tuple[str, dict[str, Any]]], giv
         training = TrainingArguments(**values)
     except ValueError as exc:  # the Trainer's own checks of its arguments (a strategy without steps, ...)
         raise ArgumentError(" ".join(str(exc).split())) from None
-    return Arguments(model, data, tune, training, config_file, sources, run, moe)
+    return Arguments(model, data, tune, training, config_file, sources, run, moe, preference=preference)
 
 
 def _where(name: str, source: str | None) -> str:
@@ -504,6 +540,21 @@ def check_arguments(args: Arguments) -> None:
         raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: choose one",
                             ("overwrite_output_dir", "resume_from_checkpoint"))
     check_moe_arguments(args)
+    check_method_arguments(args)
+
+
+def check_method_arguments(args: Arguments) -> None:
+    """A method's own options given to another method, and what the method cannot train."""
+    from cardtune.training.methods import METHODS
+
+    method = args.tune.method
+    foreign = {option: name for name, cls in METHODS.items() if name != method for option in cls.options
+               if option in args.sources}
+    if foreign:
+        names = ", ".join(f"--{o}" for o in foreign)
+        owners = " and ".join(f"--method {m}" for m in dict.fromkeys(foreign.values()))
+        raise ArgumentError(f"{names}: options of {owners}, but this run's method is {method}", (*foreign, "method"))
+    METHODS[method]().check(args)
 
 
 def check_moe_arguments(args: Arguments) -> None:

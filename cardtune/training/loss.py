@@ -118,7 +118,7 @@ class OutputHead:
 
 # -- the loss -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _replayed_rng(state: tuple[torch.device, Any, Any] | None) -> Iterator[None]:
+def replayed_rng(state: tuple[torch.device, Any, Any] | None) -> Iterator[None]:
     """The random numbers of the forward again (dropout in the head), the caller's left as they were."""
     if state is None:
         yield
@@ -132,7 +132,7 @@ def _replayed_rng(state: tuple[torch.device, Any, Any] | None) -> Iterator[None]
         yield
 
 
-def _rng_state(device: torch.device) -> tuple[torch.device, Any, Any]:
+def rng_state(device: torch.device) -> tuple[torch.device, Any, Any]:
     accelerator = torch.get_device_module(device).get_rng_state(device) if device.type != "cpu" else None
     return device, torch.get_rng_state(), accelerator
 
@@ -149,7 +149,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         device = hidden.device
         ctx.head = head
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        ctx.rng = _rng_state(device) if head.stochastic and head.module.training else None
+        ctx.rng = rng_state(device) if head.stochastic and head.module.training else None
         total = torch.zeros((), dtype=torch.float32, device=device)
         step = head.chunk_tokens
         for start in range(0, hidden.shape[0], step):
@@ -169,7 +169,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
         step = head.chunk_tokens
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), _replayed_rng(ctx.rng):
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), replayed_rng(ctx.rng):
             for start in range(0, hidden.shape[0], step):
                 chunk = hidden[start:start + step].detach().requires_grad_(want_hidden)
                 loss = F.cross_entropy(head.logits(chunk), targets[start:start + step], reduction="sum")
@@ -207,7 +207,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor | None, head: Outp
     return total / num_items_in_batch
 
 
-def _no_positions(like: torch.Tensor) -> torch.Tensor:
+def no_positions(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(0, dtype=torch.long, device=like.device)
 
 
@@ -229,7 +229,7 @@ class ChunkedLossModel:
         shift_labels = inputs.pop("shift_labels", None)
         num_items_in_batch = inputs.pop("num_items_in_batch", None)
         anchor = next(v for v in inputs.values() if torch.is_tensor(v))
-        outputs = self.model(**inputs, logits_to_keep=_no_positions(anchor), output_hidden_states=True)
+        outputs = self.model(**inputs, logits_to_keep=no_positions(anchor), output_hidden_states=True)
         loss = causal_lm_loss(outputs.hidden_states[-1], labels, self.head, num_items_in_batch, shift_labels)
         aux = outputs.get("aux_loss")
         if aux is not None and self.head.aux_loss_coef is not None:
@@ -295,7 +295,7 @@ def _run_probe(model: Any, module: nn.Module, ids: torch.Tensor, labels: torch.T
             except TypeError:
                 with_items = None  # a forward without **kwargs: the Trainer never passes it either
             handle.remove()
-            ours = model(input_ids=ids, logits_to_keep=_no_positions(ids), output_hidden_states=True)
+            ours = model(input_ids=ids, logits_to_keep=no_positions(ids), output_hidden_states=True)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HeadMismatch(f"its forward refused the probe ({type(exc).__name__}: {first[:160]})") from None

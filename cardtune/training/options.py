@@ -126,6 +126,7 @@ GROUPS = {
     "DataArguments": "data",
     "TuneArguments": "what to train",
     "MoEArguments": "MoE-tuning (docs/MOE.md; a recipe's moe: section)",
+    "PreferenceArguments": "preference tuning (--method dpo; docs/PREFERENCE.md)",
     "RunArguments": "output",
 }
 TRAINER_GROUP = "Trainer options (transformers.TrainingArguments)"

@@ -60,6 +60,8 @@ RANGES: dict[str, Range] = {
     "lora_r": Range(1, 65536), "lora_alpha": POSITIVE, "lora_dropout": SHARE,
     "router_aux_loss_coef": NON_NEGATIVE, "moe_top_k": AT_LEAST_1, "moe_capacity_factor": POSITIVE,
     "moe_eval_capacity_factor": POSITIVE, "moe_min_capacity": NON_NEGATIVE,
+    "beta": POSITIVE, "label_smoothing": Range(0, 0.5, high_open=True), "simpo_gamma": NON_NEGATIVE,
+    "sft_weight": NON_NEGATIVE,
     # transformers.TrainingArguments
     "learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
     "adam_beta1": SHARE, "adam_beta2": SHARE, "adam_epsilon": POSITIVE,

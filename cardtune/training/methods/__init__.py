@@ -40,7 +40,7 @@ def _check_complete() -> None:
         raise ImportError(f"training methods registered {sorted(METHODS)}, but --method names {sorted(named)}")
 
 
-from cardtune.training.methods import sft  # noqa: E402,F401  (registers)
+from cardtune.training.methods import dpo, sft  # noqa: E402,F401  (register themselves)
 
 _check_complete()
 

@@ -35,6 +35,8 @@ class Method:
     """Arguments only this method takes: given to another method, they are an error."""
     demo_files: ClassVar[tuple[str, str]]
     """The demo dataset's (train, eval) files this method trains on by default."""
+    demo_recipe: ClassVar[str]
+    """The demo model's own recipe for this method (``configs/train/``)."""
 
     def check(self, args: Any) -> None:
         """Combinations of arguments this method cannot train, before anything loads."""
@@ -50,6 +52,10 @@ class Method:
 
     def data(self, splits: Any, encoder: Any, media: Any, prepared: Any, args: Any) -> TrainingData:
         raise NotImplementedError
+
+    def describe(self, prepared: Any, arguments: Any) -> list[str]:
+        """Lines the run prints before step 1 about what this method trains with."""
+        return []
 
     def trainer(self, prepared: Any, arguments: Any, /, **common: Any) -> Any:
         """The Trainer, from the arguments every method's Trainer takes (``common``)."""

@@ -13,6 +13,7 @@ from cardtune.training.methods.base import Method, TrainingData
 class Supervised(Method):
     help = "supervised finetuning: every assistant answer of each conversation trained"
     demo_files = ("train.json", "eval.json")
+    demo_recipe = "demo.yaml"
 
     def data(self, splits: Any, encoder: Any, media: Any, prepared: Any, args: Any) -> TrainingData:
         from cardtune.training.data import PackedCollator, PackedDataset, TrainingDataset, failure_policy
