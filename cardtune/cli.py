@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cardtune.quiet import plain_cardtune_warnings
 
     plain_cardtune_warnings()
-    from cardtune.collators.render_limit import RenderTimeout
+    from cardtune.chat.render_limit import RenderTimeout
     from cardtune.collators.roles import TemplateProbeError
 
     try:

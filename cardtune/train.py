@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cardtune.collators.render_limit import RenderTimeout
+from cardtune.chat.render_limit import RenderTimeout
 from cardtune.collators.roles import TemplateProbeError
 from cardtune.quiet import name_deepspeed_accelerator, plain_cardtune_warnings  # noqa: F401  (re-exported: tests, bench)
 from cardtune.registry import CapabilityError, CardError, FamilyCard, InputFileError, UnknownModelError

@@ -397,7 +397,7 @@ def test_a_template_that_never_ends_stops_labels_in_one_line(tmp_path: Path) -> 
     data.write_text(json.dumps({"id": "a", "conversations": _conv("Hi", "Hello!")}) + "\n")
     started = time.monotonic()
     # `cardtune labels --model-path FOLDER`, with the limit at 1 s instead of 10 (killed after 90 s: a hang fails)
-    limit_1s = ("import sys\ntry:\n    import cardtune.collators.render_limit as limit\n    limit.RENDER_SECONDS = 1.0\n"
+    limit_1s = ("import sys\ntry:\n    import cardtune.chat.render_limit as limit\n    limit.RENDER_SECONDS = 1.0\n"
                 "except ImportError:\n    pass\nfrom cardtune.cli import main\nsys.exit(main(sys.argv[1:]))")
     done = subprocess.run([sys.executable, "-c", limit_1s, "labels", "--model-path", str(folder), "--data", str(data)],
                           capture_output=True, text=True, timeout=90, cwd=REPO,
@@ -412,8 +412,8 @@ def test_a_template_that_never_ends_stops_labels_in_one_line(tmp_path: Path) -> 
 def test_the_render_limit_leaves_signals_as_it_found_them() -> None:
     import signal
 
-    from cardtune.collators import render_limit
-    from cardtune.collators.render_limit import RenderTimeout, bounded
+    from cardtune.chat import render_limit
+    from cardtune.chat.render_limit import RenderTimeout, bounded
 
     def spin() -> None:
         while True:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cardtune.collators.render_limit import bounded, renderer_name
+from cardtune.chat.render_limit import render_chat
 from cardtune.registry.schema import ChatSpec
 
 # Probe contents: plain words that tokenize as whole pieces in every vocabulary here, each
@@ -125,13 +125,6 @@ def _conv(system: bool, content: str, *, image: bool = False, reasoning: str | N
         if reasoning_first:
             answer[reasoning] = _EARLIER_REASONING
     return msgs + [first, answer, msg("user", _U2), last]
-
-
-def render_chat(renderer: Any, messages: Any, arguments: dict[str, Any]) -> Any:
-    """``apply_chat_template`` to text, with the :func:`template_kwargs` arguments; a render
-    that does not end is stopped (:mod:`cardtune.collators.render_limit`)."""
-    return bounded(lambda: renderer_name(renderer),
-                   lambda: renderer.apply_chat_template(messages, tokenize=False, **arguments))
 
 
 class _Renderer:

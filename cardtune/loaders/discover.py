@@ -206,7 +206,7 @@ def _tokens_the_template_writes(tokenizer: Any, folder: Path) -> list[str]:
     if not template:
         return []
 
-    from cardtune.collators.roles import render_chat
+    from cardtune.chat.render_limit import render_chat
 
     def render(parts: list[dict[str, Any]]) -> str:
         try:  # (bounded: a template that never ends stops the command, RenderTimeout)

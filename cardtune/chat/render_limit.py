@@ -97,3 +97,10 @@ def renderer_name(renderer: Any) -> str:
         if name:
             return str(name)
     return "the model"
+
+
+def render_chat(renderer: Any, messages: Any, arguments: dict[str, Any]) -> Any:
+    """``apply_chat_template`` to text, with the arguments every render passes (the frozen date:
+    ``cardtune.collators.roles.template_kwargs``); a render that does not end is stopped."""
+    return bounded(lambda: renderer_name(renderer),
+                   lambda: renderer.apply_chat_template(messages, tokenize=False, **arguments))
