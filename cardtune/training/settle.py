@@ -56,8 +56,18 @@ def settle_evaluation(args: Arguments) -> list[str]:
     from transformers.trainer_utils import IntervalStrategy
 
     t = args.training
-    if args.data.eval_data_path is not None or t.eval_strategy == IntervalStrategy.NO:
+    if args.data.eval_data_path is not None:
         return []
+    notes = []
+    if t.eval_on_start:  # an evaluation before step 1 (the DPO demo's "before")
+        if args.sources.get("eval_on_start") == "command line":
+            raise ArgumentError("--eval_on_start evaluates on --eval_data_path, which is not given: give it, or drop "
+                                "--eval_on_start")
+        t.eval_on_start = False
+        notes.append(f"eval_on_start: false (the {args.sources.get('eval_on_start')} asks for an evaluation before "
+                     "step 1, but no --eval_data_path is given)")
+    if t.eval_strategy == IntervalStrategy.NO:
+        return notes
     source = args.sources.get("eval_strategy", "the defaults")
     if source == "command line" or t.load_best_model_at_end:
         asked = "--load_best_model_at_end" if t.load_best_model_at_end else f"--eval_strategy {t.eval_strategy.value}"
@@ -66,7 +76,7 @@ def settle_evaluation(args: Arguments) -> list[str]:
         raise ArgumentError("--eval_generate scores answers to eval samples: give --eval_data_path")
     t.eval_strategy = IntervalStrategy.NO
     t.do_eval = False
-    return [f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
+    return [*notes, f"eval_strategy: no (the {source} asks for evaluation, but no --eval_data_path is given)"]
 
 
 ENGINES = {"FSDP": ("ACCELERATE_USE_FSDP", "is_fsdp_enabled"),
