@@ -143,9 +143,20 @@ def test_two_processes_sum_over_every_ranks_pairs(steps: dict[str, Any]) -> None
 
 # -- the reference ----------------------------------------------------------------------------
 def test_lora_reference_is_the_base_models_logits(steps: dict[str, Any]) -> None:
+    assert_reference_is_the_base(steps["4x1"])
+
+
+def test_vision_lora_reference_is_the_base_models_logits(tmp_path: Path) -> None:
+    """Adapters on the vision tower too (and the language model's, and the projector in full)."""
+    result = train(*prefs(tmp_path, 4), *SGD, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                   "--per_device_train_batch_size", "4", "--train_vision_encoder", "--use_vision_lora")
+    assert any("vision_tower" in n and "lora_B" in n for n in trained(result))
+    assert_reference_is_the_base(result)
+
+
+def assert_reference_is_the_base(result: Any) -> None:
     from cardtune.training.logprobs import sequence_log_probs
 
-    result = steps["4x1"]
     batch = batch_of(result, 4)
     labels = batch.pop("labels")
     peft, base = result.trainer.model.eval(), base_model()
@@ -249,3 +260,30 @@ def test_supervised_data_under_dpo_and_pairs_under_sft_are_reported(tmp_path: Pa
                  "--max_steps", "1", "--data_cache", "none"])
     err = capsys.readouterr().err
     assert code == 1 and "a preference record (chosen and rejected answers): train it with --method dpo" in err
+
+
+@pytest.mark.parametrize("stage,flags,reference", [
+    (3, (), "the base model with its adapters disabled"),
+    (2, ("--use_lora", "false"), "the trained parameters' initial values"),
+])
+def test_two_process_deepspeed_runs(stage: int, flags: tuple[str, ...], reference: str, tmp_path: Path) -> None:
+    """The shipped ZeRO-3 and ZeRO-2 configs, 2 processes on DeepSpeed's CPU accelerator: LoRA under
+    ZeRO-3 (its reference the same sharded model with the adapters off), full finetuning under
+    ZeRO-2 (the initial weights swapped in). The rewards move apart: the reference is not the policy."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed; it runs on CPU)")
+    from test_train_accelerate import launch_env
+
+    from cardtune.demo import ensure_demo_dataset, ensure_demo_model
+
+    ensure_demo_dataset()
+    ensure_demo_model()  # built once here, not by both ranks at once
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--config_file",
+           f"configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes", "2", "train.py", *DPO, *flags,
+           "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4", "--save_strategy", "no"]
+    done = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert f"reference: {reference}" in done.stdout
+    evals = [h for h in json.loads((out / "log_history.json").read_text()) if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 4]
+    assert evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-3) and evals[-1]["eval_rewards/margins"] != 0

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cardtune.conversation import Media, Sample, message_text
+from cardtune.conversation import Media, Sample, is_preference, message_text, preference_sides
 from cardtune.errors import SampleError
 
 IGNORE_INDEX = -100
@@ -105,7 +105,10 @@ def build_prompt(encoder: Any, sample: Sample, media: Media | None) -> Prompt:
 
 
 def prompt_for(encoder: Any, sample: Sample, media: Media | None) -> Prompt:
-    """:func:`build_prompt` for a data sample: cut after its last answer, which is the reference."""
+    """:func:`build_prompt` for a data sample: cut after its last answer, which is the reference
+    (of a preference pair, the chosen answer)."""
+    if is_preference(sample):
+        sample = preference_sides(sample)[0]
     cut = up_to_last_answer(sample)
     return build_prompt(encoder, cut, media if cut is sample else cut_media(media, cut))
 

@@ -342,7 +342,9 @@ def load_and_prepare(loader: Any, card: FamilyCard, args: Arguments, config_over
         model, attention, attention_note = _with_attention(
             lambda a: loader.load_model(dtype=dtype, attn_implementation=a, config_overrides=config_overrides, **kwargs),
             attention, attention_note, args.model.attn_implementation)
-    rows = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings()
+    # num_embeddings, not the weight's shape: under ZeRO-3 the weight is a shard of shape 0 outside its forward
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
     new_token_ids: list[int] = []
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))

@@ -100,8 +100,9 @@ class Preference(Method):
                 continue
             first, last = logged[0], logged[-1]
             key = f"{prefix}logps/accuracies"
+            shown = [f"{h[key]:.3f} (step {h.get('step', 0)})" for h in ((first, last) if first is not last else (last,))]
             return [f"preference accuracy ({split} pairs whose chosen answer the model gives the higher log-probability): "
-                    f"{first[key]:.3f} (step {first.get('step', 0)}) -> {last[key]:.3f} (step {last.get('step', 0)})",
+                    + " -> ".join(shown),
                     f"reward accuracy: {last[f'{prefix}rewards/accuracies']:.3f}, margin "
                     f"{last[f'{prefix}rewards/margins']:.3f} (step {last.get('step', 0)})"]
         return []
