@@ -96,9 +96,60 @@ def test_untrainable_pairs_are_reported_by_id(tmp_path: Path) -> None:
     details = {p.error.sample_id: f"{p.error.field}: {p.error.detail}" for p in report.problems}
     assert details["same"] == "messages[2].rejected: both answers are 'Red.'"
     assert details["empty"] == "messages[2].rejected.content: the rejected answer is empty"
-    assert "no 'rejected'" in details["one-sided"] and "got 2 messages" in details["two-messages"]
+    assert details["one-sided"] == ("rejected: a preference record has both 'chosen' and 'rejected'; its 'rejected' "
+                                    "is null")
+    assert "got 2 messages" in details["two-messages"]
     assert details["media-answer"] == "messages[2].content: the chosen answer holds media; media go in the prompt"
     assert report.num_bad == 8 and report.num_records == 9
+
+
+USER, HI = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+
+
+def test_whole_conversations_share_their_prompt(tmp_path: Path) -> None:
+    """TRL's implicit-prompt form (trl-lib/ultrafeedback_binarized): the turns both sides share are
+    the prompt; UltraFeedback's prompt text beside them is that turn; ShareGPT turns too."""
+    no = {"role": "assistant", "content": "No."}
+    system = {"role": "system", "content": "S"}
+    records = [
+        {"id": "implicit", "chosen": [USER, HI], "rejected": [USER, no]},
+        {"id": "ultrafeedback", "prompt": "Hi?", "chosen": [USER, HI], "rejected": [USER, no],
+         "messages": [USER, HI], "score_chosen": 8.0, "score_rejected": 2.0},
+        {"id": "multi-turn", "chosen": [system, USER, HI, USER, HI], "rejected": [system, USER, HI, USER, no]},
+        {"id": "sharegpt", "chosen": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
+         "rejected": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "No."}]},
+    ]
+    samples = _read(records, tmp_path)
+    assert not samples.errors
+    sides = {s.id: [_texts(side) for side in preference_sides(s)] for s in samples}
+    pair = [[("user", "Hi?"), ("assistant", "Hello.")], [("user", "Hi?"), ("assistant", "No.")]]
+    assert sides["implicit"] == sides["ultrafeedback"] == sides["sharegpt"] == pair
+    assert sides["multi-turn"] == [[("system", "S"), ("user", "Hi?"), ("assistant", "Hello."), *side] for side in pair]
+
+
+def test_whole_conversations_that_part_early_or_contradict_their_prompt(tmp_path: Path) -> None:
+    from cardtune.data.validate import validate
+
+    records = [
+        {"id": "early", "chosen": [USER, HI, USER, HI], "rejected": [USER, {**HI, "content": "Yo."}, USER, HI]},
+        {"id": "other-prompt", "prompt": "Bye?", "chosen": [USER, HI], "rejected": [USER, {**HI, "content": "No."}]},
+        {"id": "two-prompts", "prompt": "Hi?", "conversations": [{"from": "human", "value": "Hi?"}],
+         "chosen": "A", "rejected": "B"},
+        {"id": "identical", "chosen": [USER, HI], "rejected": [USER, HI]},
+    ]
+    report = validate(_read(records, tmp_path), media=False)
+    details = {p.error.sample_id: (p.error.field, p.error.reason, p.error.detail) for p in report.problems}
+    assert details == {
+        "early": ("chosen[1]", "bad_format", "'chosen' and 'rejected' are whole conversations that part at message 1, "
+                  "3 messages before the end of 'chosen': a pair is one prompt and two final answers (give the shared "
+                  "turns under 'prompt', each answer alone)"),
+        "other-prompt": ("prompt", "bad_format", "'chosen' and 'rejected' are whole conversations, and the 1 message(s) "
+                         "they share before their answers are not 'prompt': give the prompt once (under 'prompt', each "
+                         "answer alone) or leave 'prompt' out"),
+        "two-prompts": ("record", "bad_format", "holds both 'prompt' (TRL) and 'conversations' (LLaVA) as the prompt, "
+                        "and only one would be read: keep one"),
+        "identical": ("messages[1].rejected", "same_answers", "both answers are 'Hello.'"),
+    }
 
 
 @pytest.fixture(scope="module")

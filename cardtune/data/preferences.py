@@ -8,6 +8,9 @@ Two forms are read, each from JSON, JSONL or any ``datasets`` source, as supervi
   (:func:`~cardtune.data.formats.openai_record`): string or parts content, media parts, reasoning.
 - LLaVA's: ``{"conversations": [turns up to the last human one], "chosen": ..., "rejected": ...,
   "image"/"images"?: ...}``, each answer a text, a ``{"from", "value"}`` turn or a one-turn list.
+- TRL's implicit-prompt form: ``chosen`` and ``rejected`` whole conversations sharing every turn
+  but the last (``trl-lib/ultrafeedback_binarized``; UltraFeedback's ``prompt`` text beside them
+  is checked to be the shared turn).
 
 Each becomes one :class:`~cardtune.conversation.Sample`: the conversation ending with the chosen
 answer, which holds the rejected one (:data:`~cardtune.conversation.REJECTED`). What makes a pair
@@ -36,9 +39,13 @@ def preference_record(record: dict[str, Any], sample_id: str, source: str, opts:
 
     missing = [key for key in KEYS if record.get(key) is None]
     if missing:
+        what = "is null" if missing[0] in record else "is missing"
         raise SampleError(sample_id, missing[0], "bad_format",
-                          f"a preference record has both 'chosen' and 'rejected'; this one has no {missing[0]!r}",
-                          source)
+                          f"a preference record has both 'chosen' and 'rejected'; its {missing[0]!r} {what}", source)
+    if "prompt" in record and "conversations" in record:
+        raise SampleError(sample_id, "record", "bad_format", "holds both 'prompt' (TRL) and 'conversations' (LLaVA) as "
+                          "the prompt, and only one would be read: keep one", source)
+    record = _split_shared_prefix(record, sample_id, source)
     if "prompt" in record:
         prompt = record["prompt"]
         if isinstance(prompt, str):
@@ -65,6 +72,49 @@ def preference_record(record: dict[str, Any], sample_id: str, source: str, opts:
     *prompt_messages, answer = chosen.messages
     return Sample(sample_id, [*prompt_messages, {**answer, REJECTED: rejected.messages[-1]}], chosen.images,
                   chosen.videos, source)
+
+
+def _is_turn_list(value: Any) -> bool:
+    return isinstance(value, list) and len(value) >= 2 and all(isinstance(m, dict) for m in value)
+
+
+def _split_shared_prefix(record: dict[str, Any], sample_id: str, source: str) -> dict[str, Any]:
+    """TRL's implicit-prompt form: ``chosen`` and ``rejected`` are whole conversations (OpenAI
+    messages, or LLaVA's ``from``/``value`` turns) that share every message up to the answers.
+    The shared messages become the prompt (``prompt``, or ``conversations`` for LLaVA turns) and
+    each side's last message its answer, as TRL's ``extract_prompt`` reads them. A ``prompt`` given
+    beside them (UltraFeedback writes the user's text there too) must be those shared messages.
+    Sides that differ before their last message are not a pair of answers to one prompt:
+    ``bad_format``, naming where they part."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not (_is_turn_list(chosen) and _is_turn_list(rejected)):
+        return record
+    llava = all("from" in m and "role" not in m for m in (*chosen, *rejected))
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    shared = min(shared, len(chosen) - 1, len(rejected) - 1)
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if len(side) - shared > 1:
+            raise SampleError(sample_id, f"{key}[{shared}]", "bad_format",
+                              f"'chosen' and 'rejected' are whole conversations that part at message {shared}, "
+                              f"{len(side) - shared} messages before the end of '{key}': a pair is one prompt and two "
+                              "final answers (give the shared turns under 'prompt', each answer alone)", source)
+    prefix = chosen[:shared]
+    if "prompt" in record:
+        given = record["prompt"]
+        given = [{"role": "user", "content": given}] if isinstance(given, str) else given
+        spoken = [(m.get("role"), m.get("content")) for m in prefix] if not llava else None
+        if not isinstance(given, list) or spoken != [(m.get("role"), m.get("content")) if isinstance(m, dict) else m
+                                                      for m in given]:
+            raise SampleError(sample_id, "prompt", "bad_format",
+                              f"'chosen' and 'rejected' are whole conversations, and the {shared} message(s) they "
+                              "share before their answers are not 'prompt': give the prompt once (under 'prompt', each answer alone) "
+                              "or leave 'prompt' out", source)
+    rest = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+    if llava:
+        return {**rest, "conversations": prefix, "chosen": chosen[-1], "rejected": rejected[-1]}
+    return {**rest, "prompt": prefix, "chosen": [chosen[-1]], "rejected": [rejected[-1]]}
 
 
 def _trl_answer(value: Any, key: str, sample_id: str, source: str) -> dict[str, Any]:
