@@ -96,6 +96,7 @@ def test_untrainable_pairs_are_reported_by_id(tmp_path: Path) -> None:
     details = {p.error.sample_id: f"{p.error.field}: {p.error.detail}" for p in report.problems}
     assert details["same"] == "messages[2].rejected: both answers are 'Red.'"
     assert details["empty"] == "messages[2].rejected.content: the rejected answer is empty"
+    assert details["number"] == "messages[2].rejected.content: the rejected answer's text is int: 3"
     assert details["one-sided"] == ("rejected: a preference record has both 'chosen' and 'rejected'; its 'rejected' "
                                     "is null")
     assert "got 2 messages" in details["two-messages"]

@@ -55,23 +55,41 @@ def preference_record(record: dict[str, Any], sample_id: str, source: str, opts:
                               f"'prompt' is a list of messages (or a user's text), got {type(prompt).__name__}: "
                               f"{shown(prompt)}", source)
         media = {k: record[k] for k in ("image", "images", "video", "videos") if k in record}
-        sides = [openai_record({"messages": [*prompt, _trl_answer(record[key], key, sample_id, source)], **media},
-                               sample_id, source, opts) for key in KEYS]
+        sides = _both_sides(lambda key: openai_record(
+            {"messages": [*prompt, _trl_answer(record[key], key, sample_id, source)], **media}, sample_id, source, opts))
     elif "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list):
             raise SampleError(sample_id, "conversations", "bad_format", "'conversations' is not a list", source)
-        sides = [llava_record({**record, "conversations": [*turns, _llava_answer(record[key], key, opts, sample_id, source)]},
-                              sample_id, source, opts) for key in KEYS]
+        sides = _both_sides(lambda key: llava_record(
+            {**record, "conversations": [*turns, _llava_answer(record[key], key, opts, sample_id, source)]},
+            sample_id, source, opts))
     else:
         raise SampleError(sample_id, "record", "bad_format", "a preference record holds its prompt under 'prompt' "
                           "(TRL: messages) or 'conversations' (LLaVA: turns up to the last human one)", source)
     chosen, rejected = sides
-    for side in sides:
-        check_sample_values(side)
     *prompt_messages, answer = chosen.messages
     return Sample(sample_id, [*prompt_messages, {**answer, REJECTED: rejected.messages[-1]}], chosen.images,
                   chosen.videos, source)
+
+
+def _both_sides(read: Any) -> list[Sample]:
+    """The chosen and the rejected conversation, each read by ``read(key)`` and its values checked
+    (:func:`~cardtune.data.record_values.check_sample_values`). A problem in the
+    rejected answer names its field as :func:`check_pair` does (``messages[N].rejected...``): both
+    conversations are read into the same message positions, and the prompt's are the chosen's."""
+    chosen = read("chosen")
+    check_sample_values(chosen)
+    last = f"messages[{len(chosen.messages) - 1}]"
+    try:
+        rejected = read("rejected")
+        check_sample_values(rejected)
+    except SampleError as err:
+        if err.field.startswith(last):
+            err = SampleError(err.sample_id, f"{last}.{REJECTED}{err.field[len(last):]}", err.reason,
+                              err.detail.replace("assistant turn text", "the rejected answer's text", 1), err.source)
+        raise err from None
+    return [chosen, rejected]
 
 
 def _is_turn_list(value: Any) -> bool:
