@@ -159,10 +159,11 @@ def train_in_held_folder(the_run: Run) -> RunResult:
     cache = usable_cache(the_run.args.data.data_cache, the_run.say)  # before any data is read
     start = resume_point(the_run)
     if start.finished:
+        from cardtune.report.run import write_run_report
         from cardtune.training.outcome import finish_from_last_checkpoint
 
-        return RunResult(finish_from_last_checkpoint(the_run.args, start.checkpoint, the_run.started), None,
-                         the_run.args)
+        return RunResult(finish_from_last_checkpoint(the_run.args, start.checkpoint, the_run.started,
+                                                     write_run_report), None, the_run.args)
     encoding = open_encoding(the_run, start)
     splits = prepare_data(the_run, encoding, cache)
     prepared = prepare_model(the_run, encoding)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cardtune.registry import FamilyCard
 from cardtune.training.arguments import Arguments
@@ -20,10 +20,12 @@ def _say(args: Arguments, message: str) -> None:
         print(message, flush=True)
 
 
-def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float) -> dict[str, Any]:
+def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float,
+                                write_report: Callable[..., Path | None]) -> dict[str, Any]:
     """A resume from the run's last step (its final save failed, say) trains nothing: the
-    final folder is the checkpoint's model files, with the loss curve of its history. Returns
-    the run's summary."""
+    final folder is the checkpoint's model files, with the loss curve of its history and the
+    page ``write_report(out, history, warn=...)`` writes (the report layer sits above training).
+    Returns the run's summary."""
     from cardtune.training.checkpoints import finish_from, trainer_state
     from cardtune.training.trainer import LOG_FILE, LOSS_PLOT, plot_loss
 
@@ -38,9 +40,7 @@ def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float
             plot = plot_loss(history, out / LOSS_PLOT)
         _say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
              f"left to train; the final folder is written from it ({', '.join(copied)})")
-        from cardtune.report.run import write_run_report
-
-        report = write_run_report(out, history, warn=lambda message: _say(args, message))
+        report = write_report(out, history, warn=lambda message: _say(args, message))
     losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
     summary = {
         "output_dir": str(out), "checkpoint": str(out), "plot": str(plot) if t.process_index == 0 and plot else None,
