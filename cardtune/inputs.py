@@ -59,6 +59,27 @@ def check_model_path(model_path: str | None, *, weights: bool) -> None:
     """``--model_path``, before the model resolves: a model folder (with weights when ``weights``)."""
     if model_path is not None:
         _check_folder(Path(model_path), "--model_path", weights)
+    if model_path is not None and weights:
+        _check_not_adapter(Path(model_path))
+
+
+def _check_not_adapter(folder: Path) -> None:
+    """A LoRA adapter a run wrote is not a model to train from: its base would load and train
+    without it (a DPO after a LoRA finetune would start from the model before that finetune, and
+    compare against it). Merged, it is a model like any other."""
+    from cardtune.training.output import ADAPTER_CONFIG, adapter_base
+
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return
+    try:
+        base = f"its base {adapter_base(folder)}"
+    except (CardError, ValueError, OSError):
+        base = "its base"
+    merged = f"{str(folder).rstrip('/')}-merged"
+    raise InputFileError(
+        f"--model_path {folder}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: training from it would train {base} "
+        f"without the adapter. Merge it first, then train from the merged folder: cardtune merge --adapter {folder} "
+        f"--output {merged}, and --model_path {merged}")
 
 
 def check_model(resolved: Any, *, model_path: str | None, weights: bool, files: bool = True, cards: Any = ()) -> None:

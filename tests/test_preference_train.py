@@ -228,6 +228,28 @@ def test_what_dpo_cannot_train_is_one_line(argv: list[str], message: str, capsys
     assert len(err) == 1 and message in err[0], err
 
 
+def test_an_adapter_folder_is_merged_before_it_is_trained_from(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A LoRA finetune's output given as --model_path (the usual start of DPO) would load its
+    base without the adapter (it was a transformers traceback: no model_type): one line that says
+    how to merge it."""
+    from cardtune.train import main
+
+    adapter = tmp_path / "sft-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base",
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "tokenizer_config.json").write_text("{}")
+    assert main(["--model_path", str(adapter), "--method", "dpo", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train: --model_path {adapter}: a LoRA adapter (adapter_config.json), not a model: training from "
+                   "it would train its base /models/base without the adapter. Merge it first, then train from the "
+                   f"merged folder: cardtune merge --adapter {adapter} --output {adapter}-merged, and --model_path "
+                   f"{adapter}-merged"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sharded_full_finetune_is_refused_before_anything_loads(monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Under ZeRO-3 (or FSDP) the reference is the base with adapters disabled: without LoRA the
