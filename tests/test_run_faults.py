@@ -429,3 +429,32 @@ def test_ctrl_c_says_what_was_saved_and_the_command_that_continues(tmp_path: Pat
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resume: auto: {last}" in done.stdout and "global step 12" in done.stdout
+
+
+def test_ctrl_c_during_data_validation_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's group: validation's worker processes leave
+    it to the run (each printed 'Process ForkPoolWorker-N:' and its traceback)."""
+    data = tmp_path / "many.json"
+    data.write_text(json.dumps([{"id": f"s{i}", "conversations": [
+        {"from": "human", "value": f"Tell me about number {i}. " * 5},
+        {"from": "gpt", "value": f"It is {i}. " * 8}]} for i in range(40000)]), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *DEMO, "--data_path", str(data), "--data_cache",
+                             "none", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    try:
+        deadline = time.monotonic() + 240
+        while not children.read_text().split():  # validation's workers are the run's only children
+            assert proc.poll() is None, f"the run ended before validating: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "validation did not start within the time limit"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "ForkPoolWorker" not in err and "Traceback" not in err, err[-3000:]
+    assert err.rstrip("\n").split("\n")[-1] == "train: interrupted (Ctrl-C) before training started; nothing new was saved"

@@ -400,6 +400,12 @@ def _check_chunk(indices: list[int]) -> list[tuple[list[SampleError], bool, int 
     return [_WORK.check(i) for i in indices]
 
 
+def _ignore_interrupts() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _check_in_workers(work: _Work, indices: np.ndarray, num_workers: int) -> Iterator[tuple[list[SampleError], bool, int | None, int]]:
     """The checks of ``indices``, in order, as the workers send them back."""
     import multiprocessing
@@ -409,7 +415,9 @@ def _check_in_workers(work: _Work, indices: np.ndarray, num_workers: int) -> Ite
     size = max(1, min(256, len(indices) // (num_workers * 4) or 1))
     chunks = (indices[k : k + size].tolist() for k in range(0, len(indices), size))
     try:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+        # Ctrl-C is the main process's to handle (it stops the pool); a worker interrupted in
+        # the middle of a sample would print its own "Process ForkPoolWorker-N:" and traceback.
+        with multiprocessing.get_context("fork").Pool(num_workers, initializer=_ignore_interrupts) as pool:
             for chunk in pool.imap(_check_chunk, chunks):
                 yield from chunk
     finally:
