@@ -10,8 +10,8 @@ answer as the rejected side. Checked per family, text cases and (for the VLMs) i
 - the rejected sequence is exactly what the engine gives that conversation on its own (its own
   processor call), ids, labels and media tensors, although the pair encodes the media once.
 
-And a template whose prompt rendering depends on the answer, or an answer merging with the
-prompt's last token, is a ``prompt_mismatch``, never trained.
+And a template whose prompt rendering depends on the answer is a ``prompt_mismatch``, never
+trained; an answer merging with the prompt's last token is scored from the ids both sides share.
 """
 
 from __future__ import annotations
@@ -122,17 +122,31 @@ def test_a_template_whose_prompt_depends_on_the_answer_is_reported(encoders):  #
     assert found.value.reason == "prompt_mismatch" and "at token 4 (" in found.value.detail, found.value  # 31 vs 3
 
 
-def test_an_answer_merging_with_the_header_is_reported(encoders):  # noqa: F811
-    """ChatML's header ends ``assistant\\n``: an answer starting with a newline merges with it into
-    one token, so the prompts of the two sides are not the same ids."""
+def test_an_answer_merging_with_the_header_is_scored_from_the_shared_ids(encoders):  # noqa: F811
+    """ChatML's header ends ``assistant\n``: an answer starting with a newline merges with it into
+    one token ``\n\n``, so the sequences part one token before the rejected answer. Both answers
+    are scored from the ids they share: the chosen's merged token, the rejected's header newline
+    and answer (as supervised labels train the merged token with its answer)."""
+    from cardtune.collators.engine import IGNORE_INDEX
     from cardtune.collators.pairs import PairEncoder
-    from cardtune.errors import SampleError
 
     encoder = encoders("qwen2.5-7b-instruct")
+    tokenizer = encoder.processing.tokenizer
     messages, _ = conversation("single_turn", FAMILIES["qwen2.5-7b-instruct"])
-    with pytest.raises(SampleError) as found:
-        PairEncoder(encoder).encode(_pair(messages, "\nNo.", [], "merged"))
-    assert found.value.reason == "prompt_mismatch"
+    prompt = messages[:-1]
+    for chosen, rejected in (("\nYes.", "No."), ("Yes.", "\nNo.")):
+        pair = PairEncoder(encoder).encode(_pair([*prompt, {"role": "assistant", "content": chosen}], rejected, [],
+                                                 "merged"))
+        start = pair.prompt_length
+        assert pair.chosen.input_ids[:start] == pair.rejected.input_ids[:start]
+        assert tokenizer.decode(pair.chosen.input_ids[:start]).endswith("<|im_start|>assistant")
+        for side, answer in ((pair.chosen, chosen), (pair.rejected, rejected)):
+            assert side.labels[:start] == [IGNORE_INDEX] * start
+            trained = [t for t in side.labels if t != IGNORE_INDEX]
+            assert trained == side.input_ids[start:start + len(trained)]
+            assert tokenizer.decode(trained) == "\n" + answer + "<|im_end|>"
+        merged = pair.chosen if chosen.startswith("\n") else pair.rejected
+        assert tokenizer.convert_ids_to_tokens(merged.input_ids[start]) == "ĊĊ"
 
 
 def test_a_final_answer_cut_away_is_too_long_not_an_earlier_answer_trained(encoders):  # noqa: F811

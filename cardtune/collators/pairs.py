@@ -4,7 +4,11 @@ then only the final answer and its end of turn kept trained.
 
 The prompt part of both sequences, every token before the final answer, must be the same ids:
 it is checked on each pair, and a pair whose template renders the prompt depending on the answer
-(or whose tokens merge across the boundary differently) is a ``prompt_mismatch``, never trained.
+is a ``prompt_mismatch``, never trained. An answer whose first characters merge with the prompt's
+last token (ChatML's header ends ``assistant\n``; an answer opening with a newline makes it
+``\n\n``) parts the two sequences one token early: both answers are then scored from the ids
+they share, the other side's answer taking that prompt token with it, as the supervised labels
+train the merged token with its answer. No more than that one token moves.
 
 Media are encoded once per pair. The chosen sequence goes through the processor (pixels, media
 tokens expanded); the rejected one takes the chosen's expanded prompt and tokenizes only what
@@ -99,12 +103,18 @@ class PairEncoder:
         chosen = self._engine_with(recorder).encode(chosen_side, media)
         reexpanded = _Reexpanded(self.engine.handler, recorder)
         rejected = self._engine_with(reexpanded).encode(rejected_side, media)
-        start = self._final_answer(chosen, chosen_side)
-        if self._final_answer(rejected, rejected_side) != start or chosen.input_ids[:start] != rejected.input_ids[:start]:
-            raise SampleError(sample.id, "messages", "prompt_mismatch", self._mismatch(chosen, rejected, start,
-                              self._final_answer(rejected, rejected_side)), sample.source)
-        for encoded in (chosen, rejected):
+        starts = (self._final_answer(chosen, chosen_side), self._final_answer(rejected, rejected_side))
+        parted = next((i for i, (x, y) in enumerate(zip(chosen.input_ids, rejected.input_ids, strict=False)) if x != y),
+                      min(len(chosen), len(rejected)))
+        start = min(*starts, parted)
+        if any(own - start > 1 for own in starts):
+            raise SampleError(sample.id, "messages", "prompt_mismatch", self._mismatch(chosen, rejected, *starts),
+                              sample.source)
+        for encoded, own in ((chosen, starts[0]), (rejected, starts[1])):
             encoded.labels[:start] = [IGNORE_INDEX] * start
+            # The prompt's last token, where the other side's answer merged into it: scored here
+            # too, so that both answers are scored from the same prompt ids.
+            encoded.labels[start:own] = encoded.input_ids[start:own]
         return EncodedPair(sample.id, chosen, rejected, start, reused_media=reexpanded.reused)
 
     def _engine_with(self, handler: Any) -> Any:
@@ -129,8 +139,8 @@ class PairEncoder:
         decode = self.engine.tokenizer.decode
         return (f"the prompt's tokens differ between the chosen and the rejected sequence at token {at} "
                 f"({decode(a[at:at + 4])!r} vs {decode(b[at:at + 4])!r}; prompt {len(a)} vs {len(b)} tokens): "
-                "the template renders the prompt depending on the answer, or the answer's first characters merge "
-                "with the prompt's last token")
+                "the template renders the prompt depending on the answer (only the prompt's last token may merge "
+                "with an answer)")
 
 
 class _Recording:
