@@ -6,7 +6,8 @@ The largest tensor of a step on a modern vocabulary is the logits (Gemma 3's 262
 the model runs with ``logits_to_keep`` selecting no position (its head projects nothing) and
 ``output_hidden_states``; the loss then takes only the positions whose shifted label is trained
 (most of a VLM sample is image and prompt tokens) and projects them ``chunk_tokens`` at a time.
-:class:`ChunkedCrossEntropy` keeps no chunk's logits: backward projects each chunk again. Peak
+:class:`ChunkedTokenLogProbs` keeps no chunk's logits: backward projects each chunk again (the
+loss is minus their sum; a preference loss sums them per sequence). Peak
 memory is about one chunk's logits, not tokens × vocabulary.
 
 It is the loss the model's own forward gives (transformers' ``ForCausalLMLoss``): labels shifted
@@ -137,11 +138,11 @@ def rng_state(device: torch.device) -> tuple[torch.device, Any, Any]:
     return device, torch.get_rng_state(), accelerator
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy over ``hidden`` (positions × hidden size) against ``targets``, the
-    logits made ``head.chunk_tokens`` rows at a time and dropped; backward makes each chunk's
-    logits again (in the forward's autocast state and random numbers) and returns the gradients
-    of ``hidden`` and of the head's trainable parameters (passed as ``params``)."""
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """``log p(target)`` at each row of ``hidden`` (positions × hidden size), the logits made
+    ``head.chunk_tokens`` rows at a time and dropped; backward makes each chunk's logits again (in
+    the forward's autocast state and random numbers) for the gradients of ``hidden`` and of the
+    head's trainable parameters (passed as ``params``)."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead,
@@ -150,17 +151,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.head = head
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.rng = rng_state(device) if head.stochastic and head.module.training else None
-        total = torch.zeros((), dtype=torch.float32, device=device)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=device)
         step = head.chunk_tokens
         for start in range(0, hidden.shape[0], step):
             logits = head.logits(hidden[start:start + step])
-            total += F.cross_entropy(logits, targets[start:start + step], reduction="sum")
+            out[start:start + step] = -F.cross_entropy(logits, targets[start:start + step], reduction="none")
             del logits
         ctx.save_for_backward(hidden, targets, *params)
-        return total
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, targets, *params = ctx.saved_tensors
         head: OutputHead = ctx.head
         want_hidden = ctx.needs_input_grad[0]
@@ -172,21 +173,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), replayed_rng(ctx.rng):
             for start in range(0, hidden.shape[0], step):
                 chunk = hidden[start:start + step].detach().requires_grad_(want_hidden)
-                loss = F.cross_entropy(head.logits(chunk), targets[start:start + step], reduction="sum")
                 inputs = ([chunk] if want_hidden else []) + [params[i] for i in wanted]
                 if not inputs:
                     continue
-                got = list(torch.autograd.grad(loss, inputs, grad_total, allow_unused=True))
+                logps = -F.cross_entropy(head.logits(chunk), targets[start:start + step], reduction="none")
+                got = list(torch.autograd.grad(logps, inputs, grad_out[start:start + step], allow_unused=True))
                 if want_hidden:
                     grad_hidden[start:start + step] = got.pop(0)
                 for i, g in zip(wanted, got, strict=True):
-                    if g is None:
-                        continue
-                    if grads[i] is None:
-                        grads[i] = g
-                    else:
-                        grads[i].add_(g)
-                del loss, got
+                    if g is not None:
+                        grads[i] = g if grads[i] is None else grads[i].add_(g)
+                del logps, got
         return (grad_hidden, None, None, *grads)
 
 
@@ -199,7 +196,8 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor | None, head: Outp
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
     trained = shift_labels != IGNORE_INDEX
-    total = ChunkedCrossEntropy.apply(hidden[trained], shift_labels[trained], head, *head.trainable_parameters())
+    total = -ChunkedTokenLogProbs.apply(hidden[trained], shift_labels[trained], head,
+                                        *head.trainable_parameters()).sum()
     if num_items_in_batch is None or not head.uses_num_items:
         return total / trained.sum()  # the mean (NaN without a trained position, as the model's)
     if torch.is_tensor(num_items_in_batch):
@@ -389,5 +387,5 @@ def choose_loss(model: Any, requested: str, training_args: Any = None,
     return None, f"loss: the model's own ({why}; the chunked loss is not used)"
 
 
-__all__ = ["CHUNK_ELEMENTS", "ChunkedCrossEntropy", "ChunkedLossModel", "HeadMismatch", "LogitTransform",
+__all__ = ["CHUNK_ELEMENTS", "ChunkedTokenLogProbs", "ChunkedLossModel", "HeadMismatch", "LogitTransform",
            "OutputHead", "causal_lm_loss", "choose_loss", "probe_head", "sharding_engine"]
