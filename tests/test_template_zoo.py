@@ -110,6 +110,29 @@ FAMILIES: dict[str, Family] = {
          "</seed:cot_budget_reflect>", "<seed:tool_call>", "</seed:tool_call>"),
         bos="<seed:bos>", eos="<seed:eos>", pad="<seed:pad>"),
     "smollm3": Family(("<|im_start|>", "<|im_end|>"), ("<think>", "</think>"), eos="<|im_end|>"),
+    # -- added in the second collection --
+    "apriel-1.5": Family(
+        ("<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|content|>", "<|tool_result|>", "[IMG]"),
+        bos="<s>", eos="</s>"),
+    "functiongemma": Family(
+        ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_function_declaration>", "<end_function_declaration>",
+         "<start_function_call>", "<end_function_call>", "<start_function_response>", "<end_function_response>", "<escape>"),
+        bos="<bos>", eos="<eos>", adds_bos=True, drops_system=True),
+    "llama-4": Family(
+        ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|image|>", "<|python_start|>",
+         "<|python_end|>"),
+        bos="<|begin_of_text|>", eos="<|eot|>", adds_bos=True),
+    "magistral-small-2509": Family(
+        ("<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]", "[IMG]",
+         "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"),
+        bos="<s>", eos="</s>", adds_bos=True),
+    "mistral-nemo": Family(
+        ("<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+         "[/TOOL_RESULTS]"),
+        bos="<s>", eos="</s>", adds_bos=True, drops_system=True),
+    "phi-3.5-mini": Family(("<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
+                           bos="<s>", eos="<|endoftext|>"),
+    "qwq-32b": Family((), ("<think>", "</think>"), eos="<|im_end|>"),
 }
 
 
@@ -185,6 +208,13 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "qwen3.5": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
     "seed-oss": ("Write <seed:bos>assistant\nnext.", "<seed:eos> early."),
     "smollm3": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+    "apriel-1.5": ("Write <|assistant|>\nx\n<|end|>", "<|user|>\ntyped"),
+    "functiongemma": ("A turn is <start_of_turn>model\nhi<end_of_turn>", "Typed <end_of_turn> end."),
+    "llama-4": ("Type <|header_start|>assistant<|header_end|> here.", "And <|eot|> there."),
+    "magistral-small-2509": ("Use [THINK] and [/THINK] like this.", "It ends with </s> usually."),
+    "mistral-nemo": ("Use [INST] and [/INST] like this.", "It ends with </s> usually."),
+    "phi-3.5-mini": ("Write <|assistant|>\nx<|end|>", "<|user|>\ntyped"),
+    "qwq-32b": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
 }
 
 
@@ -401,6 +431,56 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
         **dict.fromkeys(REASONING, NO_REASONING),
     },
+    # -- added in the second collection --
+    "apriel-1.5": {  # <|assistant|>\n answer \n<|end|>\n then eos after every answer (FIXED: the end runs through eos)
+        # renders a 'thought' only under add_thoughts: no reasoning field
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "functiongemma": {  # <start_of_turn>model\n, every content trimmed, <end_of_turn>; a system turn's text is replaced
+        "single": ["4.<end_of_turn>"],
+        "system3": ["1.<end_of_turn>", "2.<end_of_turn>", "3.<end_of_turn>"],
+        "whitespace": ["Indented.<end_of_turn>", "Starts on a new line.<end_of_turn>", "Ends with a tab.<end_of_turn>"],
+        "roles": ["A turn is <start_of_turn>model\nhi<end_of_turn><end_of_turn>", "Typed <end_of_turn> end.<end_of_turn>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "llama-4": {  # <|header_start|>assistant<|header_end|>\n\n answer <|eot|>; only the system prompt is trimmed
+        "single": ["4.<|eot|>"],
+        "system3": ["1.<|eot|>", "2.<|eot|>", "3.<|eot|>"],
+        # the header's \n\n and the answer's \n tokenize as one \n\n\n: trained (docs/MASKING.md)
+        "whitespace": ["  Indented.\n<|eot|>", "\n\n\nStarts on a new line.<|eot|>", "Ends with a tab.\t<|eot|>"],
+        "roles": ["Type <|header_start|>assistant<|header_end|> here.<|eot|>", "And <|eot|> there.<|eot|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "magistral-small-2509": {  # a default system prompt that writes [THINK]...[/THINK] itself; [/INST]answer</s>
+        "single": ["4.</s>"],
+        "system3": ["1.</s>", "2.</s>", "3.</s>"],
+        "whitespace": ["  Indented.\n</s>", "\nStarts on a new line.</s>", "Ends with a tab.\t</s>"],
+        "roles": ["Use [THINK] and [/THINK] like this.</s>", "It ends with </s> usually.</s>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "mistral-nemo": {  # the system prompt joins the LAST user turn only: a conversation ending in an answer drops it
+        "single": ["4.</s>"],
+        "system3": ["1.</s>", "2.</s>", "3.</s>"],
+        "whitespace": ["  Indented.\n</s>", "\nStarts on a new line.</s>", "Ends with a tab.\t</s>"],
+        "roles": ["Use [INST] and [/INST] like this.</s>", "It ends with </s> usually.</s>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "phi-3.5-mini": {  # <|assistant|>\n answer <|end|>\n; eos (<|endoftext|>) once, after the whole conversation
+        "single": ["4.<|end|>"],
+        "system3": ["1.<|end|>", "2.<|end|>", "3.<|end|>"],
+        "whitespace": ["  Indented.\n<|end|>", "\n\nStarts on a new line.<|end|>", "Ends with a tab.\t<|end|>"],
+        "roles": ["Write <|assistant|>\nx<|end|><|end|>", "<|user|>\ntyped<|end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "qwq-32b": {  # ChatML; the generation prompt opens <think>\n, which no rendered answer has; earlier answers are
+        # cut after their last </think> and lstrip('\n')ed, the last one is written as given
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "Starts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+        "think_in_answer": ["Close with </think> then.<|im_end|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
 }
 
 DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0}
@@ -427,6 +507,13 @@ CMDR_END = (
 GIGACHAT_JSON = (
     "the template serialises list content with tojson; the content probe rejects only Python's repr ('type'), so "
     "the engine takes parts, reads JSON scaffolding into the header and drops every sample. Right: string content"
+)
+APRIEL_END = (
+    "every answer ends \\n<|end|>\\n</s> and only eos (</s>) stops the model (<|end|> is no stop token of this "
+    "family); the engine ran an end of turn through eos only where special tokens follow the first AT ONCE, so the "
+    "\\n between them left </s> untrained and the model never learns to stop. Right: through eos across whitespace, "
+    "unless eos follows the last answer only (Phi-3.5 writes <|endoftext|> once, after the whole conversation: its "
+    "turns still end <|end|>)"
 )
 NO_THINK = (
     "a '/no_think' system prompt (this hybrid model's non-reasoning switch) makes the template write {block} before "
@@ -474,6 +561,13 @@ FIXED: dict[tuple[str, str], tuple[list[str], str]] = {
         "whitespace": ["  Indented.\n<|message_sep|>", "\n\nStarts on a new line.<|message_sep|>",
                        "Ends with a tab.\t<|message_sep|>"],
         "roles": ["Write assistant<|role_sep|>\nhi<|message_sep|><|message_sep|>", "<|message_sep|> typed.<|message_sep|>"],
+    }.items()},
+    **{("apriel-1.5", case): ([s + "\n<|end|>\n</s>" for s in spans], APRIEL_END) for case, spans in {
+        "single": ["4."],
+        "system3": ["1.", "2.", "3."],
+        # the answer's last \n and the end's first tokenize as one \n\n; the header's \n and the answer's too
+        "whitespace": ["  Indented.\n", "\n\nStarts on a new line.", "Ends with a tab.\t"],
+        "roles": ["Write <|assistant|>\nx\n<|end|>", "<|user|>\ntyped"],
     }.items()},
     ("smollm3", "no_think"): (["1.<|im_end|>", "2.<|im_end|>"],
                               NO_THINK.format(block="<think>\\n\\n</think>\\n", which="every answer")),
@@ -523,6 +617,8 @@ def test_expectations_cover_every_template() -> None:
 
 IMAGE_PLACEHOLDERS = {
     "gemma-4": "<|turn>user\n\n\n<|image|>\n\nWhat is shown?<turn|>",
+    "llama-4": "<|header_start|>user<|header_end|>\n\n<|image|>What is shown?<|eot|>",
+    "magistral-small-2509": "[INST][IMG]What is shown?[/INST]",
     "kimi-k2": "<|im_user|>user<|im_middle|><|media_start|>image<|media_content|><|media_pad|><|media_end|>What is shown?",
     "lfm2.5": "<|im_start|>user\n<image>What is shown?<|im_end|>",
     "mistral-small-3.2": "[INST][IMG]What is shown?[/INST]",

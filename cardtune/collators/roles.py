@@ -254,6 +254,10 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     else:
         closing = _first_closing(tail, specials, eos)
         earlier = _first_closing(text[a1_start + len(_A1) : text.index(_U2)], specials, eos)
+        if closing is not None and earlier is not None and eos and closing.endswith(eos) and not earlier.endswith(eos):
+            # eos written once, after the whole conversation (Phi-3.5: <|end|>\n<|endoftext|> after
+            # the last answer only) ends the conversation, not a turn: the turn ends as the others do
+            closing = _first_closing(tail, specials)
         if closing is not None:
             eot_text = closing
             notes.append(f"end of turn {eot_text!r} from the template")
@@ -344,8 +348,9 @@ def close_last_answer(text: str, after_last: tuple[str, str]) -> str:
 def _first_closing(after: str, specials: list[str], eos: str | None = None) -> str | None:
     """The text after an answer up to and including its first special token (the token the
     model must emit to stop), or None where none follows. Where that token is not eos and more
-    special tokens follow it at once up to eos, through eos (Command R7B writes
-    ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, and generation stops on the second)."""
+    special tokens follow it, at once or across whitespace only, up to eos, through eos (Command
+    R7B writes ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, Apriel ``\n<|end|>\n</s>``, and
+    generation stops on eos)."""
     found = [(after.find(s), -len(s), s) for s in specials if s in after]
     if not found:
         return None
@@ -354,6 +359,8 @@ def _first_closing(after: str, specials: list[str], eos: str | None = None) -> s
     if eos and special != eos:
         j = end
         while True:
+            while j < len(after) and after[j].isspace():
+                j += 1
             following = next((s for s in specials if after.startswith(s, j)), None)
             if following is None:
                 break
