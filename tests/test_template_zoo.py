@@ -133,6 +133,19 @@ FAMILIES: dict[str, Family] = {
     "phi-3.5-mini": Family(("<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
                            bos="<s>", eos="<|endoftext|>"),
     "qwq-32b": Family((), ("<think>", "</think>"), eos="<|im_end|>"),
+    # -- added in the third collection --
+    # functionary ships Llama-3.1's tokenizer (bos added by it as well); eos <|eot_id|> is a guess from Llama-3.1-Instruct
+    "functionary-v3.2": Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                               bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
+    "llama-3.3": Family(
+        ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"),
+        bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
+    # a Llama-3.3 tokenizer (bos added by it; eos <|eot_id|> as Llama-3.3-Instruct has it); the template writes
+    # <|begin_of_text|> as a literal, not bos_token
+    "nemotron-super-v1.5": Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                                  ("<think>", "</think>"), bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
+    # StepFun's bos is not known here (a guess: none; the template writes bos_token, which renders empty)
+    "stepfun-3.7-flash": Family(("<im_patch>",), ("<think>", "</think>"), eos="<|im_end|>"),
 }
 
 
@@ -215,6 +228,10 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "mistral-nemo": ("Use [INST] and [/INST] like this.", "It ends with </s> usually."),
     "phi-3.5-mini": ("Write <|assistant|>\nx<|end|>", "<|user|>\ntyped"),
     "qwq-32b": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+    "functionary-v3.2": ("Write >>>all\nx<|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed"),
+    "llama-3.3": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
+    "nemotron-super-v1.5": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
+    "stepfun-3.7-flash": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
 }
 
 
@@ -481,9 +498,41 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "think_in_answer": ["Close with </think> then.<|im_end|>"],
         **dict.fromkeys(REASONING, NO_REASONING),
     },
+    # -- added in the third collection --
+    "functionary-v3.2": {**dict.fromkeys(REASONING, NO_REASONING)},  # the answers are in FIXED
+    "llama-3.3": {  # a system header always written (date preamble, the user's system after it); content trimmed
+        "single": ["4.<|eot_id|>"],
+        "system3": ["1.<|eot_id|>", "2.<|eot_id|>", "3.<|eot_id|>"],
+        "whitespace": ["Indented.<|eot_id|>", "Starts on a new line.<|eot_id|>", "Ends with a tab.<|eot_id|>"],
+        "roles": ["Type <|start_header_id|>assistant<|end_header_id|> here.<|eot_id|>", "And <|eot_id|> there.<|eot_id|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+    },
+    "nemotron-super-v1.5": {  # a system header always written (empty without a system prompt); nothing trimmed
+        "single": ["4.<|eot_id|>"],
+        "system3": ["1.<|eot_id|>", "2.<|eot_id|>", "3.<|eot_id|>"],
+        "whitespace": ["  Indented.\n<|eot_id|>", "\n\n\nStarts on a new line.<|eot_id|>", "Ends with a tab.\t<|eot_id|>"],
+        # '/no_think' is cut out of the system prompt and only changes the generation prompt: answers render the same
+        "no_think": ["1.<|eot_id|>", "2.<|eot_id|>"],
+        "roles": ["Type <|start_header_id|>assistant<|end_header_id|> here.<|eot_id|>", "And <|eot_id|> there.<|eot_id|>"],
+        **dict.fromkeys(REASONING, NO_REASONING),
+        # content.split('</think>')[-1].lstrip(): the template drops what an answer writes before </think>
+        "think_in_answer": Refused("label_contract", "the template rewrites the answer"),
+    },
+    "stepfun-3.7-flash": {  # the template reads parts itself; <think>\nR\n</think>\n before answers after the last
+        # user message only (empty when no reasoning: masked like the header); nothing trimmed
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "\n\nStarts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        # the generation prompt opens <think>\n: the model never writes it, so it is not trained
+        "reasoning_last": ["1.<|im_end|>", "Two is one more.\n</think>\n2.<|im_end|>"],
+        "reasoning_both": ["1.<|im_end|>", "Two is one more.\n</think>\n2.<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+        # an answer without reasoning_content is split at </think>: what precedes becomes its reasoning
+        "think_in_answer": Refused("label_contract", "the template rewrites the answer"),
+    },
 }
 
-DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0}
+DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1}
 """Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
 
 NO_END_AFTER_LAST = (
@@ -514,6 +563,12 @@ APRIEL_END = (
     "\\n between them left </s> untrained and the model never learns to stop. Right: through eos across whitespace, "
     "unless eos follows the last answer only (Phi-3.5 writes <|endoftext|> once, after the whole conversation: its "
     "turns still end <|end|>)"
+)
+FUNCTIONARY_LEAD = (
+    "the generation prompt ends at '>>>' and every answer is written '>>>all\\n' + content: the engine took all the "
+    "template writes between a user turn and an answer's text for prompt (the header), so 'all\\n', which the model "
+    "writes itself after the prompt (its recipient), was never trained. Right: trained from the end of the generation "
+    "prompt on, the zoo's rule for reasoning (a decision: 'all\\n' is trained with the answer)"
 )
 NO_THINK = (
     "a '/no_think' system prompt (this hybrid model's non-reasoning switch) makes the template write {block} before "
@@ -569,6 +624,13 @@ FIXED: dict[tuple[str, str], tuple[list[str], str]] = {
         "whitespace": ["  Indented.\n", "\n\nStarts on a new line.", "Ends with a tab.\t"],
         "roles": ["Write <|assistant|>\nx\n<|end|>", "<|user|>\ntyped"],
     }.items()},
+    **{("functionary-v3.2", case): (["all\n" + a for a in spans], FUNCTIONARY_LEAD) for case, spans in {
+        "single": ["4.<|eot_id|>"],
+        "system3": ["1.<|eot_id|>", "2.<|eot_id|>", "3.<|eot_id|>"],
+        # content is not trimmed; 'all\n' and the answer's \n tokenize as one \n\n
+        "whitespace": ["  Indented.\n<|eot_id|>", "\nStarts on a new line.<|eot_id|>", "Ends with a tab.\t<|eot_id|>"],
+        "roles": ["Write >>>all\nx<|eot_id|><|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed<|eot_id|>"],
+    }.items()},
     ("smollm3", "no_think"): (["1.<|im_end|>", "2.<|im_end|>"],
                               NO_THINK.format(block="<think>\\n\\n</think>\\n", which="every answer")),
     ("nemotron-nano-v2", "no_think"): (["1.\n<SPECIAL_12>", "2.\n<SPECIAL_12>"],
@@ -623,6 +685,7 @@ IMAGE_PLACEHOLDERS = {
     "lfm2.5": "<|im_start|>user\n<image>What is shown?<|im_end|>",
     "mistral-small-3.2": "[INST][IMG]What is shown?[/INST]",
     "qwen3.5": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>",
+    "stepfun-3.7-flash": "<|im_start|>user\n<im_patch>What is shown?<|im_end|>",
 }
 
 

@@ -457,6 +457,8 @@ class ChatEncoder:
                     f"no assistant header {self.tokenizer.decode(header)!r} whose span decodes to the answer "
                     f"{answer.text[:60]!r}", sample.source,
                 )
+            if not (answer.reasoning and self.roles.reasoning_header):
+                span = (self._with_lead(ids, span[0]), *span[1:])
             spans.append(span[:2])
             answer.reasoning_rendered = span[2]
             pos = span[1]
@@ -466,6 +468,19 @@ class ChatEncoder:
             if shared and tuple(ids[pos - shared : pos]) == header[:shared]:
                 pos -= shared
         return spans
+
+    def _with_lead(self, ids: list[int], start: int) -> int:
+        """``start`` moved back over the header's last ids that the model writes after the
+        generation prompt (``RoleTokens.answer_lead``); over all but the last of them where that
+        one merged with the answer's first characters."""
+        lead = self.roles.answer_lead
+        if not lead:
+            return start
+        written = self.roles.assistant_header[-lead:]
+        for k in (lead, lead - 1):
+            if k and tuple(ids[start - k : start]) == written[:k]:
+                return start - k
+        return start
 
     def _span_after(self, ids: list[int], start: int, answer: Answer,
                     view: TextView | None = None) -> tuple[int, int, bool] | None:

@@ -75,6 +75,10 @@ class RoleTokens:
     after_last: tuple[str, str] | None = None
     """(the template's tail, the end of turn) where the template ends an answer only when a turn
     follows: the end is written after the last answer, before the tail."""
+    answer_lead: int = 0
+    """The last ids of ``assistant_header`` that the model writes itself: the template's
+    generation prompt ends before them (functionary v3.2 prompts ``>>>`` and writes each answer
+    ``>>>all\n...``). Trained with the answer."""
     notes: list[str] = field(default_factory=list, compare=False)
 
     @property
@@ -311,6 +315,7 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
             forms = (eot, earlier)
             notes.append(f"earlier answers end with {earlier_text!r}, the last one with {eot_text!r}: "
                          "each answer is trained up to its own")
+    lead = _answer_lead(render, content, text, offsets, u1_end, a1_start, len(header))
     trailing = len(ids) > len(header) and tuple(ids[-len(header):]) == header
     if trailing:
         notes.append("the template writes an empty assistant header after the last turn: never trained")
@@ -325,6 +330,17 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         reasoning_header, said = _reasoning_layout(render, tokenizer, content, reasoning_field, header, appended, after_last)
         notes.append(said)
 
+    if lead and reasoning_field:
+        # where the template writes an answer's reasoning between the prompt and the answer (GLM's
+        # <|assistant|> then \n<think></think>\n), what follows the prompt is an empty reasoning
+        # block, laid out (and masked when empty) as reasoning is, not a lead
+        probe = _try(render, _conv(False, content, reasoning=reasoning_field))
+        if probe.find(_U2) < probe.find(_REASONING) < probe.find(_A2):
+            lead = 0
+    if lead:
+        notes.append(f"the generation prompt ends before {tokenizer.decode(header[-lead:])!r}, which the "
+                     "template writes before every answer: the model writes it, so it is trained")
+
     # 6. bos: who writes it.
     bos_id, adds_bos, writes_bos = _bos(tokenizer, text)
     notes.append(
@@ -333,7 +349,26 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     )
     return RoleTokens(header, eot, appended, content, system, bos_id, adds_bos, writes_bos,
                       system_with_media, system_content, trailing, reasoning_field, inserted,
-                      forms, reasoning_header, after_last, notes)
+                      forms, reasoning_header, after_last, lead, notes)
+
+
+def _answer_lead(render: _Renderer, content: str, text: str, offsets: list[tuple[int, int]],
+                 u1_end: int, a1_start: int, header_len: int) -> int:
+    """How many of the header's last tokens follow the end of the generation prompt: what the
+    template writes between a user turn and an answer is the generation prompt and then, where
+    the prompt stops short of the answer's text, characters the model writes itself. 0 where the
+    generation prompt reaches the answer (or goes past it: Qwen3's prompt opens ``<think>\n``),
+    and where its end falls inside a token."""
+    prompt = render.generation_prompt(_conv(False, content)[:1])
+    before = text[u1_end:a1_start]
+    at = before.rfind(prompt) if prompt else -1
+    if at < 0 or at + len(prompt) == len(before):
+        return 0
+    boundary = u1_end + at + len(prompt)
+    i, j = _token_span(offsets, boundary, a1_start)
+    if i == j or offsets[i][0] != boundary:
+        return 0
+    return min(j - i, header_len - 1)
 
 
 def close_last_answer(text: str, after_last: tuple[str, str]) -> str:
