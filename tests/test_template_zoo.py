@@ -144,6 +144,9 @@ FAMILIES: dict[str, Family] = {
     # <|begin_of_text|> as a literal, not bos_token
     "nemotron-super-v1.5": Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                                   ("<think>", "</think>"), bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
+    # public K3 ports stop generation on <|end_of_msg|> (taken as eos); the template writes no bos
+    "kimi-k3": Family(("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>", "<|kimi_image_placeholder|>", "[BOS]", "[EOS]"),
+                      bos="[BOS]", eos="<|end_of_msg|>"),
     # StepFun's bos is not known here (a guess: none; the template writes bos_token, which renders empty)
     "stepfun-3.7-flash": Family(("<im_patch>",), ("<think>", "</think>"), eos="<|im_end|>"),
 }
@@ -230,6 +233,7 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "qwq-32b": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
     "functionary-v3.2": ("Write >>>all\nx<|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed"),
     "llama-3.3": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
+    "kimi-k3": ("Tags: <|open|>response<|sep|>hi<|close|>response<|sep|>", "Typed <|end_of_msg|> end."),
     "nemotron-super-v1.5": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
     "stepfun-3.7-flash": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
 }
@@ -500,6 +504,7 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
     },
     # -- added in the third collection --
     "functionary-v3.2": {**dict.fromkeys(REASONING, NO_REASONING)},  # the answers are in FIXED
+    "kimi-k3": {},  # every case is in FIXED
     "llama-3.3": {  # a system header always written (date preamble, the user's system after it); content trimmed
         "single": ["4.<|eot_id|>"],
         "system3": ["1.<|eot_id|>", "2.<|eot_id|>", "3.<|eot_id|>"],
@@ -532,7 +537,8 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
     },
 }
 
-DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1}
+DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1,
+                     "kimi-k3": 0}
 """Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
 
 NO_END_AFTER_LAST = (
@@ -569,6 +575,16 @@ FUNCTIONARY_LEAD = (
     "template writes between a user turn and an answer's text for prompt (the header), so 'all\\n', which the model "
     "writes itself after the prompt (its recipient), was never trained. Right: trained from the end of the generation "
     "prompt on, the zoo's rule for reasoning (a decision: 'all\\n' is trained with the answer)"
+)
+KIMI_END = (
+    "an answer ends <|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|> and eos (<|end_of_msg|>) stops the "
+    "model; the engine ran an end of turn through eos across special tokens and whitespace only, so the tag names "
+    "between them cut it at the first <|close|>: the model never learns to close its message and stop. Right: "
+    "through eos across the template's own text, where that stretch is the same after every answer"
+)
+KIMI_THINK = (
+    "; every answer is written in a think block (thinking is on by default), empty without reasoning: masked like "
+    "the header, and a reasoning answer is trained from the end of the generation prompt (<|open|>think<|sep|>) on"
 )
 NO_THINK = (
     "a '/no_think' system prompt (this hybrid model's non-reasoning switch) makes the template write {block} before "
@@ -631,6 +647,18 @@ FIXED: dict[tuple[str, str], tuple[list[str], str]] = {
         "whitespace": ["  Indented.\n<|eot_id|>", "\nStarts on a new line.<|eot_id|>", "Ends with a tab.\t<|eot_id|>"],
         "roles": ["Write >>>all\nx<|eot_id|><|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed<|eot_id|>"],
     }.items()},
+    **{("kimi-k3", case): ([a + "<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>" for a in spans],
+                          KIMI_END + (KIMI_THINK if case in REASONING else ""))
+       for case, spans in {
+           "single": ["4."],
+           "system3": ["1.", "2.", "3."],
+           "whitespace": ["  Indented.\n", "\nStarts on a new line.", "Ends with a tab.\t"],
+           "roles": ["Tags: <|open|>response<|sep|>hi<|close|>response<|sep|>", "Typed <|end_of_msg|> end."],
+           "reasoning_last": ["1.", "Two is one more.<|close|>think<|sep|><|open|>response<|sep|>2."],
+           # the template keeps every answer's reasoning
+           "reasoning_both": ["Earlier thought.<|close|>think<|sep|><|open|>response<|sep|>1.",
+                              "Two is one more.<|close|>think<|sep|><|open|>response<|sep|>2."],
+       }.items()},
     ("smollm3", "no_think"): (["1.<|im_end|>", "2.<|im_end|>"],
                               NO_THINK.format(block="<think>\\n\\n</think>\\n", which="every answer")),
     ("nemotron-nano-v2", "no_think"): (["1.\n<SPECIAL_12>", "2.\n<SPECIAL_12>"],
@@ -681,6 +709,7 @@ IMAGE_PLACEHOLDERS = {
     "gemma-4": "<|turn>user\n\n\n<|image|>\n\nWhat is shown?<turn|>",
     "llama-4": "<|header_start|>user<|header_end|>\n\n<|image|>What is shown?<|eot|>",
     "magistral-small-2509": "[INST][IMG]What is shown?[/INST]",
+    "kimi-k3": '<|open|>message role="user"<|sep|><|kimi_image_placeholder|>What is shown?<|close|>message<|sep|><|end_of_msg|>',
     "kimi-k2": "<|im_user|>user<|im_middle|><|media_start|>image<|media_content|><|media_pad|><|media_end|>What is shown?",
     "lfm2.5": "<|im_start|>user\n<image>What is shown?<|im_end|>",
     "mistral-small-3.2": "[INST][IMG]What is shown?[/INST]",

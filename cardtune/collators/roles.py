@@ -256,8 +256,7 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
         else:
             notes.append(f"end of turn {eot_text!r} from the card")
     else:
-        closing = _first_closing(tail, specials, eos)
-        earlier = _first_closing(text[a1_start + len(_A1) : text.index(_U2)], specials, eos)
+        closing, earlier = _turn_ends(tail, text[a1_start + len(_A1) : text.index(_U2)], specials, eos)
         if closing is not None and earlier is not None and eos and closing.endswith(eos) and not earlier.endswith(eos):
             # eos written once, after the whole conversation (Phi-3.5: <|end|>\n<|endoftext|> after
             # the last answer only) ends the conversation, not a turn: the turn ends as the others do
@@ -290,7 +289,8 @@ def derive_role_tokens(renderer: Any, tokenizer: Any, chat: ChatSpec, *, media: 
     # An earlier answer may end otherwise than the last (harmony: <|end|> vs <|return|>): its end
     # of turn is read the same way, up to the first special token after it.
     a1_end = a1_start + len(_A1)
-    earlier_text = None if chat.end_of_turn or appended else _first_closing(text[a1_end : text.index(_U2)], specials, eos)
+    earlier_text = None if chat.end_of_turn or appended else _turn_ends(
+        text[a2_end:], text[a1_end : text.index(_U2)], specials, eos)[1]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if chat.assistant_header:
@@ -380,7 +380,20 @@ def close_last_answer(text: str, after_last: tuple[str, str]) -> str:
     return text[: len(text) - len(tail)] + closing + tail
 
 
-def _first_closing(after: str, specials: list[str], eos: str | None = None) -> str | None:
+def _turn_ends(tail: str, between: str, specials: list[str], eos: str | None) -> tuple[str | None, str | None]:
+    """The end of turn after the last answer (``tail``) and after an earlier one (``between``,
+    up to the next user's text). Through eos across the template's own text too (Kimi-K3 closes
+    an answer ``<|close|>response<|sep|><|close|>message<|sep|><|end_of_msg|>``: tag names between
+    the special tokens) where that whole stretch is the same after every answer: then it is the
+    template's constant close of a turn, not the start of what follows."""
+    closing, earlier = _first_closing(tail, specials, eos), _first_closing(between, specials, eos)
+    wide = _first_closing(tail, specials, eos, across_text=True)
+    if wide is not None and wide != closing and wide == _first_closing(between, specials, eos, across_text=True):
+        return wide, wide
+    return closing, earlier
+
+
+def _first_closing(after: str, specials: list[str], eos: str | None = None, *, across_text: bool = False) -> str | None:
     """The text after an answer up to and including its first special token (the token the
     model must emit to stop), or None where none follows. Where that token is not eos and more
     special tokens follow it, at once or across whitespace only, up to eos, through eos (Command
@@ -391,6 +404,9 @@ def _first_closing(after: str, specials: list[str], eos: str | None = None) -> s
         return None
     at, _, special = min(found)
     end = at + len(special)
+    if across_text:
+        through = after.find(eos, end) if eos and special != eos else -1
+        return after[: through + len(eos)] if through >= 0 else None
     if eos and special != eos:
         j = end
         while True:
