@@ -147,6 +147,8 @@ FAMILIES: dict[str, Family] = {
     # public K3 ports stop generation on <|end_of_msg|> (taken as eos); the template writes no bos
     "kimi-k3": Family(("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>", "<|kimi_image_placeholder|>", "[BOS]", "[EOS]"),
                       bos="[BOS]", eos="<|end_of_msg|>"),
+    # eos <|im_end|> is a guess (the turns' end); the template writes no bos
+    "nemotron-3-nano": Family((), ("<think>", "</think>"), eos="<|im_end|>"),
     # StepFun's bos is not known here (a guess: none; the template writes bos_token, which renders empty)
     "stepfun-3.7-flash": Family(("<im_patch>",), ("<think>", "</think>"), eos="<|im_end|>"),
 }
@@ -234,6 +236,7 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "functionary-v3.2": ("Write >>>all\nx<|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed"),
     "llama-3.3": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
     "kimi-k3": ("Tags: <|open|>response<|sep|>hi<|close|>response<|sep|>", "Typed <|end_of_msg|> end."),
+    "nemotron-3-nano": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
     "nemotron-super-v1.5": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
     "stepfun-3.7-flash": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
 }
@@ -512,6 +515,20 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "roles": ["Type <|start_header_id|>assistant<|end_header_id|> here.<|eot_id|>", "And <|eot_id|> there.<|eot_id|>"],
         **dict.fromkeys(REASONING, NO_REASONING),
     },
+    "nemotron-3-nano": {  # <think></think> + answer, the whole trimmed (the answer's leading whitespace survives
+        # behind the tag); an empty system turn always; comments outside whitespace control leave spaces before headers
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.<|im_end|>", "\nStarts on a new line.<|im_end|>", "Ends with a tab.<|im_end|>"],
+        # the generation prompt opens <think>\n: the model never writes it, so it is not trained
+        "reasoning_last": ["1.<|im_end|>", "Two is one more.\n</think>\n2.<|im_end|>"],
+        # an earlier answer's reasoning is cut to <think></think>, keeping the \n that followed </think>: rendered
+        # <think></think>\n1., the \n the template's render of this answer
+        "reasoning_both": ["\n1.<|im_end|>", "Two is one more.\n</think>\n2.<|im_end|>"],
+        "roles": ["ChatML: <|im_start|>assistant\nHi<|im_end|><|im_end|>", "Done<|im_end|><|im_end|>"],
+        "think_in_answer": Refused("label_contract", "an answer holding </think> is taken for one carrying its own "
+                                   "reasoning: the template writes no <think></think> before it"),
+    },
     "nemotron-super-v1.5": {  # a system header always written (empty without a system prompt); nothing trimmed
         "single": ["4.<|eot_id|>"],
         "system3": ["1.<|eot_id|>", "2.<|eot_id|>", "3.<|eot_id|>"],
@@ -538,7 +555,7 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
 }
 
 DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1,
-                     "kimi-k3": 0}
+                     "kimi-k3": 0, "nemotron-3-nano": 1}
 """Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
 
 NO_END_AFTER_LAST = (
