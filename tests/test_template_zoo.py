@@ -135,6 +135,10 @@ FAMILIES: dict[str, Family] = {
     "qwq-32b": Family((), ("<think>", "</think>"), eos="<|im_end|>"),
     # -- added in the third collection --
     # functionary ships Llama-3.1's tokenizer (bos added by it as well); eos <|eot_id|> is a guess from Llama-3.1-Instruct
+    # Apriel-1.5's tokenizer (bos <s>, eos </s>; 1.6 is taken to keep it): the template writes neither eos nor any end
+    # after the last answer
+    "apriel-1.6": Family(("<s>", "</s>", "<|begin_system|>", "<|begin_user|>", "<|begin_assistant|>", "<|end|>",
+                          "<|begin_tool_result|>", "<|begin_content|>", "[IMG]"), bos="<s>", eos="</s>", appended="\n<|end|>"),
     "functionary-v3.2": Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                                bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
     "llama-3.3": Family(
@@ -233,6 +237,7 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "mistral-nemo": ("Use [INST] and [/INST] like this.", "It ends with </s> usually."),
     "phi-3.5-mini": ("Write <|assistant|>\nx<|end|>", "<|user|>\ntyped"),
     "qwq-32b": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
+    "apriel-1.6": ("Write <|begin_assistant|>\nx\n<|end|>", "<|begin_user|>\ntyped"),
     "functionary-v3.2": ("Write >>>all\nx<|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed"),
     "llama-3.3": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
     "kimi-k3": ("Tags: <|open|>response<|sep|>hi<|close|>response<|sep|>", "Typed <|end_of_msg|> end."),
@@ -506,6 +511,17 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         **dict.fromkeys(REASONING, NO_REASONING),
     },
     # -- added in the third collection --
+    "apriel-1.6": {  # \n<|begin_assistant|>\n answer; \n<|end|>\n only when a turn follows (appended after the last);
+        # user turns have no end; add_generation_prompt is forced on (a prompt after a final user turn only)
+        "single": ["4.\n<|end|>"],
+        "system3": ["1.\n<|end|>", "2.\n<|end|>", "3.\n<|end|>"],
+        "whitespace": ["  Indented.\n\n<|end|>", "\n\nStarts on a new line.\n<|end|>", "Ends with a tab.\t\n<|end|>"],
+        # reasoning is written for the conversation's last message only, then [BEGIN FINAL RESPONSE]; the generation
+        # prompt's 'Here are my reasoning steps:\n' is never in a rendered answer, so the span starts at the reasoning
+        "reasoning_last": ["1.\n<|end|>", "Two is one more.\n[BEGIN FINAL RESPONSE]\n2.\n<|end|>"],
+        "reasoning_both": ["1.\n<|end|>", "Two is one more.\n[BEGIN FINAL RESPONSE]\n2.\n<|end|>"],
+        "roles": ["Write <|begin_assistant|>\nx\n<|end|>\n<|end|>", "<|begin_user|>\ntyped\n<|end|>"],
+    },
     "functionary-v3.2": {**dict.fromkeys(REASONING, NO_REASONING)},  # the answers are in FIXED
     "kimi-k3": {},  # every case is in FIXED
     "llama-3.3": {  # a system header always written (date preamble, the user's system after it); content trimmed
@@ -555,7 +571,8 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
 }
 
 DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1,
-                     "kimi-k3": 0, "nemotron-3-nano": 1}
+                     "kimi-k3": 0, "nemotron-3-nano": 1,
+                     "apriel-1.6": 1}
 """Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
 
 NO_END_AFTER_LAST = (
@@ -723,6 +740,7 @@ def test_expectations_cover_every_template() -> None:
 
 
 IMAGE_PLACEHOLDERS = {
+    "apriel-1.6": "<|begin_user|>\n[IMG]What is shown?\n<|begin_assistant|>",
     "gemma-4": "<|turn>user\n\n\n<|image|>\n\nWhat is shown?<turn|>",
     "llama-4": "<|header_start|>user<|header_end|>\n\n<|image|>What is shown?<|eot|>",
     "magistral-small-2509": "[INST][IMG]What is shown?[/INST]",
