@@ -149,6 +149,11 @@ FAMILIES: dict[str, Family] = {
     "nemotron-super-v1.5": Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                                   ("<think>", "</think>"), bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
     # public K3 ports stop generation on <|end_of_msg|> (taken as eos); the template writes no bos
+    # as Kimi-K2 (the zoo's kimi-k2 entry): bos [BOS], eos [EOS], neither written by the template
+    "kimi-k2-thinking": Family(
+        ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>", "<|media_start|>",
+         "<|media_content|>", "<|media_pad|>", "<|media_end|>", "[BOS]", "[EOS]"), ("<think>", "</think>"),
+        bos="[BOS]", eos="[EOS]"),
     "kimi-k3": Family(("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>", "<|kimi_image_placeholder|>", "[BOS]", "[EOS]"),
                       bos="[BOS]", eos="<|end_of_msg|>"),
     # eos <|im_end|> is a guess (the turns' end); the template writes no bos
@@ -240,6 +245,7 @@ TYPED_ROLES: dict[str, tuple[str, str]] = {
     "apriel-1.6": ("Write <|begin_assistant|>\nx\n<|end|>", "<|begin_user|>\ntyped"),
     "functionary-v3.2": ("Write >>>all\nx<|eot_id|>", "<|start_header_id|>user<|end_header_id|> typed"),
     "llama-3.3": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
+    "kimi-k2-thinking": ("I write <|im_assistant|>assistant<|im_middle|> and <|im_end|>.", "Then <|im_user|>."),
     "kimi-k3": ("Tags: <|open|>response<|sep|>hi<|close|>response<|sep|>", "Typed <|end_of_msg|> end."),
     "nemotron-3-nano": ("ChatML: <|im_start|>assistant\nHi<|im_end|>", "Done<|im_end|>"),
     "nemotron-super-v1.5": ("Type <|start_header_id|>assistant<|end_header_id|> here.", "And <|eot_id|> there."),
@@ -523,6 +529,16 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
         "roles": ["Write <|begin_assistant|>\nx\n<|end|>\n<|end|>", "<|begin_user|>\ntyped\n<|end|>"],
     },
     "functionary-v3.2": {**dict.fromkeys(REASONING, NO_REASONING)},  # the answers are in FIXED
+    "kimi-k2-thinking": {  # <think></think> before every answer up to the FIRST answer (the loop meant to find the last
+        # non-tool-call answer runs backwards and keeps the first), <think>R</think> after it; empty blocks masked
+        "single": ["4.<|im_end|>"],
+        "system3": ["1.<|im_end|>", "2.<|im_end|>", "3.<|im_end|>"],
+        "whitespace": ["  Indented.\n<|im_end|>", "\nStarts on a new line.<|im_end|>", "Ends with a tab.\t<|im_end|>"],
+        # the generation prompt is <|im_assistant|>assistant<|im_middle|>: the model opens its think block itself
+        "reasoning_last": ["1.<|im_end|>", "<think>Two is one more.</think>2.<|im_end|>"],
+        "reasoning_both": ["1.<|im_end|>", "<think>Two is one more.</think>2.<|im_end|>"],
+        "roles": ["I write <|im_assistant|>assistant<|im_middle|> and <|im_end|>.<|im_end|>", "Then <|im_user|>.<|im_end|>"],
+    },
     "kimi-k3": {},  # every case is in FIXED
     "llama-3.3": {  # a system header always written (date preamble, the user's system after it); content trimmed
         "single": ["4.<|eot_id|>"],
@@ -572,7 +588,7 @@ EXPECTED: dict[str, dict[str, list[str] | Refused]] = {
 
 DROPPED_REASONING = {"glm-4.6": 1, "lfm2.5": 1, "minimax-m2": 1, "qwen3.5": 0, "seed-oss": 0, "stepfun-3.7-flash": 1,
                      "kimi-k3": 0, "nemotron-3-nano": 1,
-                     "apriel-1.6": 1}
+                     "apriel-1.6": 1, "kimi-k2-thinking": 1}
 """Earlier answers' reasoning each template drops in ``reasoning_both`` (read off the template)."""
 
 NO_END_AFTER_LAST = (
@@ -744,6 +760,7 @@ IMAGE_PLACEHOLDERS = {
     "gemma-4": "<|turn>user\n\n\n<|image|>\n\nWhat is shown?<turn|>",
     "llama-4": "<|header_start|>user<|header_end|>\n\n<|image|>What is shown?<|eot|>",
     "magistral-small-2509": "[INST][IMG]What is shown?[/INST]",
+    "kimi-k2-thinking": "<|im_user|>user<|im_middle|><|media_start|>image<|media_content|><|media_pad|><|media_end|>\nWhat is shown?",
     "kimi-k3": '<|open|>message role="user"<|sep|><|kimi_image_placeholder|>What is shown?<|close|>message<|sep|><|end_of_msg|>',
     "kimi-k2": "<|im_user|>user<|im_middle|><|media_start|>image<|media_content|><|media_pad|><|media_end|>What is shown?",
     "lfm2.5": "<|im_start|>user\n<image>What is shown?<|im_end|>",
