@@ -67,9 +67,9 @@ def _check_not_adapter(folder: Path) -> None:
     """A LoRA adapter a run wrote is not a model to train from: its base would load and train
     without it (a DPO after a LoRA finetune would start from the model before that finetune, and
     compare against it). Merged, it is a model like any other."""
-    from cardtune.training.output import ADAPTER_CONFIG, adapter_base
+    from cardtune.training.output import ADAPTER_CONFIG, adapter_base, is_adapter
 
-    if not (folder / ADAPTER_CONFIG).is_file():
+    if not is_adapter(folder):
         return
     try:
         base = f"its base {adapter_base(folder)}"

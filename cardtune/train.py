@@ -47,7 +47,7 @@ from cardtune.training.arguments import (
     parse_arguments,
     source_lines,
 )
-from cardtune.training.outcome import card_data, card_yaml, closing
+from cardtune.training.outcome import card_data, card_yaml, closing, say
 from cardtune.training.settle import (  # noqa: F401  (default_num_workers: re-exported for tests)
     check_engine,
     default_num_workers,
@@ -57,12 +57,6 @@ from cardtune.training.template import card_with_template
 from cardtune.training.writes import DiskFullError, writing
 
 log = logging.getLogger("cardtune.train")
-
-
-def _say(args: Arguments | None, message: str) -> None:
-    """Print on the main process only (every rank runs this code)."""
-    if args is None or args.training.process_index == 0:
-        print(message, flush=True)
 
 
 # -- card -----------------------------------------------------------------------------------------
@@ -142,7 +136,7 @@ def run(argv: Sequence[str] | None = None) -> RunResult:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
     for line in source_lines(args):  # first: every later error is about values whose source is said
-        _say(args, line)
+        say(args, line)
     the_run = check_run(args, argv, started)
     from cardtune.training.lock import holding
 
@@ -188,7 +182,7 @@ class Run:
     started: float
 
     def say(self, message: str) -> None:
-        _say(self.args, message)
+        say(self.args, message)
 
     @property
     def main_process(self) -> bool:

@@ -104,9 +104,7 @@ class PairEncoder:
         reexpanded = _Reexpanded(self.engine.handler, recorder)
         rejected = self._engine_with(reexpanded).encode(rejected_side, media)
         starts = (self._final_answer(chosen, chosen_side), self._final_answer(rejected, rejected_side))
-        parted = next((i for i, (x, y) in enumerate(zip(chosen.input_ids, rejected.input_ids, strict=False)) if x != y),
-                      min(len(chosen), len(rejected)))
-        start = min(*starts, parted)
+        start = min(*starts, _shared(chosen.input_ids, rejected.input_ids))
         if any(own - start > 1 for own in starts):
             raise SampleError(sample.id, "messages", "prompt_mismatch", self._mismatch(chosen, rejected, *starts),
                               sample.source)
@@ -135,12 +133,17 @@ class PairEncoder:
 
     def _mismatch(self, chosen: Encoded, rejected: Encoded, start_c: int, start_r: int) -> str:
         a, b = chosen.input_ids[:start_c], rejected.input_ids[:start_r]
-        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        at = _shared(a, b)
         decode = self.engine.tokenizer.decode
         return (f"the prompt's tokens differ between the chosen and the rejected sequence at token {at} "
                 f"({decode(a[at:at + 4])!r} vs {decode(b[at:at + 4])!r}; prompt {len(a)} vs {len(b)} tokens): "
                 "the template renders the prompt depending on the answer (only the prompt's last token may merge "
                 "with an answer)")
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many ids ``a`` and ``b`` share from the start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 class _Recording:
@@ -185,11 +188,7 @@ class _Reexpanded:
         self._handler.check_media(text, sample, media)  # as the processor path checks it
         (plain_chosen,) = self._handler.tokenize_batch([chosen_text], sanitize=chosen_sanitize)
         (plain,) = self._handler.tokenize_batch([text], sanitize=sanitize)
-        common = 0
-        for x, y in zip(plain_chosen, plain, strict=False):
-            if x != y:
-                break
-            common += 1
+        common = _shared(plain_chosen, plain)
         tail = len(plain_chosen) - common
         prefix = len(chosen_ids) - tail
         if prefix <= 0 or chosen_ids[prefix:] != plain_chosen[common:]:

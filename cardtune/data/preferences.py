@@ -122,9 +122,9 @@ def _split_shared_prefix(record: dict[str, Any], sample_id: str, source: str) ->
     if "prompt" in record:
         given = record["prompt"]
         given = [{"role": "user", "content": given}] if isinstance(given, str) else given
-        spoken = [(m.get("role"), m.get("content")) for m in prefix] if not llava else None
-        if not isinstance(given, list) or spoken != [(m.get("role"), m.get("content")) if isinstance(m, dict) else m
-                                                      for m in given]:
+        spoken = [(m.get("role"), m.get("content")) for m in prefix]
+        if llava or not isinstance(given, list) or spoken != [
+                (m.get("role"), m.get("content")) if isinstance(m, dict) else m for m in given]:
             raise SampleError(sample_id, "prompt", "bad_format",
                               f"'chosen' and 'rejected' are whole conversations, and the {shared} message(s) they "
                               "share before their answers are not 'prompt': give the prompt once (under 'prompt', each answer alone) "

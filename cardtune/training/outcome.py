@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cardtune.registry import FamilyCard
 from cardtune.training.arguments import Arguments
 from cardtune.training.writes import writing
 
 
-def _say(args: Arguments, message: str) -> None:
-    if args.training.process_index == 0:
+def say(args: Arguments | None, message: str) -> None:
+    """Print on the main process only (every rank runs this code)."""
+    if args is None or args.training.process_index == 0:
         print(message, flush=True)
 
 
@@ -38,9 +40,9 @@ def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float
         with writing(out, f"{LOG_FILE} and {LOSS_PLOT}"):
             (out / LOG_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
             plot = plot_loss(history, out / LOSS_PLOT)
-        _say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
+        say(args, f"resume: {Path(checkpoint).name} holds the run's last step ({state['global_step']}): nothing "
              f"left to train; the final folder is written from it ({', '.join(copied)})")
-        report = write_report(out, history, warn=lambda message: _say(args, message))
+        report = write_report(out, history, warn=lambda message: say(args, message))
     losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
     summary = {
         "output_dir": str(out), "checkpoint": str(out), "plot": str(plot) if t.process_index == 0 and plot else None,
@@ -49,7 +51,7 @@ def finish_from_last_checkpoint(args: Arguments, checkpoint: str, started: float
         "train_s": 0.0, "skipped_in_training": 0, "wall_s": time.perf_counter() - started, "metrics": {},
         "report": str(report) if t.process_index == 0 and report else None,
     }
-    _say(args, closing(summary, t))
+    say(args, closing(summary, t))
     return summary
 
 
