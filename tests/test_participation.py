@@ -82,11 +82,8 @@ def _demo_card() -> Any:
 
 
 # Rank 0's batch of odd steps and rank 1's of even steps are text-only (the sampler is the test's
-# own); each rank records the ids of the samples it reads.
-LAUNCH = """
-import os, sys
-sys.path.insert(0, {repo!r})
-from cardtune import datasets
+# own); each rank records the ids of the samples it reads (test_train_accelerate.traced_launch).
+TEXT_ONLY_ON_ONE_RANK = """
 from cardtune.data import batching
 
 def text_only_on_one_rank(self):
@@ -98,17 +95,7 @@ def text_only_on_one_rank(self):
         text_batch = text[(step * b) % len(text):][:b] or text[:b]
         yield from ([text_batch, image_batch] if step % 2 == 0 else [image_batch, text_batch])
 
-read = datasets.ConversationDataset.__getitem__
-def traced(self, index):
-    item = read(self, index)
-    with open(os.path.join({trace!r}, "rank" + os.environ["RANK"] + ".txt"), "a") as f:
-        f.write(item.sample_id + "\\n")
-    return item
-
 batching.LengthGroupedBatchSampler.__iter__ = text_only_on_one_rank
-datasets.ConversationDataset.__getitem__ = traced
-from cardtune.train import main
-sys.exit(main())
 """
 
 MODES = {
@@ -125,16 +112,14 @@ def test_ddp_rank_with_a_text_only_batch(mode: str, tmp_path: Path) -> None:
     includes the projector (and the vision LoRA, or the experts): the run completes, DDP was
     built without find_unused_parameters (no graph search each step, no warning per rank), and
     the trained parts moved on both ranks alike (the saved weights are rank 0's)."""
-    from test_train_accelerate import launch_env
+    from test_train_accelerate import launch_env, traced_launch
 
     from cardtune.demo import ensure_demo_model
 
     ensure_demo_model()  # built once here, not by both ranks at once
     data, images = demo_subset(tmp_path / "data", images=8, texts=8)
     trace = tmp_path / "trace"
-    trace.mkdir()
-    script = tmp_path / "launch.py"
-    script.write_text(LAUNCH.format(repo=str(REPO), trace=str(trace)), encoding="utf-8")
+    script = traced_launch(tmp_path / "launch.py", trace, TEXT_ONLY_ON_ONE_RANK)
     out = tmp_path / "out"
     cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
            *DEMO, "--data_path", str(data), "--image_folder", str(images), "--output_dir", str(out),

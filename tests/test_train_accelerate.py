@@ -14,11 +14,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# train.py with each rank writing the ids of the samples it reads (the trace is the test's own).
+# train.py with each rank writing the ids of the samples it reads (the trace is the test's own),
+# after the test's own ``setup`` code (another test's sampler).
 LAUNCH = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from cardtune import datasets
+{setup}
 read = datasets.ConversationDataset.__getitem__
 def traced(self, index):
     item = read(self, index)
@@ -29,6 +31,13 @@ datasets.ConversationDataset.__getitem__ = traced
 from cardtune.train import main
 sys.exit(main())
 """
+
+
+def traced_launch(script: Path, trace: Path, setup: str = "") -> Path:
+    """``script``: train.py for ``accelerate launch``, each rank tracing its samples into ``trace``."""
+    trace.mkdir()
+    script.write_text(LAUNCH.format(repo=str(REPO), trace=str(trace), setup=setup), encoding="utf-8")
+    return script
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -57,9 +66,7 @@ def test_two_process_cpu_run_completes_and_ranks_see_different_data(tmp_path: Pa
 
     data = ensure_demo_dataset()
     trace = tmp_path / "trace"
-    trace.mkdir()
-    script = tmp_path / "launch.py"
-    script.write_text(LAUNCH.format(repo=str(REPO), trace=str(trace)), encoding="utf-8")
+    script = traced_launch(tmp_path / "launch.py", trace)
     out = tmp_path / "out"
     cmd = ["accelerate", "launch", "--main_process_port", "0", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"), str(script),
            "--model_id", "tiny-llava-demo", "--data_path", str(data / TRAIN_FILE), "--image_folder", str(data / IMAGE_DIR),
