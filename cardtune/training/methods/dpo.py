@@ -80,7 +80,9 @@ class Preference(Method):
         lines = [f"preference: {loss}; each pair's final answer trained, its prompt checked the same tokens on both "
                  "sides"]
         if p.preference_loss != "simpo":
-            lines.append(f"reference: {_reference_kind(prepared.model)}")
+            from cardtune.training.preference.reference import describe_reference
+
+            lines.append(f"reference: {describe_reference(prepared.model)}")
         return lines
 
     def trainer(self, prepared: Any, arguments: Any, /, **common: Any) -> Any:
@@ -106,12 +108,3 @@ class Preference(Method):
                     f"reward accuracy: {last[f'{prefix}rewards/accuracies']:.3f}, margin "
                     f"{last[f'{prefix}rewards/margins']:.3f} (step {last.get('step', 0)})"]
         return []
-
-
-def _reference_kind(model: Any) -> str:
-    from cardtune.training.preference.reference import AdapterDisabled, InitialWeights, is_adapter_model
-
-    if is_adapter_model(model):
-        return AdapterDisabled.kind
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{InitialWeights.kind}: {trained:,} values"

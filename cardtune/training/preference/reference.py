@@ -109,3 +109,12 @@ class SeparateModel:
 def reference_for(model: Any) -> AdapterDisabled | InitialWeights:
     """The reference of a model prepared for training (before the Trainer loads a checkpoint)."""
     return AdapterDisabled() if is_adapter_model(model) else InitialWeights(model)
+
+
+def describe_reference(model: Any) -> str:
+    """What :func:`reference_for` gives ``model``, said before it is built (the copy is taken when
+    the Trainer is)."""
+    if is_adapter_model(model):
+        return AdapterDisabled.kind
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{InitialWeights.kind}: {trained:,} values"
