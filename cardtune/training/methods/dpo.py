@@ -79,19 +79,17 @@ class Preference(Method):
             loss += f", plus {p.sft_weight:g} x the chosen answer's NLL"
         lines = [f"preference: {loss}; each pair's final answer trained, its prompt checked the same tokens on both "
                  "sides"]
-        if p.preference_loss != "simpo":
+        if _loss(arguments).needs_reference:
             from cardtune.training.preference.reference import describe_reference
 
             lines.append(f"reference: {describe_reference(prepared.model)}")
         return lines
 
     def trainer(self, prepared: Any, arguments: Any, /, **common: Any) -> Any:
-        from cardtune.training.preference.losses import PreferenceLoss
         from cardtune.training.preference.reference import reference_for
         from cardtune.training.preference.trainer import PreferenceObjective, PreferenceTrainer
 
-        p = arguments.preference
-        loss = PreferenceLoss(p.preference_loss, p.beta, p.label_smoothing, p.simpo_gamma, p.sft_weight)
+        loss = _loss(arguments)
         reference = reference_for(prepared.model) if loss.needs_reference else None
         return PreferenceTrainer(**common, objective=PreferenceObjective(loss, prepared.loss, reference))
 
@@ -108,3 +106,11 @@ class Preference(Method):
                     f"reward accuracy: {last[f'{prefix}rewards/accuracies']:.3f}, margin "
                     f"{last[f'{prefix}rewards/margins']:.3f} (step {last.get('step', 0)})"]
         return []
+
+
+def _loss(arguments: Any) -> Any:
+    """The run's preference loss, as its arguments give it."""
+    from cardtune.training.preference.losses import PreferenceLoss
+
+    p = arguments.preference
+    return PreferenceLoss(p.preference_loss, p.beta, p.label_smoothing, p.simpo_gamma, p.sft_weight)
